@@ -72,10 +72,7 @@ impl Baseline {
                         return 0.0;
                     }
                     let t = v / s;
-                    let best = NF4
-                        .iter()
-                        .min_by(|a, b| (*a - t).abs().total_cmp(&(*b - t).abs()))
-                        .unwrap();
+                    let best = NF4.iter().min_by(|a, b| (*a - t).abs().total_cmp(&(*b - t).abs())).unwrap();
                     best * s
                 }
             }

@@ -53,12 +53,7 @@ pub enum EncodeError {
     #[error("output channel {n} group {group}: scale {scale:e} does not fit fp16; use --bits f32 for this tensor")]
     ScaleOverflow { n: usize, group: usize, scale: f32 },
     #[error("weight data has {got} bytes, [{k}, {n}] needs {want}")]
-    Size {
-        k: usize,
-        n: usize,
-        got: usize,
-        want: usize,
-    },
+    Size { k: usize, n: usize, got: usize, want: usize },
 }
 
 /// Output channels handled together: the transpose reads `BLOCK` contiguous weights of
@@ -66,10 +61,7 @@ pub enum EncodeError {
 const BLOCK: usize = 32;
 
 /// Encodes a `[K, N]` weight. Returns the encoded tensors and per-output-channel errors.
-pub fn encode_matrix(
-    src: WeightSource,
-    layout: Layout,
-) -> Result<(Encoded, Vec<RowErr>), EncodeError> {
+pub fn encode_matrix(src: WeightSource, layout: Layout) -> Result<(Encoded, Vec<RowErr>), EncodeError> {
     let Layout { k, n, .. } = layout;
     check_size(src, k, n)?;
     let (rb, g) = (layout.row_bytes(), layout.groups());
@@ -82,13 +74,7 @@ pub fn encode_matrix(
         .zip(errs.par_chunks_mut(BLOCK))
         .enumerate()
         .try_for_each_init(
-            || {
-                (
-                    vec![0f32; BLOCK * k],
-                    vec![0f32; BLOCK],
-                    RowEncoder::new(layout),
-                )
-            },
+            || (vec![0f32; BLOCK * k], vec![0f32; BLOCK], RowEncoder::new(layout)),
             |(buf, seg, enc), (blk, ((codes, scales), errs))| {
                 let n0 = blk * BLOCK;
                 let nb = errs.len();
@@ -105,25 +91,11 @@ pub fn encode_matrix(
                 Ok(())
             },
         )?;
-    Ok((
-        Encoded {
-            layout,
-            codes,
-            scales,
-        },
-        errs,
-    ))
+    Ok((Encoded { layout, codes, scales }, errs))
 }
 
 /// Transposes `W[0..K, n0..n0+seg.len()]` into `buf` as `[seg.len(), K]` f32 rows.
-pub(crate) fn gather_block(
-    src: WeightSource,
-    k: usize,
-    n: usize,
-    n0: usize,
-    seg: &mut [f32],
-    buf: &mut [f32],
-) {
+pub(crate) fn gather_block(src: WeightSource, k: usize, n: usize, n0: usize, seg: &mut [f32], buf: &mut [f32]) {
     for kk in 0..k {
         src.read_row_segment(kk, n, n0, seg);
         for (j, v) in seg.iter().enumerate() {
@@ -148,9 +120,7 @@ pub(crate) fn map_channels<T: Send, S>(
                 let n0 = blk * BLOCK;
                 let nb = BLOCK.min(n - n0);
                 gather_block(src, k, n, n0, &mut seg[..nb], buf);
-                (0..nb)
-                    .map(|j| f(st, &buf[j * k..(j + 1) * k], n0 + j))
-                    .collect()
+                (0..nb).map(|j| f(st, &buf[j * k..(j + 1) * k], n0 + j)).collect()
             },
         )
         .collect();
@@ -160,12 +130,7 @@ pub(crate) fn map_channels<T: Send, S>(
 pub(crate) fn check_size(src: WeightSource, k: usize, n: usize) -> Result<(), EncodeError> {
     let want = k * n * src.elem_bytes();
     if src.bytes().len() != want {
-        return Err(EncodeError::Size {
-            k,
-            n,
-            got: src.bytes().len(),
-            want,
-        });
+        return Err(EncodeError::Size { k, n, got: src.bytes().len(), want });
     }
     Ok(())
 }
@@ -178,23 +143,11 @@ pub fn encode_rows(rows: &[f32], layout: Layout) -> Result<(Encoded, Vec<RowErr>
     let mut codes = vec![0u8; layout.codes_len()];
     let mut scales = vec![0f32; layout.scales_len()];
     let mut errs = vec![RowErr::default(); n];
-    codes
-        .par_chunks_mut(rb)
-        .zip(scales.par_chunks_mut(g))
-        .zip(errs.par_iter_mut())
-        .enumerate()
-        .try_for_each_init(
-            || RowEncoder::new(layout),
-            |enc, (i, ((c, s), e))| enc.encode(&rows[i * k..(i + 1) * k], i, c, s, e),
-        )?;
-    Ok((
-        Encoded {
-            layout,
-            codes,
-            scales,
-        },
-        errs,
-    ))
+    codes.par_chunks_mut(rb).zip(scales.par_chunks_mut(g)).zip(errs.par_iter_mut()).enumerate().try_for_each_init(
+        || RowEncoder::new(layout),
+        |enc, (i, ((c, s), e))| enc.encode(&rows[i * k..(i + 1) * k], i, c, s, e),
+    )?;
+    Ok((Encoded { layout, codes, scales }, errs))
 }
 
 /// The codebook of an integer format, in units of `s`, with what nearest-level search needs.
@@ -222,13 +175,7 @@ impl Levels {
             Format::Q6 => (&[1.0, 0.9, 0.8], 2),
             _ => (&[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 3),
         };
-        Levels {
-            u,
-            mid,
-            inv_dz: (1.0 / dz) as f32,
-            ratios,
-            lloyd_iters,
-        }
+        Levels { u, mid, inv_dz: (1.0 / dz) as f32, ratios, lloyd_iters }
     }
 
     /// Nearest magnitude to `y = |x| / s`. `t = y / (1 + y)` is `1 - z`, uniform in `m`, so
@@ -291,16 +238,9 @@ struct RowEncoder {
 
 impl RowEncoder {
     fn new(layout: Layout) -> RowEncoder {
-        let levels = layout
-            .format
-            .is_integer()
-            .then(|| Levels::new(layout.format));
+        let levels = layout.format.is_integer().then(|| Levels::new(layout.format));
         let codes = vec![0u8; super::padded_k(layout.k)];
-        RowEncoder {
-            layout,
-            levels,
-            codes,
-        }
+        RowEncoder { layout, levels, codes }
     }
 
     fn encode(
@@ -312,11 +252,7 @@ impl RowEncoder {
         err: &mut RowErr,
     ) -> Result<(), EncodeError> {
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-            return Err(EncodeError::NonFinite {
-                k: i,
-                n,
-                value: x[i],
-            });
+            return Err(EncodeError::NonFinite { k: i, n, value: x[i] });
         }
         *err = RowErr::default();
         let Some(lv) = &self.levels else {
@@ -327,29 +263,17 @@ impl RowEncoder {
         let lut = f.lut();
         for (gi, xs) in x.chunks(self.layout.group).enumerate() {
             let absmax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if absmax > 0.0 {
-                lv.search(xs, absmax)
-            } else {
-                0.0
-            };
+            let s = if absmax > 0.0 { lv.search(xs, absmax) } else { 0.0 };
             // Codes are chosen against the scale as stored, so decode sees what we measured.
             let s = f16::from_f32(s).to_f32();
             if !s.is_finite() {
-                return Err(EncodeError::ScaleOverflow {
-                    n,
-                    group: gi,
-                    scale: absmax,
-                });
+                return Err(EncodeError::ScaleOverflow { n, group: gi, scale: absmax });
             }
             scales[gi] = s;
             let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
             let base = gi * self.layout.group;
             for (j, &v) in xs.iter().enumerate() {
-                let m = if s > 0.0 {
-                    lv.nearest(v.abs() * inv) as u8
-                } else {
-                    0
-                };
+                let m = if s > 0.0 { lv.nearest(v.abs() * inv) as u8 } else { 0 };
                 // m = 0 is the one zero: never emit a "negative zero" code.
                 let c = if v < 0.0 && m != 0 { m | sign_bit } else { m };
                 self.codes[base + j] = c;
@@ -379,17 +303,13 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     fn gaussianish(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
-        (0..n)
-            .map(|_| (0..4).map(|_| lcg(&mut s)).sum::<f32>() * 0.02)
-            .collect()
+        (0..n).map(|_| (0..4).map(|_| lcg(&mut s)).sum::<f32>() * 0.02).collect()
     }
 
     #[test]
@@ -401,17 +321,9 @@ mod tests {
                 let y = (lcg(&mut seed).abs() * 1.3).powi(2);
                 let m = lv.nearest(y);
                 let best = (0..lv.u.len())
-                    .min_by(|&a, &b| {
-                        (lv.u[a] - y)
-                            .abs()
-                            .partial_cmp(&(lv.u[b] - y).abs())
-                            .unwrap()
-                    })
+                    .min_by(|&a, &b| (lv.u[a] - y).abs().partial_cmp(&(lv.u[b] - y).abs()).unwrap())
                     .unwrap();
-                assert!(
-                    (lv.u[m] - y).abs() <= (lv.u[best] - y).abs() + 1e-7,
-                    "{f} y={y} m={m} best={best}"
-                );
+                assert!((lv.u[m] - y).abs() <= (lv.u[best] - y).abs() + 1e-7, "{f} y={y} m={m} best={best}");
             }
         }
     }
@@ -436,11 +348,7 @@ mod tests {
                 assert_eq!(a.scales, b.scales);
                 // The stats were computed on exactly what decode returns.
                 let dec = a.decode_kn();
-                let see: f64 = dec
-                    .iter()
-                    .zip(&w_kn)
-                    .map(|(d, w)| ((d - w) as f64).powi(2))
-                    .sum();
+                let see: f64 = dec.iter().zip(&w_kn).map(|(d, w)| ((d - w) as f64).powi(2)).sum();
                 let want: f64 = ea.iter().map(|e| e.see).sum();
                 assert!((see - want).abs() <= 1e-9 + 1e-6 * want, "{f} {see} {want}");
             }
@@ -461,10 +369,7 @@ mod tests {
             assert_eq!(d[3], 0.0, "{f}: x = 0 must decode to 0");
             assert_eq!(d[4], 0.0);
             for (a, b) in x.iter().zip(&d) {
-                assert!(
-                    *b == 0.0 || a.signum() == b.signum(),
-                    "{f}: sign flipped {a} -> {b}"
-                );
+                assert!(*b == 0.0 || a.signum() == b.signum(), "{f}: sign flipped {a} -> {b}");
             }
             if f != Format::F32 {
                 for i in 0..k {
@@ -491,16 +396,10 @@ mod tests {
             encode_rows(&x, Layout::new(Format::Q8, 64, 1, 0)),
             Err(EncodeError::NonFinite { k: 10, .. })
         ));
-        let r = encode_matrix(
-            WeightSource::F32(&[0u8; 12]),
-            Layout::new(Format::Q8, 2, 2, 0),
-        );
+        let r = encode_matrix(WeightSource::F32(&[0u8; 12]), Layout::new(Format::Q8, 2, 2, 0));
         assert!(matches!(r, Err(EncodeError::Size { .. })));
         let big = vec![1e6f32; 64];
-        assert!(matches!(
-            encode_rows(&big, Layout::new(Format::Q4, 64, 1, 0)),
-            Err(EncodeError::ScaleOverflow { .. })
-        ));
+        assert!(matches!(encode_rows(&big, Layout::new(Format::Q4, 64, 1, 0)), Err(EncodeError::ScaleOverflow { .. })));
     }
 
     #[test]

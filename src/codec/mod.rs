@@ -108,13 +108,7 @@ impl Format {
     /// code (`2^bits` entries); empty for [`Format::F32`].
     pub fn lut(self) -> &'static [f32] {
         static LUTS: OnceLock<[Vec<f32>; 3]> = OnceLock::new();
-        let luts = LUTS.get_or_init(|| {
-            [
-                build_lut(Format::Q8),
-                build_lut(Format::Q6),
-                build_lut(Format::Q4),
-            ]
-        });
+        let luts = LUTS.get_or_init(|| [build_lut(Format::Q8), build_lut(Format::Q6), build_lut(Format::Q4)]);
         match self {
             Format::F32 => &[],
             Format::Q8 => &luts[0],
@@ -192,17 +186,8 @@ pub struct Layout {
 impl Layout {
     /// `group == 0` means per output channel. F32 is always per channel.
     pub fn new(format: Format, k: usize, n: usize, group: usize) -> Layout {
-        let group = if group == 0 || group >= k || format == Format::F32 {
-            k
-        } else {
-            group
-        };
-        Layout {
-            format,
-            k,
-            n,
-            group,
-        }
+        let group = if group == 0 || group >= k || format == Format::F32 { k } else { group };
+        Layout { format, k, n, group }
     }
 
     pub fn groups(&self) -> usize {
@@ -270,11 +255,7 @@ impl Encoded {
     pub fn scale_bytes(&self) -> Vec<u8> {
         match self.layout.format {
             Format::F32 => self.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-            _ => self
-                .scales
-                .iter()
-                .flat_map(|s| half::f16::from_f32(*s).to_le_bytes())
-                .collect(),
+            _ => self.scales.iter().flat_map(|s| half::f16::from_f32(*s).to_le_bytes()).collect(),
         }
     }
 
@@ -347,14 +328,7 @@ pub fn pack_row(format: Format, codes: &[u8], row: &mut [u8]) {
 
 /// Decodes one row (`k` weights) of codes with its per-group scales: the CPU reference
 /// that every kernel is checked against.
-pub fn decode_row(
-    format: Format,
-    k: usize,
-    group: usize,
-    row: &[u8],
-    scales: &[f32],
-    out: &mut [f32],
-) {
+pub fn decode_row(format: Format, k: usize, group: usize, row: &[u8], scales: &[f32], out: &mut [f32]) {
     let out = &mut out[..k];
     if format == Format::F32 {
         let s = scales[0];
@@ -431,9 +405,7 @@ mod tests {
     fn pack_unpack_round_trip() {
         for f in [Format::Q8, Format::Q6, Format::Q4] {
             for k in [1usize, 3, 4, 63, 64, 65, 200] {
-                let codes: Vec<u8> = (0..k)
-                    .map(|i| ((i * 37 + 11) % (1 << f.bits())) as u8)
-                    .collect();
+                let codes: Vec<u8> = (0..k).map(|i| ((i * 37 + 11) % (1 << f.bits())) as u8).collect();
                 let mut row = vec![0xAAu8; f.row_bytes(k)];
                 pack_row(f, &codes, &mut row);
                 for (i, &c) in codes.iter().enumerate() {

@@ -75,18 +75,9 @@ impl TensorStats {
         };
         let mut rel: Vec<f64> = rows.iter().map(RowErr::rel).collect();
         rel.sort_by(f64::total_cmp);
-        let p99_rel = if rel.is_empty() {
-            0.0
-        } else {
-            rel[((rel.len() as f64 * 0.99).ceil() as usize).clamp(1, rel.len()) - 1]
-        };
-        TensorStats {
-            cosine,
-            rel_fro: t.rel(),
-            p99_rel,
-            max_abs: t.max_abs,
-            bits_per_weight,
-        }
+        let p99_rel =
+            if rel.is_empty() { 0.0 } else { rel[((rel.len() as f64 * 0.99).ceil() as usize).clamp(1, rel.len()) - 1] };
+        TensorStats { cosine, rel_fro: t.rel(), p99_rel, max_abs: t.max_abs, bits_per_weight }
     }
 }
 

@@ -2,9 +2,8 @@
 
 use super::dtype;
 use super::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_shape_proto, type_proto,
-    AttributeProto, NodeProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_shape_proto, type_proto, AttributeProto,
+    NodeProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use bytes::Bytes;
 
@@ -20,41 +19,21 @@ pub fn tensor_raw(name: &str, data_type: i32, dims: &[i64], raw: impl Into<Bytes
 }
 
 pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
-    tensor_raw(
-        name,
-        dtype::FLOAT,
-        dims,
-        data.iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
+    tensor_raw(name, dtype::FLOAT, dims, data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
 }
 
 pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
-    tensor_raw(
-        name,
-        dtype::INT64,
-        dims,
-        data.iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
+    tensor_raw(name, dtype::INT64, dims, data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
 }
 
 /// A tensor whose bytes the save step asks for later: marked external with a location
 /// that names no file, so `save_model`'s resolver must supply it.
 pub fn tensor_deferred(name: &str, data_type: i32, dims: &[i64], key: &str) -> TensorProto {
-    let mut t = TensorProto {
-        name: Some(name.into()),
-        data_type: Some(data_type),
-        dims: dims.to_vec(),
-        ..Default::default()
-    };
+    let mut t =
+        TensorProto { name: Some(name.into()), data_type: Some(data_type), dims: dims.to_vec(), ..Default::default() };
     t.set_data_location(DataLocation::External);
-    t.external_data = vec![StringStringEntryProto {
-        key: Some("location".into()),
-        value: Some(format!("{DEFERRED}{key}")),
-    }];
+    t.external_data =
+        vec![StringStringEntryProto { key: Some("location".into()), value: Some(format!("{DEFERRED}{key}")) }];
     t
 }
 
@@ -71,11 +50,7 @@ pub fn node(
 ) -> NodeProto {
     NodeProto {
         op_type: Some(op.into()),
-        domain: if domain.is_empty() {
-            None
-        } else {
-            Some(domain.into())
-        },
+        domain: if domain.is_empty() { None } else { Some(domain.into()) },
         name: Some(name.into()),
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: outputs.iter().map(|s| s.to_string()).collect(),
@@ -152,8 +127,5 @@ pub fn value_info(name: &str, elem_type: i32, dims: &[Dim]) -> ValueInfoProto {
 
 /// Reads an int attribute of a node.
 pub fn get_int(n: &NodeProto, name: &str) -> Option<i64> {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .and_then(|a| a.i)
+    n.attribute.iter().find(|a| a.name() == name).and_then(|a| a.i)
 }

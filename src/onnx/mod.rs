@@ -69,9 +69,7 @@ pub mod dtype {
 
 /// Number of elements of a tensor with these dims (`None` on a negative dim or overflow).
 pub fn numel(dims: &[i64]) -> Option<u64> {
-    dims.iter().try_fold(1u64, |acc, &d| {
-        u64::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-    })
+    dims.iter().try_fold(1u64, |acc, &d| u64::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
 }
 
 /// Bytes the raw little-endian data of a tensor must have, where the type has a fixed size.
@@ -93,41 +91,24 @@ pub fn external_ref(t: &TensorProto) -> Result<Option<ExternalRef>> {
     if t.data_location() != DataLocation::External {
         return Ok(None);
     }
-    let get = |k: &str| {
-        t.external_data
-            .iter()
-            .find(|e| e.key() == k)
-            .map(|e| e.value())
-    };
-    let location = get("location")
-        .ok_or_else(|| anyhow!("tensor '{}': external data without a location", t.name()))?;
+    let get = |k: &str| t.external_data.iter().find(|e| e.key() == k).map(|e| e.value());
+    let location = get("location").ok_or_else(|| anyhow!("tensor '{}': external data without a location", t.name()))?;
     let num = |k: &str| -> Result<Option<u64>> {
         get(k)
-            .map(|v| {
-                v.parse::<u64>()
-                    .with_context(|| format!("tensor '{}': bad external {k} '{v}'", t.name()))
-            })
+            .map(|v| v.parse::<u64>().with_context(|| format!("tensor '{}': bad external {k} '{v}'", t.name())))
             .transpose()
     };
     let offset = num("offset")?.unwrap_or(0);
     let length = match num("length")? {
         Some(l) => l,
-        None => expected_bytes(t)
-            .ok_or_else(|| anyhow!("tensor '{}': external data without a length", t.name()))?,
+        None => expected_bytes(t).ok_or_else(|| anyhow!("tensor '{}': external data without a length", t.name()))?,
     };
-    Ok(Some(ExternalRef {
-        location: location.to_string(),
-        offset,
-        length,
-    }))
+    Ok(Some(ExternalRef { location: location.to_string(), offset, length }))
 }
 
 /// Calls `f` on every tensor stored in the model: initializers, sparse initializers and
 /// tensor-valued node attributes, in the main graph, every subgraph and every function.
-pub fn for_each_tensor_mut(
-    model: &mut ModelProto,
-    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
-) -> Result<()> {
+pub fn for_each_tensor_mut(model: &mut ModelProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
     if let Some(g) = model.graph.as_mut() {
         graph_tensors_mut(g, f)?;
     }
@@ -141,10 +122,7 @@ pub fn for_each_tensor_mut(
     Ok(())
 }
 
-fn graph_tensors_mut(
-    g: &mut GraphProto,
-    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
-) -> Result<()> {
+fn graph_tensors_mut(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
     for t in &mut g.initializer {
         f(t)?;
     }
@@ -161,21 +139,14 @@ fn graph_tensors_mut(
     Ok(())
 }
 
-fn attr_tensors_mut(
-    a: &mut AttributeProto,
-    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
-) -> Result<()> {
+fn attr_tensors_mut(a: &mut AttributeProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
     if let Some(t) = a.t.as_mut() {
         f(t)?;
     }
     for t in &mut a.tensors {
         f(t)?;
     }
-    for s in a
-        .sparse_tensor
-        .iter_mut()
-        .chain(a.sparse_tensors.iter_mut())
-    {
+    for s in a.sparse_tensor.iter_mut().chain(a.sparse_tensors.iter_mut()) {
         for t in s.values.iter_mut().chain(s.indices.iter_mut()) {
             f(t)?;
         }
@@ -204,29 +175,17 @@ impl Model {
     /// `.onnx` file). Checks every external reference against its file.
     pub fn load(path: &Path) -> Result<Model> {
         let path = resolve_model_path(path)?;
-        let dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
         // SAFETY: the map is read-only and the file is not ours to change; a concurrent
         // writer could still change bytes under us, as with any mmap-based reader.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("map {}", path.display()))?;
-        let proto = ModelProto::decode(Bytes::from_owner(map)).with_context(|| {
-            format!(
-                "{} is not an ONNX model (protobuf decode failed)",
-                path.display()
-            )
-        })?;
+        let proto = ModelProto::decode(Bytes::from_owner(map))
+            .with_context(|| format!("{} is not an ONNX model (protobuf decode failed)", path.display()))?;
         if proto.graph.is_none() {
             bail!("{}: the model has no graph", path.display());
         }
-        let mut model = Model {
-            proto,
-            path,
-            dir,
-            data: HashMap::new(),
-        };
+        let mut model = Model { proto, path, dir, data: HashMap::new() };
         model.map_external_data()?;
         Ok(model)
     }
@@ -243,9 +202,7 @@ impl Model {
         self.proto = proto;
         r?;
         for (name, r, want) in refs {
-            let map = self
-                .map_location(&r.location)
-                .with_context(|| format!("tensor '{name}'"))?;
+            let map = self.map_location(&r.location).with_context(|| format!("tensor '{name}'"))?;
             let end = r.offset.checked_add(r.length);
             if end.is_none_or(|e| e > map.len() as u64) {
                 bail!(
@@ -258,7 +215,10 @@ impl Model {
             }
             if let Some(w) = want {
                 if w != r.length {
-                    bail!("tensor '{name}': external length {} does not match its shape and type ({w} bytes)", r.length);
+                    bail!(
+                        "tensor '{name}': external length {} does not match its shape and type ({w} bytes)",
+                        r.length
+                    );
                 }
             }
         }
@@ -276,8 +236,7 @@ impl Model {
         let p = self.dir.join(rel);
         let file = File::open(&p).with_context(|| format!("open external data {}", p.display()))?;
         // SAFETY: read-only map, see `load`.
-        let map =
-            Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("map {}", p.display()))?);
+        let map = Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("map {}", p.display()))?);
         self.data.insert(location.to_string(), map.clone());
         Ok(map)
     }
@@ -288,11 +247,7 @@ impl Model {
 
     /// External data files of the model with their sizes.
     pub fn data_files(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<_> = self
-            .data
-            .iter()
-            .map(|(k, m)| (k.clone(), m.len() as u64))
-            .collect();
+        let mut v: Vec<_> = self.data.iter().map(|(k, m)| (k.clone(), m.len() as u64)).collect();
         v.sort();
         v
     }
@@ -300,13 +255,9 @@ impl Model {
     /// The little-endian bytes of a tensor, borrowed where they are stored raw.
     pub fn tensor_bytes<'a>(&'a self, t: &'a TensorProto) -> Result<Cow<'a, [u8]>> {
         if let Some(r) = external_ref(t)? {
-            let map = self
-                .data
-                .get(&r.location)
-                .ok_or_else(|| anyhow!("tensor '{}': data file not mapped", t.name()))?;
-            return Ok(Cow::Borrowed(
-                &map[r.offset as usize..(r.offset + r.length) as usize],
-            ));
+            let map =
+                self.data.get(&r.location).ok_or_else(|| anyhow!("tensor '{}': data file not mapped", t.name()))?;
+            return Ok(Cow::Borrowed(&map[r.offset as usize..(r.offset + r.length) as usize]));
         }
         typed_bytes(t)
     }
@@ -329,33 +280,20 @@ pub fn typed_bytes(t: &TensorProto) -> Result<Cow<'_, [u8]>> {
             dtype::INT64 => t.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             13 | 12 => {
                 let w = if dt == 13 { 8 } else { 4 };
-                t.uint64_data
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes()[..w].to_vec())
-                    .collect()
+                t.uint64_data.iter().flat_map(|v| v.to_le_bytes()[..w].to_vec()).collect()
             }
             dtype::INT32 => t.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             // 16- and 8-bit types live one per int32 in `int32_data`.
-            4 | 5 | dtype::FLOAT16 | dtype::BFLOAT16 => t
-                .int32_data
-                .iter()
-                .flat_map(|v| (*v as u16).to_le_bytes())
-                .collect(),
+            4 | 5 | dtype::FLOAT16 | dtype::BFLOAT16 => {
+                t.int32_data.iter().flat_map(|v| (*v as u16).to_le_bytes()).collect()
+            }
             2 | 3 | 9 | 17..=20 => t.int32_data.iter().map(|v| *v as u8).collect(),
-            _ => bail!(
-                "tensor '{}': inline data of type {} is not supported",
-                t.name(),
-                dt
-            ),
+            _ => bail!("tensor '{}': inline data of type {} is not supported", t.name(), dt),
         })
     };
     if let Some(w) = expected_bytes(t) {
         if data.len() as u64 != w {
-            bail!(
-                "tensor '{}': has {} data bytes, its shape and type need {w}",
-                t.name(),
-                data.len()
-            );
+            bail!("tensor '{}': has {} data bytes, its shape and type need {w}", t.name(), data.len());
         }
     }
     Ok(data)
@@ -375,10 +313,7 @@ fn resolve_model_path(path: &Path) -> Result<PathBuf> {
         return match onnx.as_slice() {
             [one] => Ok(one.clone()),
             [] => bail!("{} holds no .onnx model", path.display()),
-            _ => bail!(
-                "{} holds several .onnx files; name the one to use",
-                path.display()
-            ),
+            _ => bail!("{} holds several .onnx files; name the one to use", path.display()),
         };
     }
     if !path.exists() {

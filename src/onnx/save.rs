@@ -21,10 +21,7 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions {
-            data_file: "model.onnx.data".into(),
-            externalize_min_bytes: None,
-        }
+        SaveOptions { data_file: "model.onnx.data".into(), externalize_min_bytes: None }
     }
 }
 
@@ -73,26 +70,18 @@ pub fn save_model<'r>(
         };
         if let Some(want) = expected_bytes(t) {
             if want != bytes.len() as u64 {
-                bail!(
-                    "tensor '{}': {} bytes supplied, its shape and type need {want}",
-                    t.name(),
-                    bytes.len()
-                );
+                bail!("tensor '{}': {} bytes supplied, its shape and type need {want}", t.name(), bytes.len());
             }
         }
         let len = bytes.len() as u64;
         let pad = pos.next_multiple_of(alignment(len)) - pos;
         out.write_all(&vec![0u8; pad as usize])?;
         pos += pad;
-        out.write_all(&bytes)
-            .with_context(|| format!("write {}", data_path.display()))?;
+        out.write_all(&bytes).with_context(|| format!("write {}", data_path.display()))?;
         t.raw_data = None;
         t.set_data_location(DataLocation::External);
-        t.external_data = vec![
-            kv("location", &opts.data_file),
-            kv("offset", &pos.to_string()),
-            kv("length", &len.to_string()),
-        ];
+        t.external_data =
+            vec![kv("location", &opts.data_file), kv("offset", &pos.to_string()), kv("length", &len.to_string())];
         pos += len;
         stats.external_tensors += 1;
         Ok(())
@@ -107,7 +96,10 @@ pub fn save_model<'r>(
     }
     let buf = proto.encode_to_vec();
     if buf.len() as u64 >= 2 << 30 {
-        bail!("the graph itself is {} bytes, over protobuf's 2 GB limit; move more tensors to external data", buf.len());
+        bail!(
+            "the graph itself is {} bytes, over protobuf's 2 GB limit; move more tensors to external data",
+            buf.len()
+        );
     }
     std::fs::write(onnx_path, &buf).with_context(|| format!("write {}", onnx_path.display()))?;
     stats.onnx_bytes = buf.len() as u64;
@@ -115,10 +107,7 @@ pub fn save_model<'r>(
 }
 
 fn kv(k: &str, v: &str) -> StringStringEntryProto {
-    StringStringEntryProto {
-        key: Some(k.into()),
-        value: Some(v.into()),
-    }
+    StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) }
 }
 
 /// An output folder that appears under its final name only when complete: files are
@@ -137,31 +126,20 @@ impl AtomicDir {
             bail!("output {} is a file; give a folder", target.display());
         }
         if target.is_dir() && !overwrite && std::fs::read_dir(target)?.next().is_some() {
-            bail!(
-                "output folder {} exists and is not empty (use --force to replace it)",
-                target.display()
-            );
+            bail!("output folder {} exists and is not empty (use --force to replace it)", target.display());
         }
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).with_context(|| format!("create {}", parent.display()))?;
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
         let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        Ok(AtomicDir {
-            target: target.to_path_buf(),
-            tmp,
-            overwrite,
-            committed: false,
-        })
+        Ok(AtomicDir { target: target.to_path_buf(), tmp, overwrite, committed: false })
     }
 
     /// Where to write the files now.
@@ -177,18 +155,13 @@ impl AtomicDir {
         let mut old = None;
         if self.target.exists() {
             if !self.overwrite && std::fs::read_dir(&self.target)?.next().is_some() {
-                bail!(
-                    "output folder {} appeared while writing; not replacing it",
-                    self.target.display()
-                );
+                bail!("output folder {} appeared while writing; not replacing it", self.target.display());
             }
             let o = self.tmp.with_extension("old");
-            std::fs::rename(&self.target, &o)
-                .with_context(|| format!("move old {} aside", self.target.display()))?;
+            std::fs::rename(&self.target, &o).with_context(|| format!("move old {} aside", self.target.display()))?;
             old = Some(o);
         }
-        std::fs::rename(&self.tmp, &self.target)
-            .with_context(|| format!("rename into {}", self.target.display()))?;
+        std::fs::rename(&self.tmp, &self.target).with_context(|| format!("rename into {}", self.target.display()))?;
         self.committed = true;
         if let Some(o) = old {
             std::fs::remove_dir_all(o).ok();
