@@ -1,1 +1,238 @@
-fn main() {}
+//! `qins`: inspect, rewrite and report on ONNX models; import real models.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use qins_graph_rewrite::plan::{self, parse_qkv_split, PlanOptions, Preset};
+use qins_graph_rewrite::report::short;
+use qins_graph_rewrite::rewrite::{self, Progress, RewriteOptions};
+use qins_graph_rewrite::{roundtrip, Format, Model};
+use regex::Regex;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "qins", version, about = "QINS weight compression for ONNX Runtime models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the MatMul nodes, their shapes, and which ones a rewrite would take.
+    Inspect {
+        /// Model folder or .onnx file.
+        model: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the targeted MatMuls with QINS ops and write a new model folder.
+    Rewrite {
+        model: PathBuf,
+        /// Output folder (created; never the input's folder).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Storage format: 8, 6, 4 (integer codes) or f32 (z kept as float).
+        #[arg(long, default_value = "8", value_parser = parse_format)]
+        bits: Format,
+        /// Group size along K for the scales; 0 = one scale per output channel.
+        #[arg(long, default_value_t = 128)]
+        group: usize,
+        #[command(flatten)]
+        select: Select,
+        /// Show the plan and the expected sizes, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replace the output folder if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Also write the per-layer report JSON here (it is always in the output folder).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// No progress bar and no per-layer table.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Round-trip every targeted weight through each QINS format and int8/int4/NF4.
+    Report {
+        model: PathBuf,
+        /// Group size along K; 0 = per output channel.
+        #[arg(long, default_value_t = 128)]
+        group: usize,
+        #[command(flatten)]
+        select: Select,
+        /// Write the full report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Print every tensor, not only the summary.
+        #[arg(long)]
+        per_tensor: bool,
+    },
+}
+
+#[derive(Args)]
+struct Select {
+    /// Precision policy.
+    #[arg(long, value_enum, default_value_t = Preset::Phi3)]
+    preset: Preset,
+    /// Also take MatMul nodes whose name matches (regex; repeatable).
+    #[arg(long)]
+    include: Vec<Regex>,
+    /// Never take MatMul nodes whose name matches (regex; repeatable).
+    #[arg(long)]
+    exclude: Vec<Regex>,
+    /// Q,K,V output widths of packed qkv weights, if the model does not tell.
+    #[arg(long, value_parser = parse_qkv_split)]
+    qkv_split: Option<[usize; 3]>,
+}
+
+impl Select {
+    fn options(&self) -> PlanOptions {
+        PlanOptions {
+            preset: self.preset,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            qkv_split: self.qkv_split,
+        }
+    }
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    Format::parse(s).ok_or_else(|| format!("unknown format '{s}': use 8, 6, 4 or f32"))
+}
+
+struct Bar(Option<ProgressBar>);
+
+impl Progress for Bar {
+    fn start(&mut self, total: u64) {
+        if let Some(_) = self.0 {
+            return;
+        }
+        let pb = ProgressBar::new(total);
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}")
+                .expect("valid template"),
+        );
+        self.0 = Some(pb);
+    }
+    fn advance(&mut self, bytes: u64, what: &str) {
+        if let Some(pb) = &self.0 {
+            pb.inc(bytes);
+            pb.set_message(short(what, 48));
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(pb) = self.0.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+struct Quiet;
+impl Progress for Quiet {
+    fn start(&mut self, _: u64) {}
+    fn advance(&mut self, _: u64, _: &str) {}
+    fn finish(&mut self) {}
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect { model, select, json } => {
+            let m = Model::load(&model)?;
+            let p = plan::plan(&m, &select.options());
+            match (&p, json) {
+                (Ok(p), true) => println!("{}", serde_json::to_string_pretty(&p.candidates)?),
+                (Ok(p), false) => print_inspect(&m, p),
+                (Err(e), _) => {
+                    eprintln!("{e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        Cmd::Rewrite { model, out, bits, group, select, dry_run, force, report, quiet } => {
+            let m = Model::load(&model)?;
+            let p = plan::plan(&m, &select.options())?;
+            let opts = RewriteOptions { format: bits, group, force };
+            if dry_run {
+                print_dry_run(&m, &p, &opts);
+                return Ok(());
+            }
+            let mut progress: Box<dyn Progress> = if quiet { Box::new(Quiet) } else { Box::new(Bar(None)) };
+            let r = rewrite::rewrite(&m, &p, &opts, &out, progress.as_mut())?;
+            if !quiet {
+                print!("{}", r.table());
+            }
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_vec_pretty(&r)?).with_context(|| format!("write {}", path.display()))?;
+            }
+            eprintln!("wrote {}", out.display());
+        }
+        Cmd::Report { model, group, select, json, per_tensor } => {
+            let m = Model::load(&model)?;
+            let p = plan::plan(&m, &select.options())?;
+            let total = p.targets.len();
+            let mut i = 0;
+            let r = roundtrip::roundtrip(&m, &p, group, &mut |t| {
+                i += 1;
+                eprint!("\r[{i}/{total}] {:<60}", short(&t.name, 60));
+            })?;
+            eprintln!();
+            print!("{}", r.table(per_tensor));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&r)?).with_context(|| format!("write {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_inspect(m: &Model, p: &plan::Plan) {
+    println!("{}: {} nodes, {} MatMul", m.path.display(), m.graph().node.len(), p.candidates.len());
+    println!("{:<48} {:<8} {:>13} {:<8} {}", "node", "role", "weight KxN", "dtype", "rewrite");
+    for c in &p.candidates {
+        let shape = c.shape.map(|[k, n]| format!("{k}x{n}")).unwrap_or_else(|| "-".into());
+        let verdict = match (&c.skipped, &c.cols) {
+            (Some(why), _) => format!("no: {why}"),
+            (None, Some(cols)) if c.shape.is_some_and(|s| cols.len() != s[1]) => {
+                format!("yes: columns {}..{} (V part), the rest stays float", cols.start, cols.end)
+            }
+            (None, _) => "yes".into(),
+        };
+        println!("{:<48} {:<8} {:>13} {:<8} {}", short(&c.name, 48), c.role.name(), shape, c.dtype.unwrap_or("-"), verdict);
+    }
+    println!("{} of {} MatMuls would become QINS", p.targets.len(), p.candidates.len());
+}
+
+fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) {
+    let mut before = 0u64;
+    let mut after = 0u64;
+    println!("{:<48} {:>13} {:>10} {:>10}", "node", "KxN", "bytes in", "bytes out");
+    for t in &p.targets {
+        let l = qins::codec::Layout::new(opts.format, t.k, t.n(), opts.group);
+        let (b, a) = ((t.k * t.n() * t.elem.bytes()) as u64, l.stored_bytes() as u64);
+        before += b;
+        after += a;
+        println!("{:<48} {:>13} {:>10} {:>10}", short(&t.name, 48), format!("{}x{}", t.k, t.n()), b, a);
+    }
+    let total: u64 = m.data_files().iter().map(|(_, l)| l).sum();
+    println!(
+        "dry run: {} tensors, {:.1} MB -> {:.1} MB as {} (group {}); external data {:.1} MB -> about {:.1} MB",
+        p.targets.len(),
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        opts.format,
+        opts.group,
+        total as f64 / 1e6,
+        (total + after - before) as f64 / 1e6
+    );
+}

@@ -1,8 +1,8 @@
 //! The quantizers a user would otherwise pick, measured on the same weights and groups as
 //! QINS for the round-trip report. Scales are fp16, as in the peers' 4- and 8-bit models.
 
-use super::encode::{check_size, map_channels};
-use super::{EncodeError, RowErr, WeightSource};
+use super::encode::map_channels;
+use super::{RowErr, WeightSource};
 use half::f16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -85,19 +85,11 @@ impl Baseline {
 
 /// Per-channel round-trip errors of a baseline on a `[K, N]` weight with group `group`
 /// along K (`group >= k` or 0: per channel).
-pub fn baseline_roundtrip(
-    src: WeightSource,
-    k: usize,
-    n: usize,
-    group: usize,
-    kind: Baseline,
-) -> Result<Vec<RowErr>, EncodeError> {
-    check_size(src, k, n)?;
+pub fn baseline_roundtrip(src: WeightSource, group: usize, kind: Baseline) -> Vec<RowErr> {
+    let k = src.k();
     let group = if group == 0 || group > k { k } else { group };
-    Ok(map_channels(
+    map_channels(
         src,
-        k,
-        n,
         || (),
         |_, row, _| {
             let mut e = RowErr::default();
@@ -106,7 +98,7 @@ pub fn baseline_roundtrip(
             }
             e
         },
-    ))
+    )
 }
 
 /// Bits per weight of a baseline with fp16 scales.

@@ -4,45 +4,120 @@ use super::{decode_z, encode_z, level, pack_row, Encoded, Format, Layout, RowErr
 use half::f16;
 use rayon::prelude::*;
 
-/// A `[K, N]` row-major weight as it lies in an ONNX initializer (little-endian).
-#[derive(Clone, Copy)]
-pub enum WeightSource<'a> {
-    F32(&'a [u8]),
-    F16(&'a [u8]),
+fn bytemuck_u16_as_f16(v: &[u16]) -> &[f16] {
+    // SAFETY: f16 is a repr(transparent) u16.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f16>(), v.len()) }
 }
 
-impl WeightSource<'_> {
-    fn elem_bytes(&self) -> usize {
+/// Element type of a float weight as stored in ONNX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Elem {
+    pub fn bytes(self) -> usize {
         match self {
-            WeightSource::F32(_) => 4,
-            WeightSource::F16(_) => 2,
+            Elem::F32 => 4,
+            Elem::F16 | Elem::BF16 => 2,
+        }
+    }
+}
+
+/// A `[K, N]` row-major weight as it lies in an ONNX initializer (little-endian), or a
+/// window of its columns (the V part of a packed qkv projection) read in place.
+#[derive(Clone, Copy)]
+pub struct WeightSource<'a> {
+    bytes: &'a [u8],
+    elem: Elem,
+    k: usize,
+    /// Columns of the stored matrix (its row stride).
+    ld: usize,
+    col0: usize,
+    n: usize,
+}
+
+impl<'a> WeightSource<'a> {
+    /// Wraps `bytes` as a `[k, n]` matrix; fails if the length does not match.
+    pub fn new(bytes: &'a [u8], elem: Elem, k: usize, n: usize) -> Result<WeightSource<'a>, EncodeError> {
+        let want = k * n * elem.bytes();
+        if bytes.len() != want {
+            return Err(EncodeError::Size { k, n, got: bytes.len(), want });
+        }
+        Ok(WeightSource { bytes, elem, k, ld: n, col0: 0, n })
+    }
+
+    /// Columns `range` of this matrix.
+    pub fn columns(self, range: std::ops::Range<usize>) -> WeightSource<'a> {
+        assert!(range.start <= range.end && range.end <= self.n, "column window out of range");
+        WeightSource { col0: self.col0 + range.start, n: range.len(), ..self }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Transposes `W[0..K, n0..n0+nb]` (window coordinates) into `buf` as `[nb, K]` f32.
+    /// 16-bit weights are moved as bits first and converted in one bulk call, which uses
+    /// the F16C instructions where the CPU has them.
+    fn gather(&self, n0: usize, nb: usize, bits: &mut Vec<u16>, buf: &mut [f32]) {
+        let (k, eb) = (self.k, self.elem.bytes());
+        let buf = &mut buf[..nb * k];
+        if self.elem == Elem::F32 {
+            for kk in 0..k {
+                let start = (kk * self.ld + self.col0 + n0) * 4;
+                for (j, c) in self.bytes[start..start + nb * 4].chunks_exact(4).enumerate() {
+                    buf[j * k + kk] = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            return;
+        }
+        bits.resize(nb * k, 0);
+        // 8 input rows at a time: each output row then receives 16 contiguous bytes.
+        let mut tile = [[0u16; BLOCK]; 8];
+        for k0 in (0..k).step_by(8) {
+            let kh = 8.min(k - k0);
+            for (r, t) in tile.iter_mut().enumerate().take(kh) {
+                let start = ((k0 + r) * self.ld + self.col0 + n0) * eb;
+                for (d, c) in t.iter_mut().zip(self.bytes[start..start + nb * eb].chunks_exact(2)) {
+                    *d = u16::from_le_bytes([c[0], c[1]]);
+                }
+            }
+            for (j, out) in bits.chunks_exact_mut(k).enumerate().take(nb) {
+                for (r, o) in out[k0..k0 + kh].iter_mut().enumerate() {
+                    *o = tile[r][j];
+                }
+            }
+        }
+        match self.elem {
+            Elem::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                let h: &[f16] = bytemuck_u16_as_f16(bits);
+                h.convert_to_f32_slice(buf);
+            }
+            _ => {
+                for (o, b) in buf.iter_mut().zip(bits.iter()) {
+                    *o = f32::from_bits((*b as u32) << 16);
+                }
+            }
         }
     }
 
-    fn bytes(&self) -> &[u8] {
-        match self {
-            WeightSource::F32(b) | WeightSource::F16(b) => b,
+    /// The window's bytes as a dense `[K, n]` matrix (a copy when it is a column window).
+    pub fn to_dense_bytes(&self) -> Vec<u8> {
+        let eb = self.elem.bytes();
+        let mut out = Vec::with_capacity(self.k * self.n * eb);
+        for k in 0..self.k {
+            let start = (k * self.ld + self.col0) * eb;
+            out.extend_from_slice(&self.bytes[start..start + self.n * eb]);
         }
-    }
-
-    /// Copies `W[k, n0..n0+out.len()]` into `out` as f32.
-    #[inline]
-    fn read_row_segment(&self, k: usize, ncols: usize, n0: usize, out: &mut [f32]) {
-        let eb = self.elem_bytes();
-        let start = (k * ncols + n0) * eb;
-        let seg = &self.bytes()[start..start + out.len() * eb];
-        match self {
-            WeightSource::F32(_) => {
-                for (o, c) in out.iter_mut().zip(seg.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            WeightSource::F16(_) => {
-                for (o, c) in out.iter_mut().zip(seg.chunks_exact(2)) {
-                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                }
-            }
-        }
+        out
     }
 }
 
@@ -54,6 +129,8 @@ pub enum EncodeError {
     ScaleOverflow { n: usize, group: usize, scale: f32 },
     #[error("weight data has {got} bytes, [{k}, {n}] needs {want}")]
     Size { k: usize, n: usize, got: usize, want: usize },
+    #[error("layout is [{lk}, {ln}] but the weight is [{k}, {n}]")]
+    Shape { lk: usize, ln: usize, k: usize, n: usize },
 }
 
 /// Output channels handled together: the transpose reads `BLOCK` contiguous weights of
@@ -63,7 +140,9 @@ const BLOCK: usize = 32;
 /// Encodes a `[K, N]` weight. Returns the encoded tensors and per-output-channel errors.
 pub fn encode_matrix(src: WeightSource, layout: Layout) -> Result<(Encoded, Vec<RowErr>), EncodeError> {
     let Layout { k, n, .. } = layout;
-    check_size(src, k, n)?;
+    if (src.k, src.n) != (k, n) {
+        return Err(EncodeError::Shape { lk: k, ln: n, k: src.k, n: src.n });
+    }
     let (rb, g) = (layout.row_bytes(), layout.groups());
     let mut codes = vec![0u8; layout.codes_len()];
     let mut scales = vec![0f32; layout.scales_len()];
@@ -74,11 +153,11 @@ pub fn encode_matrix(src: WeightSource, layout: Layout) -> Result<(Encoded, Vec<
         .zip(errs.par_chunks_mut(BLOCK))
         .enumerate()
         .try_for_each_init(
-            || (vec![0f32; BLOCK * k], vec![0f32; BLOCK], RowEncoder::new(layout)),
-            |(buf, seg, enc), (blk, ((codes, scales), errs))| {
+            || (vec![0f32; BLOCK * k], Vec::new(), RowEncoder::new(layout)),
+            |(buf, bits, enc), (blk, ((codes, scales), errs))| {
                 let n0 = blk * BLOCK;
                 let nb = errs.len();
-                gather_block(src, k, n, n0, &mut seg[..nb], buf);
+                src.gather(n0, nb, bits, buf);
                 for j in 0..nb {
                     enc.encode(
                         &buf[j * k..(j + 1) * k],
@@ -94,45 +173,26 @@ pub fn encode_matrix(src: WeightSource, layout: Layout) -> Result<(Encoded, Vec<
     Ok((Encoded { layout, codes, scales }, errs))
 }
 
-/// Transposes `W[0..K, n0..n0+seg.len()]` into `buf` as `[seg.len(), K]` f32 rows.
-pub(crate) fn gather_block(src: WeightSource, k: usize, n: usize, n0: usize, seg: &mut [f32], buf: &mut [f32]) {
-    for kk in 0..k {
-        src.read_row_segment(kk, n, n0, seg);
-        for (j, v) in seg.iter().enumerate() {
-            buf[j * k + kk] = *v;
-        }
-    }
-}
-
 /// Runs `f` on every output channel (as a contiguous K-row), `BLOCK` channels per task.
 pub(crate) fn map_channels<T: Send, S>(
     src: WeightSource,
-    k: usize,
-    n: usize,
     init: impl Fn() -> S + Sync + Send,
     f: impl Fn(&mut S, &[f32], usize) -> T + Sync + Send,
 ) -> Vec<T> {
+    let (k, n) = (src.k, src.n);
     let blocks: Vec<Vec<T>> = (0..n.div_ceil(BLOCK))
         .into_par_iter()
         .map_init(
-            || (vec![0f32; BLOCK * k], vec![0f32; BLOCK], init()),
-            |(buf, seg, st), blk| {
+            || (vec![0f32; BLOCK * k], Vec::new(), init()),
+            |(buf, bits, st), blk| {
                 let n0 = blk * BLOCK;
                 let nb = BLOCK.min(n - n0);
-                gather_block(src, k, n, n0, &mut seg[..nb], buf);
+                src.gather(n0, nb, bits, buf);
                 (0..nb).map(|j| f(st, &buf[j * k..(j + 1) * k], n0 + j)).collect()
             },
         )
         .collect();
     blocks.into_iter().flatten().collect()
-}
-
-pub(crate) fn check_size(src: WeightSource, k: usize, n: usize) -> Result<(), EncodeError> {
-    let want = k * n * src.elem_bytes();
-    if src.bytes().len() != want {
-        return Err(EncodeError::Size { k, n, got: src.bytes().len(), want });
-    }
-    Ok(())
 }
 
 /// Encodes rows given as `[N, K]` f32 (output channel major), e.g. for tests.
@@ -152,11 +212,10 @@ pub fn encode_rows(rows: &[f32], layout: Layout) -> Result<(Encoded, Vec<RowErr>
 
 /// The codebook of an integer format, in units of `s`, with what nearest-level search needs.
 struct Levels {
-    /// `u[m] = D(z_m)` for `a = 1`.
+    /// `u[m] = D(z_m)` for `a = 1`, exactly as the decode table has them.
     u: Vec<f32>,
-    /// Midpoints `(u[m] + u[m+1]) / 2`.
-    mid: Vec<f32>,
-    /// `1 / dz`: `|z|` steps by `dz` between magnitudes, so `m ~ (1 - z) / dz`.
+    /// `|z|` steps by `dz` between magnitudes, so `1 - z = m dz`.
+    dz: f32,
     inv_dz: f32,
     /// Clip ratios (times the absmax scale) tried before the Lloyd refinement.
     ratios: &'static [f32],
@@ -167,7 +226,6 @@ impl Levels {
     fn new(format: Format) -> Levels {
         let m = format.magnitudes();
         let u: Vec<f32> = (0..m).map(|i| level(format, i) as f32).collect();
-        let mid = u.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
         let dz = (1.0 - format.z_min()) / (m - 1) as f64;
         // Coarse formats gain most from clipping; 8-bit barely moves off the absmax scale.
         let (ratios, lloyd_iters): (&'static [f32], usize) = match format {
@@ -175,51 +233,105 @@ impl Levels {
             Format::Q6 => (&[1.0, 0.9, 0.8], 2),
             _ => (&[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 3),
         };
-        Levels { u, mid, inv_dz: (1.0 / dz) as f32, ratios, lloyd_iters }
+        Levels { u, dz: dz as f32, inv_dz: (1.0 / dz) as f32, ratios, lloyd_iters }
     }
 
-    /// Nearest magnitude to `y = |x| / s`. `t = y / (1 + y)` is `1 - z`, uniform in `m`, so
-    /// its floor brackets `y`; one midpoint comparison picks the nearer level. Rounding at
-    /// a bracket edge only shifts which midpoint is compared, never the answer.
+    /// Codes for a group at scale `s` (`s > 0`): nearest magnitude from the grid formula,
+    /// written branch-free so that it vectorizes; the midpoint it compares against can
+    /// differ from the table's in the last bit, which only moves exact ties.
     #[inline(always)]
-    fn nearest(&self, y: f32) -> usize {
+    fn assign(&self, xs: &[f32], s: f32, sign_bit: u8, codes: &mut [u8], simd: bool) {
+        let inv = 1.0 / s;
+        let rmax = (self.u.len() - 2) as f32;
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            done = xs.len() / 8 * 8;
+            // SAFETY: `simd` is only set when the CPU has AVX2 and FMA.
+            unsafe { avx2::assign(&xs[..done], s, self.dz, self.inv_dz, rmax, sign_bit, &mut codes[..done]) };
+        }
+        for (&x, c) in xs[done..].iter().zip(codes[done..].iter_mut()) {
+            let y = x.abs() * inv;
+            let t = y / (1.0 + y);
+            let r = ((t * self.inv_dz) as i32 as f32).min(rmax);
+            let (t0, t1) = (r * self.dz, (r + 1.0) * self.dz);
+            let mid2 = t0 / (1.0 - t0) + t1 / (1.0 - t1);
+            let m = (r + if y + y > mid2 { 1.0 } else { 0.0 }) as i32 as u8;
+            *c = if x < 0.0 && m != 0 { m | sign_bit } else { m };
+        }
+    }
+
+    /// The level nearest `y`, computed from the grid formula instead of table lookups so
+    /// that a pass over a group vectorizes. Its value can differ from the table's in the
+    /// last bit; the search only needs its error sums, the codes come from `assign`.
+    #[inline(always)]
+    fn nearest_value(&self, y: f32) -> f32 {
         let t = y / (1.0 + y);
-        let r = ((t * self.inv_dz) as usize).min(self.u.len() - 2);
-        r + (y > self.mid[r]) as usize
+        let r = ((t * self.inv_dz) as i32 as f32).min((self.u.len() - 2) as f32);
+        let (t0, t1) = (r * self.dz, (r + 1.0) * self.dz);
+        let (u0, u1) = (t0 / (1.0 - t0), t1 / (1.0 - t1));
+        if y + y > u0 + u1 {
+            u1
+        } else {
+            u0
+        }
     }
 
     /// One assignment pass at scale `s`: the squared error and the Lloyd update of `s`.
-    #[inline]
-    fn pass(&self, x: &[f32], s: f32) -> (f32, f32) {
+    /// Eight independent accumulators let the compiler keep the loop in vector registers.
+    #[inline(always)]
+    fn pass(&self, x: &[f32], s: f32, simd: bool) -> (f32, f32) {
         let inv = 1.0 / s;
-        let (mut err, mut xu, mut uu) = (0f32, 0f32, 0f32);
-        for &v in x {
-            let a = v.abs();
-            let u = self.u[self.nearest(a * inv)];
-            let d = a - u * s;
-            err += d * d;
-            xu += a * u;
-            uu += u * u;
+        let (mut err, mut xu, mut uu) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only set when the CPU has AVX2 and FMA.
+            let (e, a, b) = unsafe { avx2::pass(&x[..x.len() - rest.len()], s, self.dz, self.inv_dz, (self.u.len() - 2) as f32) };
+            (err[0], xu[0], uu[0]) = (e, a, b);
         }
+        if !simd {
+            for c in chunks {
+                for l in 0..8 {
+                    let a = c[l].abs();
+                    let u = self.nearest_value(a * inv);
+                    let d = a - u * s;
+                    err[l] += d * d;
+                    xu[l] += a * u;
+                    uu[l] += u * u;
+                }
+            }
+        }
+        for (l, v) in rest.iter().enumerate() {
+            let a = v.abs();
+            let u = self.nearest_value(a * inv);
+            let d = a - u * s;
+            err[l] += d * d;
+            xu[l] += a * u;
+            uu[l] += u * u;
+        }
+        let (err, xu, uu) = (err.iter().sum::<f32>(), xu.iter().sum::<f32>(), uu.iter().sum::<f32>());
         (err, if uu > 0.0 { xu / uu } else { s })
     }
 
     /// The MSE-minimising scale for one group: a few clip ratios, then Lloyd steps.
-    fn search(&self, x: &[f32], absmax: f32) -> f32 {
+    #[inline(always)]
+    fn search(&self, x: &[f32], absmax: f32, simd: bool) -> f32 {
         let s_max = absmax / self.u[self.u.len() - 1];
         let (mut best_err, mut best_s, mut next) = (f32::INFINITY, s_max, s_max);
         for &r in self.ratios {
             let s = s_max * r;
-            let (e, upd) = self.pass(x, s);
+            let (e, upd) = self.pass(x, s, simd);
             if e < best_err {
                 (best_err, best_s, next) = (e, s, upd);
             }
         }
         for _ in 0..self.lloyd_iters {
-            if !(next > 0.0) || next == best_s {
+            if next.is_nan() || next <= 0.0 || next == best_s {
                 break;
             }
-            let (e, upd) = self.pass(x, next);
+            let (e, upd) = self.pass(x, next, simd);
             if e < best_err {
                 (best_err, best_s, next) = (e, next, upd);
             } else {
@@ -230,71 +342,272 @@ impl Levels {
     }
 }
 
+/// Largest magnitude of `x`, and whether every value is finite (NaN fails `<=`).
+#[inline(always)]
+fn absmax_finite(x: &[f32], simd: bool) -> (f32, bool) {
+    let (mut m, mut ok) = (0f32, true);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        done = x.len() / 8 * 8;
+        // SAFETY: `simd` is only set when the CPU has AVX2 and FMA.
+        (m, ok) = unsafe { avx2::absmax_finite(&x[..done]) };
+    }
+    for v in &x[done..] {
+        m = m.max(v.abs());
+        ok &= v.abs() <= f32::MAX;
+    }
+    (m, ok)
+}
+
+/// Adds `(x, y)` pairs to a row's error sums: f32 lanes over blocks of 64, each block
+/// folded into f64. Cosine is later taken from `sxx`, `syy` and `see` (see
+/// [`TensorStats`](super::TensorStats)), which keeps it meaningful to well under 1e-9 even
+/// though the lanes are f32.
+#[inline(always)]
+fn accumulate(x: &[f32], y: &[f32], err: &mut RowErr, simd: bool) {
+    let n = x.len() / 64 * 64;
+    let sum = |v: [f32; 8]| v.iter().map(|x| *x as f64).sum::<f64>();
+    for (bx, by) in x[..n].chunks_exact(64).zip(y[..n].chunks_exact(64)) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only set when the CPU has AVX2 and FMA.
+            let (sxx, syy, see, mx) = unsafe { avx2::block_sums(bx, by) };
+            err.sxx += sum(sxx);
+            err.syy += sum(syy);
+            err.see += sum(see);
+            err.max_abs = err.max_abs.max(mx as f64);
+            continue;
+        }
+        let (mut sxx, mut syy, mut see, mut mx) = ([0f32; 8], [0f32; 8], [0f32; 8], 0f32);
+        for (cx, cy) in bx.chunks_exact(8).zip(by.chunks_exact(8)) {
+            for l in 0..8 {
+                let (a, b) = (cx[l], cy[l]);
+                let e = a - b;
+                sxx[l] += a * a;
+                syy[l] += b * b;
+                see[l] += e * e;
+                mx = mx.max(e.abs());
+            }
+        }
+        err.sxx += sum(sxx);
+        err.syy += sum(syy);
+        err.see += sum(see);
+        err.max_abs = err.max_abs.max(mx as f64);
+    }
+    err.count += n as u64;
+    for (a, b) in x[n..].iter().zip(&y[n..]) {
+        err.add(*a, *b);
+    }
+    err.sxy = 0.5 * (err.sxx + err.syy - err.see);
+}
+
+/// The search pass with AVX2 intrinsics: reciprocal estimates refined by one Newton step
+/// stand in for the three divisions, which dominate the portable version.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn rcp(x: __m256) -> __m256 {
+        let r = _mm256_rcp_ps(x);
+        _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.0)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let mut a = [0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), v);
+        a.iter().sum()
+    }
+
+    /// `x.len()` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn pass(x: &[f32], s: f32, dz: f32, inv_dz: f32, rmax: f32) -> (f32, f32, f32) {
+        let (vs, inv, one) = (_mm256_set1_ps(s), _mm256_set1_ps(1.0 / s), _mm256_set1_ps(1.0));
+        let (vdz, vinv_dz, vrmax) = (_mm256_set1_ps(dz), _mm256_set1_ps(inv_dz), _mm256_set1_ps(rmax));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (mut e, mut xu, mut uu) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        for c in x.chunks_exact(8) {
+            let a = _mm256_and_ps(_mm256_loadu_ps(c.as_ptr()), abs);
+            let y = _mm256_mul_ps(a, inv);
+            let t = _mm256_mul_ps(y, rcp(_mm256_add_ps(one, y)));
+            let r = _mm256_min_ps(_mm256_floor_ps(_mm256_mul_ps(t, vinv_dz)), vrmax);
+            let t0 = _mm256_mul_ps(r, vdz);
+            let t1 = _mm256_add_ps(t0, vdz);
+            let u0 = _mm256_mul_ps(t0, rcp(_mm256_sub_ps(one, t0)));
+            let u1 = _mm256_mul_ps(t1, rcp(_mm256_sub_ps(one, t1)));
+            let up = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_add_ps(y, y), _mm256_add_ps(u0, u1));
+            let u = _mm256_blendv_ps(u0, u1, up);
+            let d = _mm256_fnmadd_ps(u, vs, a);
+            e = _mm256_fmadd_ps(d, d, e);
+            xu = _mm256_fmadd_ps(a, u, xu);
+            uu = _mm256_fmadd_ps(u, u, uu);
+        }
+        (hsum(e), hsum(xu), hsum(uu))
+    }
+
+    /// `(max |x|, all finite)` over `x` (length a multiple of 8).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn absmax_finite(x: &[f32]) -> (f32, bool) {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let big = _mm256_set1_ps(f32::MAX);
+        let (mut m, mut ok) = (_mm256_setzero_ps(), _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
+        for c in x.chunks_exact(8) {
+            let a = _mm256_and_ps(_mm256_loadu_ps(c.as_ptr()), abs);
+            m = _mm256_max_ps(m, a);
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LE_OQ>(a, big));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        (lanes.iter().fold(0f32, |a, b| a.max(*b)), _mm256_movemask_ps(ok) == 0xff)
+    }
+
+    /// `(sum x^2, sum y^2, sum (x-y)^2, max |x-y|)` over 64 pairs, in f32 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block_sums(x: &[f32], y: &[f32]) -> ([f32; 8], [f32; 8], [f32; 8], f32) {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (mut sxx, mut syy, mut see, mut mx) =
+            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        for (cx, cy) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+            let (a, b) = (_mm256_loadu_ps(cx.as_ptr()), _mm256_loadu_ps(cy.as_ptr()));
+            let e = _mm256_sub_ps(a, b);
+            sxx = _mm256_fmadd_ps(a, a, sxx);
+            syy = _mm256_fmadd_ps(b, b, syy);
+            see = _mm256_fmadd_ps(e, e, see);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(e, abs));
+        }
+        let mut out = [[0f32; 8]; 4];
+        for (o, v) in out.iter_mut().zip([sxx, syy, see, mx]) {
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+        }
+        (out[0], out[1], out[2], out[3].iter().fold(0f32, |a, b| a.max(*b)))
+    }
+
+    /// Codes of `x` (length a multiple of 8) at scale `s`, as `Levels::assign` defines them.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn assign(x: &[f32], s: f32, dz: f32, inv_dz: f32, rmax: f32, sign_bit: u8, codes: &mut [u8]) {
+        let (inv, one) = (_mm256_set1_ps(1.0 / s), _mm256_set1_ps(1.0));
+        let (vdz, vinv_dz, vrmax) = (_mm256_set1_ps(dz), _mm256_set1_ps(inv_dz), _mm256_set1_ps(rmax));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (zero, sign) = (_mm256_setzero_si256(), _mm256_set1_epi32(sign_bit as i32));
+        let mut lanes = [0i32; 8];
+        for (c, out) in x.chunks_exact(8).zip(codes.chunks_exact_mut(8)) {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            let y = _mm256_mul_ps(_mm256_and_ps(v, abs), inv);
+            let t = _mm256_div_ps(y, _mm256_add_ps(one, y));
+            let r = _mm256_min_ps(_mm256_floor_ps(_mm256_mul_ps(t, vinv_dz)), vrmax);
+            let t0 = _mm256_mul_ps(r, vdz);
+            let t1 = _mm256_add_ps(t0, vdz);
+            let mid2 = _mm256_add_ps(
+                _mm256_div_ps(t0, _mm256_sub_ps(one, t0)),
+                _mm256_div_ps(t1, _mm256_sub_ps(one, t1)),
+            );
+            let up = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_add_ps(y, y), mid2);
+            let m = _mm256_cvttps_epi32(_mm256_add_ps(r, _mm256_and_ps(up, one)));
+            let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps()));
+            let nonzero = _mm256_xor_si256(_mm256_cmpeq_epi32(m, zero), _mm256_set1_epi32(-1));
+            let code = _mm256_or_si256(m, _mm256_and_si256(_mm256_and_si256(neg, nonzero), sign));
+            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), code);
+            for (o, l) in out.iter_mut().zip(lanes) {
+                *o = l as u8;
+            }
+        }
+    }
+}
+
 struct RowEncoder {
     layout: Layout,
     levels: Option<Levels>,
     codes: Vec<u8>,
+    decoded: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    avx2: bool,
 }
 
 impl RowEncoder {
     fn new(layout: Layout) -> RowEncoder {
         let levels = layout.format.is_integer().then(|| Levels::new(layout.format));
-        let codes = vec![0u8; super::padded_k(layout.k)];
-        RowEncoder { layout, levels, codes }
+        let kp = super::padded_k(layout.k);
+        RowEncoder {
+            layout,
+            levels,
+            codes: vec![0u8; kp],
+            decoded: vec![0f32; kp],
+            #[cfg(target_arch = "x86_64")]
+            avx2: std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        }
     }
 
-    fn encode(
-        &mut self,
-        x: &[f32],
-        n: usize,
-        row: &mut [u8],
-        scales: &mut [f32],
-        err: &mut RowErr,
-    ) -> Result<(), EncodeError> {
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+    fn encode(&mut self, x: &[f32], n: usize, row: &mut [u8], scales: &mut [f32], err: &mut RowErr) -> Result<(), EncodeError> {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (checked in `new`).
+            return unsafe { self.encode_avx2(x, n, row, scales, err) };
+        }
+        self.encode_impl::<false>(x, n, row, scales, err)
+    }
+
+    /// The same code compiled for AVX2 + FMA: the passes run eight lanes wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn encode_avx2(&mut self, x: &[f32], n: usize, row: &mut [u8], scales: &mut [f32], err: &mut RowErr) -> Result<(), EncodeError> {
+        self.encode_impl::<true>(x, n, row, scales, err)
+    }
+
+    #[inline(always)]
+    fn encode_impl<const SIMD: bool>(&mut self, x: &[f32], n: usize, row: &mut [u8], scales: &mut [f32], err: &mut RowErr) -> Result<(), EncodeError> {
+        let (row_max, finite) = absmax_finite(x, SIMD);
+        if !finite {
+            let i = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Err(EncodeError::NonFinite { k: i, n, value: x[i] });
         }
         *err = RowErr::default();
         let Some(lv) = &self.levels else {
-            return Ok(self.encode_f32(x, row, scales, err));
+            self.encode_f32(x, row_max, row, scales, err, SIMD);
+            return Ok(());
         };
         let f = self.layout.format;
         let sign_bit = 1u8 << (f.bits() - 1);
         let lut = f.lut();
         for (gi, xs) in x.chunks(self.layout.group).enumerate() {
-            let absmax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if absmax > 0.0 { lv.search(xs, absmax) } else { 0.0 };
+            let amax = if xs.len() == x.len() { row_max } else { absmax_finite(xs, SIMD).0 };
+            let s = if amax > 0.0 { lv.search(xs, amax, SIMD) } else { 0.0 };
             // Codes are chosen against the scale as stored, so decode sees what we measured.
             let s = f16::from_f32(s).to_f32();
             if !s.is_finite() {
-                return Err(EncodeError::ScaleOverflow { n, group: gi, scale: absmax });
+                return Err(EncodeError::ScaleOverflow { n, group: gi, scale: amax });
             }
             scales[gi] = s;
-            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
             let base = gi * self.layout.group;
-            for (j, &v) in xs.iter().enumerate() {
-                let m = if s > 0.0 { lv.nearest(v.abs() * inv) as u8 } else { 0 };
-                // m = 0 is the one zero: never emit a "negative zero" code.
-                let c = if v < 0.0 && m != 0 { m | sign_bit } else { m };
-                self.codes[base + j] = c;
-                err.add(v, lut[c as usize] * s);
+            let (codes, dec) = (&mut self.codes[base..base + xs.len()], &mut self.decoded[base..base + xs.len()]);
+            // m = 0 is the one zero: `assign` never emits a "negative zero" code.
+            if s > 0.0 {
+                lv.assign(xs, s, sign_bit, codes, SIMD);
+            } else {
+                codes.fill(0);
+            }
+            for (c, d) in codes.iter().zip(dec.iter_mut()) {
+                *d = lut[*c as usize] * s;
             }
         }
+        accumulate(x, &self.decoded[..x.len()], err, SIMD);
         pack_row(f, &self.codes[..x.len()], row);
         Ok(())
     }
 
-    fn encode_f32(&mut self, x: &[f32], row: &mut [u8], scales: &mut [f32], err: &mut RowErr) {
-        let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    #[inline(always)]
+    fn encode_f32(&mut self, x: &[f32], amax: f32, row: &mut [u8], scales: &mut [f32], err: &mut RowErr, simd: bool) {
         // a = 1/absmax keeps |z| in [1/2, 1] where f32 spacing is finest; an all-zero row
         // still needs a > 0 so that z = 1 and not 0/0.
-        let s = if absmax > 0.0 { absmax } else { 1.0 };
+        let s = if amax > 0.0 { amax } else { 1.0 };
         scales[0] = s;
-        for (&v, out) in x.iter().zip(row.chunks_exact_mut(4)) {
+        for ((&v, out), d) in x.iter().zip(row.chunks_exact_mut(4)).zip(self.decoded.iter_mut()) {
             let z = encode_z(v, s);
             out.copy_from_slice(&z.to_le_bytes());
-            err.add(v, decode_z(z, s));
+            *d = decode_z(z, s);
         }
+        accumulate(x, &self.decoded[..x.len()], err, simd);
     }
 }
 
@@ -313,17 +626,37 @@ mod tests {
     }
 
     #[test]
-    fn nearest_matches_brute_force() {
+    fn vectorized_assignment_is_nearest() {
         for f in [Format::Q8, Format::Q6, Format::Q4] {
             let lv = Levels::new(f);
-            let mut seed = 7;
-            for _ in 0..20000 {
-                let y = (lcg(&mut seed).abs() * 1.3).powi(2);
-                let m = lv.nearest(y);
-                let best = (0..lv.u.len())
-                    .min_by(|&a, &b| (lv.u[a] - y).abs().partial_cmp(&(lv.u[b] - y).abs()).unwrap())
-                    .unwrap();
-                assert!((lv.u[m] - y).abs() <= (lv.u[best] - y).abs() + 1e-7, "{f} y={y} m={m} best={best}");
+            let xs: Vec<f32> = gaussianish(20000, 17);
+            let s = 0.03;
+            let (mut codes, mut portable) = (vec![0u8; xs.len()], vec![0u8; xs.len()]);
+            lv.assign(&xs, s, 1 << (f.bits() - 1), &mut codes, true);
+            lv.assign(&xs, s, 1 << (f.bits() - 1), &mut portable, false);
+            assert_eq!(codes, portable, "{f}: SIMD and portable codes differ");
+            let lut = f.lut();
+            for (x, c) in xs.iter().zip(&codes) {
+                let got = (lut[*c as usize] * s - x).abs();
+                let best = lut.iter().map(|u| (u * s - x).abs()).fold(f32::INFINITY, f32::min);
+                assert!(got <= best + 1e-6 * s, "{f}: x={x} code {c} err {got} > {best}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_pass_matches_portable_pass() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let x = gaussianish(1003, 23);
+            for f in [Format::Q8, Format::Q6, Format::Q4] {
+                let lv = Levels::new(f);
+                for s in [0.01f32, 0.03, 0.08] {
+                    let (a, la) = lv.pass(&x, s, false);
+                    let (b, lb) = lv.pass(&x, s, true);
+                    assert!((a - b).abs() <= 1e-4 * a.max(1e-12), "{f} s={s}: {a} vs {b}");
+                    assert!((la - lb).abs() <= 1e-4 * la, "{f} s={s}: {la} vs {lb}");
+                }
             }
         }
     }
@@ -342,7 +675,7 @@ mod tests {
         for f in Format::ALL {
             for group in [0, 32, 64, 96] {
                 let l = Layout::new(f, k, n, group);
-                let (a, ea) = encode_matrix(WeightSource::F32(&bytes), l).unwrap();
+                let (a, ea) = encode_matrix(WeightSource::new(&bytes, Elem::F32, k, n).unwrap(), l).unwrap();
                 let (b, _) = encode_rows(&rows, l).unwrap();
                 assert_eq!(a.codes, b.codes, "{f} g{group}");
                 assert_eq!(a.scales, b.scales);
@@ -353,6 +686,21 @@ mod tests {
                 assert!((see - want).abs() <= 1e-9 + 1e-6 * want, "{f} {see} {want}");
             }
         }
+    }
+
+    #[test]
+    fn column_window_equals_encoding_the_slice() {
+        let (k, n) = (96, 50);
+        let w = gaussianish(k * n, 11);
+        let bytes: Vec<u8> = w.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let full = WeightSource::new(&bytes, Elem::F16, k, n).unwrap();
+        let win = full.columns(30..50);
+        let dense = win.to_dense_bytes();
+        let l = Layout::new(Format::Q6, k, 20, 32);
+        let (a, _) = encode_matrix(win, l).unwrap();
+        let (b, _) = encode_matrix(WeightSource::new(&dense, Elem::F16, k, 20).unwrap(), l).unwrap();
+        assert_eq!(a.codes, b.codes);
+        assert_eq!(a.scales, b.scales);
     }
 
     #[test]
@@ -396,8 +744,9 @@ mod tests {
             encode_rows(&x, Layout::new(Format::Q8, 64, 1, 0)),
             Err(EncodeError::NonFinite { k: 10, .. })
         ));
-        let r = encode_matrix(WeightSource::F32(&[0u8; 12]), Layout::new(Format::Q8, 2, 2, 0));
-        assert!(matches!(r, Err(EncodeError::Size { .. })));
+        assert!(matches!(WeightSource::new(&[0u8; 12], Elem::F32, 2, 2), Err(EncodeError::Size { .. })));
+        let src = WeightSource::new(&[0u8; 16], Elem::F32, 2, 2).unwrap();
+        assert!(matches!(encode_matrix(src, Layout::new(Format::Q8, 2, 1, 0)), Err(EncodeError::Shape { .. })));
         let big = vec![1e6f32; 64];
         assert!(matches!(encode_rows(&big, Layout::new(Format::Q4, 64, 1, 0)), Err(EncodeError::ScaleOverflow { .. })));
     }
@@ -408,9 +757,9 @@ mod tests {
         for f in [Format::Q8, Format::Q6, Format::Q4] {
             let lv = Levels::new(f);
             let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = lv.search(&x, absmax);
-            let (e_best, _) = lv.pass(&x, s);
-            let (e_abs, _) = lv.pass(&x, absmax);
+            let s = lv.search(&x, absmax, false);
+            let (e_best, _) = lv.pass(&x, s, false);
+            let (e_abs, _) = lv.pass(&x, absmax, false);
             assert!(e_best <= e_abs, "{f}: {e_best} > {e_abs}");
         }
     }

@@ -66,8 +66,11 @@ impl TensorStats {
             t.see += r.see;
             t.max_abs = t.max_abs.max(r.max_abs);
         }
+        // 1 - cos = ((|x| - |y|)^2 + |x - y|^2) / (2 |x| |y|): no cancellation between
+        // nearly equal sums, so the cosine of a near-perfect round trip stays meaningful.
         let cosine = if t.sxx > 0.0 && t.syy > 0.0 {
-            t.sxy / (t.sxx.sqrt() * t.syy.sqrt())
+            let (nx, ny) = (t.sxx.sqrt(), t.syy.sqrt());
+            1.0 - ((nx - ny).powi(2) + t.see) / (2.0 * nx * ny)
         } else if t.sxx == 0.0 && t.syy == 0.0 {
             1.0
         } else {

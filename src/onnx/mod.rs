@@ -255,11 +255,28 @@ impl Model {
     /// The little-endian bytes of a tensor, borrowed where they are stored raw.
     pub fn tensor_bytes<'a>(&'a self, t: &'a TensorProto) -> Result<Cow<'a, [u8]>> {
         if let Some(r) = external_ref(t)? {
-            let map =
-                self.data.get(&r.location).ok_or_else(|| anyhow!("tensor '{}': data file not mapped", t.name()))?;
-            return Ok(Cow::Borrowed(&map[r.offset as usize..(r.offset + r.length) as usize]));
+            return self.external_bytes(&r).map(Cow::Borrowed).with_context(|| format!("tensor '{}'", t.name()));
         }
         typed_bytes(t)
+    }
+
+    /// The bytes an external reference points at, from this model's data files.
+    pub fn external_bytes(&self, r: &ExternalRef) -> Result<&[u8]> {
+        let map = self.data.get(&r.location).ok_or_else(|| anyhow!("data file '{}' is not part of this model", r.location))?;
+        let end = r.offset.checked_add(r.length).filter(|e| *e <= map.len() as u64);
+        let end = end.ok_or_else(|| anyhow!("[{}, +{}) is outside '{}'", r.offset, r.length, r.location))?;
+        Ok(&map[r.offset as usize..end as usize])
+    }
+
+    /// Total bytes of all external tensors (the weights, for a typical export).
+    pub fn external_tensor_bytes(&self) -> u64 {
+        let mut proto = self.proto.clone();
+        let mut total = 0;
+        let _ = for_each_tensor_mut(&mut proto, &mut |t| {
+            total += external_ref(t)?.map_or(0, |r| r.length);
+            Ok(())
+        });
+        total
     }
 
     /// The graph initializer called `name`.

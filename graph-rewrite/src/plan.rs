@@ -1,0 +1,331 @@
+//! Which MatMul nodes a rewrite takes: the precision policy, by op type and node name,
+//! with every candidate's shapes checked before anything is written.
+
+use anyhow::{bail, Context, Result};
+use qins::codec::Elem;
+use qins::onnx::proto::{GraphProto, NodeProto};
+use qins::onnx::{dtype, Model};
+use regex::Regex;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+
+/// What a MatMul does in a transformer block, read from its node name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Packed Q, K and V projection.
+    Qkv,
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    GateUp,
+    Down,
+    LmHead,
+    Other,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Qkv => "qkv",
+            Role::Q => "q",
+            Role::K => "k",
+            Role::V => "v",
+            Role::O => "o",
+            Role::Gate => "gate",
+            Role::Up => "up",
+            Role::GateUp => "gate_up",
+            Role::Down => "down",
+            Role::LmHead => "lm_head",
+            Role::Other => "other",
+        }
+    }
+}
+
+/// Node-name patterns of the exporters we know. The onnxruntime-genai builder names
+/// nodes `/model/layers.{i}/attn/qkv_proj/MatMul`, Hugging Face exports (torch.onnx,
+/// optimum) `/model/layers.{i}/self_attn/q_proj/MatMul`; both share the projection names.
+const ROLE_PATTERNS: &[(&str, Role)] = &[
+    (r"(^|/)lm_head(/|$)", Role::LmHead),
+    (r"/(self_attn|attn|attention)/(qkv_proj|query_key_value|Wqkv)/MatMul", Role::Qkv),
+    (r"/(self_attn|attn|attention)/(q_proj|query)/MatMul", Role::Q),
+    (r"/(self_attn|attn|attention)/(k_proj|key)/MatMul", Role::K),
+    (r"/(self_attn|attn|attention)/(v_proj|value)/MatMul", Role::V),
+    (r"/(self_attn|attn|attention)/(o_proj|out_proj|dense)/MatMul", Role::O),
+    (r"/mlp/gate_up_proj/MatMul", Role::GateUp),
+    (r"/mlp/(gate_proj|w1)/MatMul", Role::Gate),
+    (r"/mlp/(up_proj|w3)/MatMul", Role::Up),
+    (r"/mlp/(down_proj|w2)/MatMul", Role::Down),
+];
+
+/// A precision policy: which roles become QINS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Preset {
+    /// The design notes' policy for Phi-3 (also right for Llama-family models): the V part
+    /// of attention, o_proj, gate/up and down become QINS; Q, K, norms, embeddings and
+    /// lm_head stay float.
+    Phi3,
+    /// Nothing by default: only what `--include` names.
+    None,
+}
+
+impl Preset {
+    fn takes(self, role: Role) -> bool {
+        match self {
+            Preset::Phi3 => matches!(role, Role::Qkv | Role::V | Role::O | Role::Gate | Role::Up | Role::GateUp | Role::Down),
+            Preset::None => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    pub preset: Preset,
+    /// Extra MatMul node names to take (regexes), whole weight.
+    pub include: Vec<Regex>,
+    /// Node names never to take (regexes); wins over everything.
+    pub exclude: Vec<Regex>,
+    /// Output widths of Q, K and V in a packed qkv weight, when the model does not say.
+    pub qkv_split: Option<[usize; 3]>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { preset: Preset::Phi3, include: vec![], exclude: vec![], qkv_split: None }
+    }
+}
+
+/// One MatMul that will become a QINS op.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// Index of the node in the main graph.
+    pub node: usize,
+    pub name: String,
+    pub role: Role,
+    pub layer: Option<usize>,
+    /// The `[K, N]` weight initializer.
+    pub weight: String,
+    pub k: usize,
+    /// Columns of the stored weight.
+    pub n_total: usize,
+    /// Columns that become QINS (all of them, or the V part of a packed qkv).
+    pub cols: Range<usize>,
+    #[serde(skip)]
+    pub elem: Elem,
+}
+
+impl Target {
+    pub fn n(&self) -> usize {
+        self.cols.len()
+    }
+
+    /// True when only the tail columns `cols` are encoded and `0..cols.start` stay float.
+    pub fn is_split(&self) -> bool {
+        debug_assert_eq!(self.cols.end, self.n_total, "only a tail of columns can be split off");
+        self.cols.start > 0
+    }
+}
+
+/// A MatMul with its verdict, as `qins inspect` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Candidate {
+    pub name: String,
+    pub role: Role,
+    pub weight: Option<String>,
+    pub shape: Option<[usize; 2]>,
+    pub dtype: Option<&'static str>,
+    /// `None` when it is taken; else why not.
+    pub skipped: Option<String>,
+    pub cols: Option<Range<usize>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub targets: Vec<Target>,
+    pub candidates: Vec<Candidate>,
+}
+
+pub fn role_of(name: &str) -> Role {
+    static RES: std::sync::OnceLock<Vec<(Regex, Role)>> = std::sync::OnceLock::new();
+    let res = RES.get_or_init(|| ROLE_PATTERNS.iter().map(|(p, r)| (Regex::new(p).unwrap(), *r)).collect());
+    res.iter().find(|(re, _)| re.is_match(name)).map(|(_, r)| *r).unwrap_or(Role::Other)
+}
+
+fn layer_of(name: &str) -> Option<usize> {
+    static RE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    let re = RE.get_or_init(|| Regex::new(r"layers?[./_](\d+)").unwrap());
+    re.captures(name).and_then(|c| c[1].parse().ok())
+}
+
+/// Head counts of the attention that consumes a packed qkv output: from the fused
+/// attention node's attributes, else the model folder's config files.
+fn qkv_split(model: &Model, graph: &GraphProto, node: &NodeProto, n_total: usize, opts: &PlanOptions) -> Result<[usize; 3]> {
+    if let Some(s) = opts.qkv_split {
+        if s.iter().sum::<usize>() != n_total {
+            bail!("--qkv-split {s:?} adds up to {}, but the weight has {n_total} columns", s.iter().sum::<usize>());
+        }
+        return Ok(s);
+    }
+    let out = node.output.first().map(String::as_str).unwrap_or_default();
+    let heads = graph
+        .node
+        .iter()
+        .filter(|n| n.input.first().map(String::as_str) == Some(out))
+        .find_map(|n| {
+            let nh = qins::onnx::build::get_int(n, "num_heads")?;
+            let kv = qins::onnx::build::get_int(n, "kv_num_heads").unwrap_or(nh);
+            Some((nh as usize, kv as usize))
+        })
+        .or_else(|| config_heads(&model.dir));
+    let Some((nh, kv)) = heads else {
+        bail!(
+            "{}: cannot tell where V starts in the packed qkv weight (no attention node with num_heads, no genai_config.json/config.json); pass --qkv-split Q,K,V",
+            node.name()
+        );
+    };
+    let units = nh + 2 * kv;
+    if units == 0 || n_total % units != 0 {
+        bail!("{}: {n_total} columns do not split into {nh} query and 2x{kv} key/value heads", node.name());
+    }
+    let hd = n_total / units;
+    Ok([nh * hd, kv * hd, kv * hd])
+}
+
+fn config_heads(dir: &Path) -> Option<(usize, usize)> {
+    let read = |f: &str| -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(dir.join(f)).ok()?).ok() };
+    if let Some(v) = read("genai_config.json") {
+        let d = &v["model"]["decoder"];
+        let nh = d["num_attention_heads"].as_u64()?;
+        return Some((nh as usize, d["num_key_value_heads"].as_u64().unwrap_or(nh) as usize));
+    }
+    let v = read("config.json")?;
+    let nh = v["num_attention_heads"].as_u64()?;
+    Some((nh as usize, v["num_key_value_heads"].as_u64().unwrap_or(nh) as usize))
+}
+
+/// Decides the targets. Fails, naming the reason, when nothing matches.
+pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
+    let graph = model.graph();
+    let inits: HashMap<&str, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name(), i)).collect();
+    let mut targets = Vec::new();
+    let mut candidates = Vec::new();
+    for (idx, node) in graph.node.iter().enumerate() {
+        if node.op_type() != "MatMul" || !node.domain().is_empty() {
+            continue;
+        }
+        let name = node.name().to_string();
+        let role = role_of(&name);
+        let mut cand = Candidate { name: name.clone(), role, weight: None, shape: None, dtype: None, skipped: None, cols: None };
+        let wanted = if opts.exclude.iter().any(|re| re.is_match(&name)) {
+            Err("excluded by --exclude".to_string())
+        } else if opts.include.iter().any(|re| re.is_match(&name)) || opts.preset.takes(role) {
+            Ok(())
+        } else {
+            Err(format!("{} stays float under the {:?} preset", role.name(), opts.preset))
+        };
+        let weight = node.input.get(1).and_then(|w| inits.get(w.as_str()).map(|&i| &graph.initializer[i]));
+        let checked = match weight {
+            None => Err("its B input is not an initializer".to_string()),
+            Some(_) if node.input.first().is_some_and(|a| inits.contains_key(a.as_str())) => {
+                Err("both inputs are initializers".to_string())
+            }
+            Some(w) => {
+                cand.weight = Some(w.name().to_string());
+                cand.dtype = Some(dtype::name(w.data_type()));
+                let elem = match w.data_type() {
+                    dtype::FLOAT => Some(Elem::F32),
+                    dtype::FLOAT16 => Some(Elem::F16),
+                    dtype::BFLOAT16 => Some(Elem::BF16),
+                    _ => None,
+                };
+                match (w.dims.as_slice(), elem) {
+                    (&[k, n], Some(elem)) if k > 0 && n > 0 => {
+                        cand.shape = Some([k as usize, n as usize]);
+                        Ok((w.name().to_string(), k as usize, n as usize, elem))
+                    }
+                    (_, None) => Err(format!("weight type {} is not a float type", dtype::name(w.data_type()))),
+                    (d, _) => Err(format!("weight shape {d:?} is not 2-D")),
+                }
+            }
+        };
+        match (wanted, checked) {
+            (Err(why), _) | (Ok(()), Err(why)) => cand.skipped = Some(why),
+            (Ok(()), Ok((weight, k, n_total, elem))) => {
+                let cols = if role == Role::Qkv && !opts.include.iter().any(|re| re.is_match(&name)) {
+                    let [q, kk, v] = qkv_split(model, graph, node, n_total, opts)?;
+                    q + kk..q + kk + v
+                } else {
+                    0..n_total
+                };
+                cand.cols = Some(cols.clone());
+                targets.push(Target { node: idx, name, role, layer: layer_of(node.name()), weight, k, n_total, cols, elem });
+            }
+        }
+        candidates.push(cand);
+    }
+    if targets.is_empty() {
+        let ops: HashMap<&str, usize> = graph.node.iter().fold(HashMap::new(), |mut m, n| {
+            *m.entry(n.op_type()).or_default() += 1;
+            m
+        });
+        let mut why = format!("no MatMul node matched the {:?} preset and --include patterns", opts.preset);
+        if let Some(c) = ops.get("QinsMatMul") {
+            why += &format!("; the model already has {c} QinsMatMul nodes (rewritten before?)");
+        } else if let Some(c) = ops.get("MatMulNBits") {
+            why += &format!("; the model has {c} MatMulNBits nodes: it is already quantized");
+        } else if candidates.is_empty() {
+            why += "; the model has no MatMul nodes";
+        } else {
+            why += &format!(
+                "; {} MatMuls seen (run `qins inspect` to list them), e.g. '{}'",
+                candidates.len(),
+                candidates[0].name
+            );
+        }
+        bail!(why);
+    }
+    Ok(Plan { targets, candidates })
+}
+
+/// Parses `--qkv-split Q,K,V`.
+pub fn parse_qkv_split(s: &str) -> Result<[usize; 3]> {
+    let v: Vec<usize> = s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().context("--qkv-split")?;
+    match v.as_slice() {
+        &[q, k, v] => Ok([q, k, v]),
+        _ => bail!("--qkv-split takes three numbers: Q,K,V"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_of_known_exporters() {
+        assert_eq!(role_of("/model/layers.3/attn/qkv_proj/MatMul"), Role::Qkv);
+        assert_eq!(role_of("/model/layers.3/attn/o_proj/MatMul"), Role::O);
+        assert_eq!(role_of("/model/layers.0/self_attn/v_proj/MatMul"), Role::V);
+        assert_eq!(role_of("/model/layers.0/self_attn/q_proj/MatMul"), Role::Q);
+        assert_eq!(role_of("/model/layers.0/mlp/gate_up_proj/MatMul"), Role::GateUp);
+        assert_eq!(role_of("/model/layers.0/mlp/down_proj/MatMul"), Role::Down);
+        assert_eq!(role_of("/lm_head/MatMul"), Role::LmHead);
+        assert_eq!(role_of("/foo/MatMul"), Role::Other);
+        assert_eq!(layer_of("/model/layers.12/mlp/up_proj/MatMul"), Some(12));
+    }
+
+    #[test]
+    fn policy_keeps_q_k_and_lm_head_float() {
+        let p = Preset::Phi3;
+        for r in [Role::Q, Role::K, Role::LmHead, Role::Other] {
+            assert!(!p.takes(r), "{r:?}");
+        }
+        for r in [Role::Qkv, Role::V, Role::O, Role::Gate, Role::Up, Role::GateUp, Role::Down] {
+            assert!(p.takes(r), "{r:?}");
+        }
+    }
+}

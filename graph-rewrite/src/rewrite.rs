@@ -1,0 +1,299 @@
+//! Applying a plan: graph edits, lazy encoding while the output is written, the report.
+
+use crate::plan::{Plan, Target};
+use crate::report::{LayerReport, RewriteReport};
+use anyhow::{anyhow, bail, Context, Result};
+use qins::codec::{encode_matrix, Encoded, Format, Layout, TensorStats, WeightSource};
+use qins::onnx::build::{attr_int, node, tensor_deferred, DEFERRED};
+use qins::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto};
+use qins::onnx::{dtype, external_ref, save_model, AtomicDir, Model, SaveOptions};
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The op domain and name of the QINS matmul (docs/FORMAT.md).
+pub const DOMAIN: &str = "com.qins";
+pub const OP: &str = "QinsMatMul";
+pub const OPSET: i64 = 1;
+
+#[derive(Clone, Debug)]
+pub struct RewriteOptions {
+    pub format: Format,
+    /// Group size along K; 0 for one scale per output channel.
+    pub group: usize,
+    /// Replace a non-empty output folder.
+    pub force: bool,
+}
+
+/// Progress callbacks: bytes of input weights handled so far, and the current tensor.
+pub trait Progress {
+    fn start(&mut self, total_bytes: u64);
+    fn advance(&mut self, bytes: u64, what: &str);
+    fn finish(&mut self);
+}
+
+/// A progress sink that does nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn start(&mut self, _: u64) {}
+    fn advance(&mut self, _: u64, _: &str) {}
+    fn finish(&mut self) {}
+}
+
+/// What to put in each deferred tensor of the new graph.
+enum Job {
+    Codes(usize),
+    Scales(usize),
+    /// The float columns of a split weight: `(target, columns)`.
+    FloatPart(usize),
+}
+
+fn job_key(j: &Job) -> String {
+    match j {
+        Job::Codes(i) => format!("codes/{i}"),
+        Job::Scales(i) => format!("scales/{i}"),
+        Job::FloatPart(i) => format!("float/{i}"),
+    }
+}
+
+fn parse_job(loc: &str) -> Option<Job> {
+    let key = loc.strip_prefix(DEFERRED)?;
+    let (kind, i) = key.split_once('/')?;
+    let i = i.parse().ok()?;
+    Some(match kind {
+        "codes" => Job::Codes(i),
+        "scales" => Job::Scales(i),
+        "float" => Job::FloatPart(i),
+        _ => return None,
+    })
+}
+
+/// Edits the graph: each target becomes a QinsMatMul (plus a float MatMul and a Concat
+/// for a split weight). Returns the new model; its new tensors are deferred.
+pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Result<ModelProto> {
+    let mut proto = model.proto.clone();
+    let graph = proto.graph.as_mut().ok_or_else(|| anyhow!("model has no graph"))?;
+    let by_node: HashMap<usize, (usize, &Target)> = plan.targets.iter().enumerate().map(|(i, t)| (t.node, (i, t))).collect();
+    let old_nodes = std::mem::take(&mut graph.node);
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    let mut replaced: HashSet<String> = HashSet::new();
+    let names: HashSet<String> = old_nodes.iter().flat_map(|n| n.output.iter().cloned()).collect();
+    for (idx, n) in old_nodes.into_iter().enumerate() {
+        let Some(&(ti, t)) = by_node.get(&idx) else {
+            graph.node.push(n);
+            continue;
+        };
+        let layout = Layout::new(opts.format, t.k, t.n(), opts.group);
+        let (codes_dt, scales_dt) = match opts.format {
+            Format::F32 => (dtype::FLOAT, dtype::FLOAT),
+            _ => (dtype::UINT8, dtype::FLOAT16),
+        };
+        let base = if t.is_split() { format!("{}.v", t.weight) } else { t.weight.clone() };
+        let codes = format!("{base}.qins_codes");
+        let scales = format!("{base}.qins_scales");
+        new_inits.push(tensor_deferred(&codes, codes_dt, &layout.codes_shape(), &job_key(&Job::Codes(ti))));
+        new_inits.push(tensor_deferred(&scales, scales_dt, &layout.scales_shape(), &job_key(&Job::Scales(ti))));
+        let a = n.input[0].as_str();
+        let out = n.output[0].as_str();
+        let attrs = || {
+            vec![
+                attr_int("K", t.k as i64),
+                attr_int("N", t.n() as i64),
+                attr_int("bits", opts.format.bits() as i64),
+                attr_int("group_size", layout.group as i64),
+            ]
+        };
+        if t.is_split() {
+            let unique = |s: String| {
+                if names.contains(&s) {
+                    format!("{s}_qins")
+                } else {
+                    s
+                }
+            };
+            let float_w = format!("{}.float_part", t.weight);
+            let (float_out, qins_out) = (unique(format!("{out}/float_part")), unique(format!("{out}/qins_part")));
+            let float_dt = model.initializer(&t.weight).map(|w| w.data_type()).unwrap_or(dtype::FLOAT);
+            let float_cols = t.cols.start as i64;
+            new_inits.push(tensor_deferred(&float_w, float_dt, &[t.k as i64, float_cols], &job_key(&Job::FloatPart(ti))));
+            let name = n.name();
+            graph.node.push(node("MatMul", "", &format!("{name}_float_part"), &[a, &float_w], &[&float_out], vec![]));
+            graph.node.push(node(OP, DOMAIN, &format!("{name}_QINS"), &[a, &codes, &scales], &[&qins_out], attrs()));
+            graph.node.push(node(
+                "Concat",
+                "",
+                &format!("{name}_concat"),
+                &[&float_out, &qins_out],
+                &[out],
+                vec![attr_int("axis", -1)],
+            ));
+        } else {
+            graph.node.push(node(OP, DOMAIN, &format!("{}_QINS", n.name()), &[a, &codes, &scales], &[out], attrs()));
+        }
+        replaced.insert(t.weight.clone());
+    }
+    // A float weight goes only when no node, here or in a subgraph, still reads it (a tied
+    // embedding can share its weight with a MatMul).
+    let mut used = HashSet::new();
+    collect_inputs(graph, &mut used);
+    let dead: HashSet<String> = replaced.into_iter().filter(|w| !used.contains(w)).collect();
+    graph.initializer.retain(|t| !dead.contains(t.name()));
+    graph.value_info.retain(|v| !dead.contains(v.name()));
+    graph.input.retain(|v| !dead.contains(v.name()));
+    graph.initializer.extend(new_inits);
+    if !proto.opset_import.iter().any(|o| o.domain() == DOMAIN) {
+        proto.opset_import.push(OperatorSetIdProto { domain: Some(DOMAIN.into()), version: Some(OPSET) });
+    }
+    Ok(proto)
+}
+
+fn collect_inputs(g: &GraphProto, used: &mut HashSet<String>) {
+    for n in &g.node {
+        used.extend(n.input.iter().cloned());
+        for a in &n.attribute {
+            for sg in a.g.iter().chain(a.graphs.iter()) {
+                collect_inputs(sg, used);
+            }
+        }
+    }
+    used.extend(g.output.iter().map(|o| o.name().to_string()));
+}
+
+/// Refuses outputs that would overwrite or contain the input model.
+fn check_output_path(model: &Model, out: &Path) -> Result<()> {
+    let input_dir = model.dir.canonicalize().unwrap_or_else(|_| model.dir.clone());
+    let mut p = out.to_path_buf();
+    // The output may not exist yet: compare its nearest existing ancestor.
+    let mut suffix = Vec::new();
+    while !p.exists() {
+        match (p.file_name(), p.parent()) {
+            (Some(f), Some(par)) => {
+                suffix.push(f.to_owned());
+                p = if par.as_os_str().is_empty() { PathBuf::from(".") } else { par.to_path_buf() };
+            }
+            _ => break,
+        }
+    }
+    let mut target = p.canonicalize().unwrap_or(p);
+    for s in suffix.iter().rev() {
+        target.push(s);
+    }
+    if input_dir.starts_with(&target) {
+        bail!(
+            "output {} would replace the folder holding the input model ({}); write elsewhere",
+            out.display(),
+            input_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Rewrites `model` into the folder `out` (atomically) and returns the report.
+pub fn rewrite<'m>(
+    model: &'m Model,
+    plan: &Plan,
+    opts: &RewriteOptions,
+    out: &Path,
+    progress: &mut dyn Progress,
+) -> Result<RewriteReport> {
+    check_output_path(model, out)?;
+    let t0 = Instant::now();
+    let mut proto = rewrite_graph(model, plan, opts)?;
+    let dir = AtomicDir::create(out, opts.force)?;
+    let onnx_name = model.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or("model.onnx".into());
+    let data_name = format!("{onnx_name}.data");
+
+    let total = model.external_tensor_bytes();
+    progress.start(total);
+    let mut layers: Vec<Option<LayerReport>> = vec![None; plan.targets.len()];
+    let mut pending_scales: HashMap<usize, Vec<u8>> = HashMap::new();
+    let mut input_bytes = 0u64;
+    let resolve = &mut |t: &TensorProto| -> Result<Cow<'m, [u8]>> {
+        let r = external_ref(t)?.ok_or_else(|| anyhow!("tensor '{}' is not external", t.name()))?;
+        let Some(job) = parse_job(&r.location) else {
+            let bytes = model.external_bytes(&r).with_context(|| format!("tensor '{}'", t.name()))?;
+            input_bytes += bytes.len() as u64;
+            progress.advance(bytes.len() as u64, t.name());
+            return Ok(Cow::Borrowed(bytes));
+        };
+        match job {
+            Job::Codes(i) => {
+                let target = &plan.targets[i];
+                let started = Instant::now();
+                let (enc, stats) = encode_target(model, target, opts)?;
+                let src_bytes = (target.k * target.n() * target.elem.bytes()) as u64;
+                input_bytes += src_bytes;
+                progress.advance(src_bytes, &target.name);
+                layers[i] = Some(LayerReport::new(target, &enc.layout, stats, started.elapsed().as_secs_f64()));
+                pending_scales.insert(i, enc.scale_bytes());
+                Ok(Cow::Owned(enc.codes))
+            }
+            Job::Scales(i) => pending_scales.remove(&i).map(Cow::Owned).ok_or_else(|| anyhow!("scales before codes")),
+            Job::FloatPart(i) => {
+                let target = &plan.targets[i];
+                // The encoded columns are the tail (V of packed qkv); the head stays float.
+                let part = full_weight(model, target)?.columns(0..target.cols.start).to_dense_bytes();
+                input_bytes += part.len() as u64;
+                progress.advance(part.len() as u64, &target.name);
+                Ok(Cow::Owned(part))
+            }
+        }
+    };
+    let onnx_path = dir.path().join(&onnx_name);
+    let save = save_model(&mut proto, &onnx_path, &SaveOptions { data_file: data_name, ..Default::default() }, resolve)?;
+    progress.finish();
+    copy_sidecars(model, dir.path())?;
+
+    let layers: Vec<LayerReport> = layers.into_iter().map(|l| l.expect("every target encoded")).collect();
+    let report = RewriteReport::new(model, opts, layers, save, input_bytes, t0.elapsed().as_secs_f64());
+    std::fs::write(dir.path().join("qins_report.json"), serde_json::to_vec_pretty(&report)?)?;
+    // Reopen what we wrote: every external reference must resolve before it goes live.
+    Model::load(&onnx_path).context("the written model does not reload")?;
+    dir.commit()?;
+    Ok(report)
+}
+
+/// The encoded columns of a target's weight.
+pub fn weight_source<'a>(model: &'a Model, t: &Target) -> Result<WeightSource<'a>> {
+    Ok(full_weight(model, t)?.columns(t.cols.clone()))
+}
+
+/// A target's whole stored weight.
+fn full_weight<'a>(model: &'a Model, t: &Target) -> Result<WeightSource<'a>> {
+    let w = model.initializer(&t.weight).ok_or_else(|| anyhow!("initializer {} vanished", t.weight))?;
+    let bytes = match model.tensor_bytes(w)? {
+        Cow::Borrowed(b) => b,
+        Cow::Owned(_) => bail!("{}: weights stored as typed fields are not supported; re-save with raw data", t.weight),
+    };
+    Ok(WeightSource::new(bytes, t.elem, t.k, t.n_total)?)
+}
+
+fn encode_target(model: &Model, t: &Target, opts: &RewriteOptions) -> Result<(Encoded, TensorStats)> {
+    let src = weight_source(model, t)?;
+    let layout = Layout::new(opts.format, t.k, t.n(), opts.group);
+    let (enc, rows) = encode_matrix(src, layout).with_context(|| format!("encode {}", t.name))?;
+    let stats = TensorStats::from_rows(&rows, layout.bits_per_weight());
+    Ok((enc, stats))
+}
+
+/// Copies the files that travel with a model (genai_config.json, tokenizer files) but not
+/// the model or its data.
+fn copy_sidecars(model: &Model, out: &Path) -> Result<()> {
+    let skip: HashSet<String> = model.data_files().into_iter().map(|(f, _)| f).collect();
+    for e in std::fs::read_dir(&model.dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !e.file_type()?.is_file()
+            || skip.contains(&name)
+            || name.ends_with(".onnx")
+            || name.ends_with(".onnx.data")
+            || name.ends_with(".onnx_data")
+            || name == "qins_report.json"
+        {
+            continue;
+        }
+        std::fs::copy(e.path(), out.join(&name)).with_context(|| format!("copy {name}"))?;
+    }
+    Ok(())
+}
