@@ -11,6 +11,8 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod engine;
+pub mod parity;
 pub mod plan;
 pub mod report;
 pub mod rewrite;
@@ -20,3 +22,4 @@ pub use plan::{PlanOptions, Preset};
 pub use qins::codec::Format;
 pub use qins::onnx::Model;
 pub use rewrite::{NoProgress, Progress, RewriteOptions};
+pub mod synth;

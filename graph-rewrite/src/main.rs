@@ -108,13 +108,15 @@ struct Bar(Option<ProgressBar>);
 
 impl Progress for Bar {
     fn start(&mut self, total: u64) {
-        if let Some(_) = self.0 {
+        if self.0.is_some() {
             return;
         }
         let pb = ProgressBar::new(total);
         pb.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}",
+            )
+            .expect("valid template"),
         );
         self.0 = Some(pb);
     }
@@ -173,7 +175,8 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", r.table());
             }
             if let Some(path) = report {
-                std::fs::write(&path, serde_json::to_vec_pretty(&r)?).with_context(|| format!("write {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
+                    .with_context(|| format!("write {}", path.display()))?;
             }
             eprintln!("wrote {}", out.display());
         }
@@ -189,7 +192,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!();
             print!("{}", r.table(per_tensor));
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&r)?).with_context(|| format!("write {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
+                    .with_context(|| format!("write {}", path.display()))?;
             }
         }
     }
@@ -198,7 +202,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn print_inspect(m: &Model, p: &plan::Plan) {
     println!("{}: {} nodes, {} MatMul", m.path.display(), m.graph().node.len(), p.candidates.len());
-    println!("{:<48} {:<8} {:>13} {:<8} {}", "node", "role", "weight KxN", "dtype", "rewrite");
+    println!("{:<48} {:<8} {:>13} {:<8} rewrite", "node", "role", "weight KxN", "dtype");
     for c in &p.candidates {
         let shape = c.shape.map(|[k, n]| format!("{k}x{n}")).unwrap_or_else(|| "-".into());
         let verdict = match (&c.skipped, &c.cols) {
@@ -208,7 +212,14 @@ fn print_inspect(m: &Model, p: &plan::Plan) {
             }
             (None, _) => "yes".into(),
         };
-        println!("{:<48} {:<8} {:>13} {:<8} {}", short(&c.name, 48), c.role.name(), shape, c.dtype.unwrap_or("-"), verdict);
+        println!(
+            "{:<48} {:<8} {:>13} {:<8} {}",
+            short(&c.name, 48),
+            c.role.name(),
+            shape,
+            c.dtype.unwrap_or("-"),
+            verdict
+        );
     }
     println!("{} of {} MatMuls would become QINS", p.targets.len(), p.candidates.len());
 }

@@ -77,7 +77,9 @@ pub enum Preset {
 impl Preset {
     fn takes(self, role: Role) -> bool {
         match self {
-            Preset::Phi3 => matches!(role, Role::Qkv | Role::V | Role::O | Role::Gate | Role::Up | Role::GateUp | Role::Down),
+            Preset::Phi3 => {
+                matches!(role, Role::Qkv | Role::V | Role::O | Role::Gate | Role::Up | Role::GateUp | Role::Down)
+            }
             Preset::None => false,
         }
     }
@@ -164,7 +166,13 @@ fn layer_of(name: &str) -> Option<usize> {
 
 /// Head counts of the attention that consumes a packed qkv output: from the fused
 /// attention node's attributes, else the model folder's config files.
-fn qkv_split(model: &Model, graph: &GraphProto, node: &NodeProto, n_total: usize, opts: &PlanOptions) -> Result<[usize; 3]> {
+fn qkv_split(
+    model: &Model,
+    graph: &GraphProto,
+    node: &NodeProto,
+    n_total: usize,
+    opts: &PlanOptions,
+) -> Result<[usize; 3]> {
     if let Some(s) = opts.qkv_split {
         if s.iter().sum::<usize>() != n_total {
             bail!("--qkv-split {s:?} adds up to {}, but the weight has {n_total} columns", s.iter().sum::<usize>());
@@ -189,7 +197,7 @@ fn qkv_split(model: &Model, graph: &GraphProto, node: &NodeProto, n_total: usize
         );
     };
     let units = nh + 2 * kv;
-    if units == 0 || n_total % units != 0 {
+    if units == 0 || !n_total.is_multiple_of(units) {
         bail!("{}: {n_total} columns do not split into {nh} query and 2x{kv} key/value heads", node.name());
     }
     let hd = n_total / units;
@@ -197,7 +205,8 @@ fn qkv_split(model: &Model, graph: &GraphProto, node: &NodeProto, n_total: usize
 }
 
 fn config_heads(dir: &Path) -> Option<(usize, usize)> {
-    let read = |f: &str| -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(dir.join(f)).ok()?).ok() };
+    let read =
+        |f: &str| -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(dir.join(f)).ok()?).ok() };
     if let Some(v) = read("genai_config.json") {
         let d = &v["model"]["decoder"];
         let nh = d["num_attention_heads"].as_u64()?;
@@ -220,7 +229,8 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
         }
         let name = node.name().to_string();
         let role = role_of(&name);
-        let mut cand = Candidate { name: name.clone(), role, weight: None, shape: None, dtype: None, skipped: None, cols: None };
+        let mut cand =
+            Candidate { name: name.clone(), role, weight: None, shape: None, dtype: None, skipped: None, cols: None };
         let wanted = if opts.exclude.iter().any(|re| re.is_match(&name)) {
             Err("excluded by --exclude".to_string())
         } else if opts.include.iter().any(|re| re.is_match(&name)) || opts.preset.takes(role) {
@@ -263,7 +273,17 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
                     0..n_total
                 };
                 cand.cols = Some(cols.clone());
-                targets.push(Target { node: idx, name, role, layer: layer_of(node.name()), weight, k, n_total, cols, elem });
+                targets.push(Target {
+                    node: idx,
+                    name,
+                    role,
+                    layer: layer_of(node.name()),
+                    weight,
+                    k,
+                    n_total,
+                    cols,
+                    elem,
+                });
             }
         }
         candidates.push(cand);
@@ -294,7 +314,8 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
 
 /// Parses `--qkv-split Q,K,V`.
 pub fn parse_qkv_split(s: &str) -> Result<[usize; 3]> {
-    let v: Vec<usize> = s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().context("--qkv-split")?;
+    let v: Vec<usize> =
+        s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().context("--qkv-split")?;
     match v.as_slice() {
         &[q, k, v] => Ok([q, k, v]),
         _ => bail!("--qkv-split takes three numbers: Q,K,V"),

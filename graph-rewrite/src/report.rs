@@ -93,7 +93,17 @@ impl RewriteReport {
         let _ = writeln!(
             s,
             "{:<44} {:>13} {:>4} {:>5} {:>10} {:>9} {:>9} {:>9} {:>6} {:>10} {:>10}",
-            "node", "shape KxN", "fmt", "group", "cosine", "rel_fro", "p99_rel", "max_abs", "bpw", "bytes in", "bytes out"
+            "node",
+            "shape KxN",
+            "fmt",
+            "group",
+            "cosine",
+            "rel_fro",
+            "p99_rel",
+            "max_abs",
+            "bpw",
+            "bytes in",
+            "bytes out"
         );
         for l in &self.layers {
             let _ = writeln!(

@@ -74,7 +74,8 @@ fn parse_job(loc: &str) -> Option<Job> {
 pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Result<ModelProto> {
     let mut proto = model.proto.clone();
     let graph = proto.graph.as_mut().ok_or_else(|| anyhow!("model has no graph"))?;
-    let by_node: HashMap<usize, (usize, &Target)> = plan.targets.iter().enumerate().map(|(i, t)| (t.node, (i, t))).collect();
+    let by_node: HashMap<usize, (usize, &Target)> =
+        plan.targets.iter().enumerate().map(|(i, t)| (t.node, (i, t))).collect();
     let old_nodes = std::mem::take(&mut graph.node);
     let mut new_inits: Vec<TensorProto> = Vec::new();
     let mut replaced: HashSet<String> = HashSet::new();
@@ -116,7 +117,12 @@ pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Resul
             let (float_out, qins_out) = (unique(format!("{out}/float_part")), unique(format!("{out}/qins_part")));
             let float_dt = model.initializer(&t.weight).map(|w| w.data_type()).unwrap_or(dtype::FLOAT);
             let float_cols = t.cols.start as i64;
-            new_inits.push(tensor_deferred(&float_w, float_dt, &[t.k as i64, float_cols], &job_key(&Job::FloatPart(ti))));
+            new_inits.push(tensor_deferred(
+                &float_w,
+                float_dt,
+                &[t.k as i64, float_cols],
+                &job_key(&Job::FloatPart(ti)),
+            ));
             let name = n.name();
             graph.node.push(node("MatMul", "", &format!("{name}_float_part"), &[a, &float_w], &[&float_out], vec![]));
             graph.node.push(node(OP, DOMAIN, &format!("{name}_QINS"), &[a, &codes, &scales], &[&qins_out], attrs()));
@@ -241,7 +247,8 @@ pub fn rewrite<'m>(
         }
     };
     let onnx_path = dir.path().join(&onnx_name);
-    let save = save_model(&mut proto, &onnx_path, &SaveOptions { data_file: data_name, ..Default::default() }, resolve)?;
+    let save =
+        save_model(&mut proto, &onnx_path, &SaveOptions { data_file: data_name, ..Default::default() }, resolve)?;
     progress.finish();
     copy_sidecars(model, dir.path())?;
 

@@ -5,9 +5,7 @@ use crate::plan::{Plan, Target};
 use crate::report::short;
 use crate::rewrite::weight_source;
 use anyhow::Result;
-use qins::codec::{
-    baseline_bits_per_weight, baseline_roundtrip, encode_matrix, Baseline, Format, Layout, TensorStats,
-};
+use qins::codec::{baseline_bits_per_weight, baseline_roundtrip, encode_matrix, Baseline, Format, Layout, TensorStats};
 use qins::onnx::Model;
 use serde::Serialize;
 use std::fmt::Write;
@@ -79,7 +77,12 @@ pub fn methods() -> Vec<Method> {
 }
 
 /// Runs every method on every target of `plan` with group size `group` (0: per channel).
-pub fn roundtrip(model: &Model, plan: &Plan, group: usize, progress: &mut dyn FnMut(&Target)) -> Result<RoundTripReport> {
+pub fn roundtrip(
+    model: &Model,
+    plan: &Plan,
+    group: usize,
+    progress: &mut dyn FnMut(&Target),
+) -> Result<RoundTripReport> {
     let methods = methods();
     let mut tensors = Vec::new();
     for t in &plan.targets {
@@ -117,13 +120,18 @@ pub fn roundtrip(model: &Model, plan: &Plan, group: usize, progress: &mut dyn Fn
                 max_rel_fro: col().map(|s| s.rel_fro).fold(0.0, f64::max),
                 max_p99_rel: col().map(|s| s.p99_rel).fold(0.0, f64::max),
                 max_abs: col().map(|s| s.max_abs).fold(0.0, f64::max),
-                bits_per_weight: col().zip(&weights).map(|(s, w)| s.bits_per_weight * w).sum::<f64>() / total_w.max(1.0),
+                bits_per_weight: col().zip(&weights).map(|(s, w)| s.bits_per_weight * w).sum::<f64>()
+                    / total_w.max(1.0),
             }
         })
         .collect();
     let col = |m: Method| methods.iter().position(|x| *x == m).expect("method listed");
-    let (f32i, q8i, q4i, i4i) =
-        (col(Method::Qins(Format::F32)), col(Method::Qins(Format::Q8)), col(Method::Qins(Format::Q4)), col(Method::Base(Baseline::Int4)));
+    let (f32i, q8i, q4i, i4i) = (
+        col(Method::Qins(Format::F32)),
+        col(Method::Qins(Format::Q8)),
+        col(Method::Qins(Format::Q4)),
+        col(Method::Base(Baseline::Int4)),
+    );
     let count = |f: &dyn Fn(&TensorRow) -> bool| tensors.iter().filter(|r| f(r)).count();
     let n = tensors.len();
     let f32_ok = count(&|r| r.stats[f32i].cosine >= 0.999999 && r.stats[f32i].max_abs <= 1e-6);
@@ -135,7 +143,11 @@ pub fn roundtrip(model: &Model, plan: &Plan, group: usize, progress: &mut dyn Fn
             pass: f32_ok == n,
             detail: format!("{f32_ok}/{n} tensors"),
         },
-        Bar { name: "q8: cosine >= 0.9999 on every tensor".into(), pass: q8_ok == n, detail: format!("{q8_ok}/{n} tensors") },
+        Bar {
+            name: "q8: cosine >= 0.9999 on every tensor".into(),
+            pass: q8_ok == n,
+            detail: format!("{q8_ok}/{n} tensors"),
+        },
         Bar {
             name: "q4: rel_fro <= int4 round-to-nearest (same group) on every tensor".into(),
             pass: q4_ok == n,
@@ -166,7 +178,14 @@ impl RoundTripReport {
             let _ = writeln!(
                 s,
                 "{:<10} {:>6.3} {:>11.8} {:>11.8} {:>10.3e} {:>10.3e} {:>10.3e} {:>10.3e}",
-                m.method, m.bits_per_weight, m.min_cosine, m.mean_cosine, m.mean_rel_fro, m.max_rel_fro, m.max_p99_rel, m.max_abs
+                m.method,
+                m.bits_per_weight,
+                m.min_cosine,
+                m.mean_cosine,
+                m.mean_rel_fro,
+                m.max_rel_fro,
+                m.max_p99_rel,
+                m.max_abs
             );
         }
         if per_tensor {

@@ -1,1 +1,178 @@
+//! ONNX Runtime custom-op library with the QINS ops.
+//!
+//! Load it into any ONNX Runtime (C API >= 17, i.e. ORT >= 1.17; tested with 1.31.1) host: Python
+//! `SessionOptions.register_custom_ops_library(path)`, the C API `RegisterCustomOpsLibrary_V2`,
+//! or Rust `ort`'s `SessionBuilder::with_operator_library`. ORT calls [`RegisterCustomOps`],
+//! which takes the API table from the host; the library itself never links `libonnxruntime`.
+//!
+//! Ops (domain `com.qins`, opset 1, see `docs/FORMAT.md`):
+//! - `QinsMatMul`, CPU execution provider, `A`/`Y` float32 or float16.
+//!
+//! The CPU kernels are also usable directly from Rust: [`cpu::qins_matmul`].
 
+pub mod cpu;
+pub mod ops;
+pub mod ort_api;
+
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, OnceLock};
+
+use ort_sys::{OrtApiBase, OrtCustomOpDomain, OrtSessionOptions, OrtStatus, OrtStatusPtr};
+
+use crate::ops::CustomOp;
+use crate::ort_api::{Api, Error, Result};
+
+/// Runs `f` at an FFI boundary: errors become ORT statuses and panics are caught, since
+/// unwinding into ONNX Runtime's C++ frames is undefined behaviour. Every callback this
+/// library hands to ORT that returns a status goes through here.
+///
+/// Without an API table no status can be made; the error is printed and "success" returned,
+/// which is the best that can be done (ORT then reports the op as unknown or unrun).
+pub(crate) fn ffi_guard(api: Option<Api>, what: &str, f: impl FnOnce() -> Result<()>) -> OrtStatusPtr {
+    let err = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => return OrtStatusPtr::default(),
+        Ok(Err(e)) => e,
+        Err(payload) => Error::fail(format!("{what}: internal error (panic: {})", panic_message(&*payload))),
+    };
+    match api {
+        // Status creation only allocates; a panic there is not worth a second guard.
+        Some(api) => api.status(&err),
+        None => {
+            eprintln!("qins_provider: {what}: {err} (no OrtApi to report it through)");
+            OrtStatusPtr::default()
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "non-string payload"
+    }
+}
+
+/// The op definitions, built once and never freed or moved: ORT keeps raw pointers to them in
+/// every session that used this library, for as long as those sessions live.
+fn custom_ops() -> &'static [CustomOp] {
+    static OPS: OnceLock<Vec<CustomOp>> = OnceLock::new();
+    OPS.get_or_init(|| ops::qins_matmul::cpu_ops().into_iter().map(CustomOp::new).collect())
+}
+
+/// Domains handed to ORT, as addresses. The session options only borrow a domain, so it must
+/// outlive every session built from them; like the C++ samples, we keep them (one per
+/// registration) until the process ends.
+static DOMAINS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// The entry point ORT looks up after loading the library.
+///
+/// # Safety
+/// Called by ONNX Runtime with its session options and API base.
+#[no_mangle]
+pub unsafe extern "system" fn RegisterCustomOps(
+    options: *mut OrtSessionOptions,
+    api_base: *const OrtApiBase,
+) -> *mut OrtStatus {
+    // SAFETY: ORT passes its API base (or the caller broke the contract and gets null back).
+    let api = unsafe { api_base.as_ref() }.and_then(|base| {
+        // SAFETY: GetApi returns ORT's static table for a supported version, else null.
+        unsafe { Api::from_raw((base.GetApi)(ort_sys::ORT_API_VERSION)) }
+    });
+    ffi_guard(api, "RegisterCustomOps", || {
+        let api = api.ok_or_else(|| {
+            Error::fail(format!("ONNX Runtime does not provide C API version {}", ort_sys::ORT_API_VERSION))
+        })?;
+        if options.is_null() {
+            return Err(Error::invalid("RegisterCustomOps: null OrtSessionOptions"));
+        }
+        // SAFETY: `options` is ORT's live session options; the domain is created, filled and
+        // handed over here, and released only if ORT did not take it.
+        unsafe { register(api, options) }
+    })
+    .0
+}
+
+unsafe fn register(api: Api, options: *mut OrtSessionOptions) -> Result<()> {
+    let raw = api.raw();
+    let mut domain: *mut OrtCustomOpDomain = std::ptr::null_mut();
+    // SAFETY: NUL-terminated name and a live out pointer.
+    api.check(
+        unsafe { (raw.CreateCustomOpDomain)(ops::qins_matmul::DOMAIN.as_ptr(), &mut domain) },
+        "CreateCustomOpDomain",
+    )?;
+    if domain.is_null() {
+        return Err(Error::fail("CreateCustomOpDomain returned null"));
+    }
+    let filled = custom_ops().iter().try_for_each(|op| {
+        // SAFETY: the op is leaked (static), so the pointer stays valid as ORT requires.
+        api.check(unsafe { (raw.CustomOpDomain_Add)(domain, op.as_ort()) }, "CustomOpDomain_Add")
+    });
+    // SAFETY: `options` is live; `domain` is ours.
+    let added =
+        filled.and_then(|()| api.check(unsafe { (raw.AddCustomOpDomain)(options, domain) }, "AddCustomOpDomain"));
+    match added {
+        Ok(()) => {
+            // A poisoned lock only means another registration panicked after pushing; the
+            // vector itself is fine.
+            DOMAINS.lock().unwrap_or_else(|p| p.into_inner()).push(domain as usize);
+            Ok(())
+        }
+        Err(e) => {
+            // SAFETY: ORT did not take the domain, so nothing else refers to it.
+            unsafe { (raw.ReleaseCustomOpDomain)(domain) };
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ffi_guard_contains_panics() {
+        // Without an API table the guard can only report on stderr, but it must not unwind.
+        let st = ffi_guard(None, "test", || panic!("boom"));
+        assert!(st.0.is_null());
+        let st = ffi_guard(None, "test", || Err(Error::invalid("bad")));
+        assert!(st.0.is_null());
+    }
+
+    #[test]
+    fn register_without_api_base_does_not_crash() {
+        // SAFETY: null pointers are the case under test; nothing is dereferenced.
+        let st = unsafe { RegisterCustomOps(std::ptr::null_mut(), std::ptr::null()) };
+        assert!(st.is_null());
+    }
+
+    #[test]
+    fn ops_are_described_for_ort() {
+        let ops = custom_ops();
+        assert_eq!(ops.len(), 2);
+        for op in ops {
+            let raw = op.as_ort();
+            // SAFETY: `raw` points at a live, leaked OrtCustomOp built by `CustomOp::new`.
+            unsafe {
+                let o = &*raw;
+                assert_eq!(o.version, ort_sys::ORT_API_VERSION);
+                let name = std::ffi::CStr::from_ptr(o.GetName.unwrap()(raw));
+                assert_eq!(name, ops::qins_matmul::OP_NAME);
+                let ep = std::ffi::CStr::from_ptr(o.GetExecutionProviderType.unwrap()(raw));
+                assert_eq!(ep, ops::CPU_EP);
+                assert_eq!(o.GetInputTypeCount.unwrap()(raw), 3);
+                assert_eq!(o.GetOutputTypeCount.unwrap()(raw), 1);
+                // Out-of-range indices must not read past the tables.
+                let undef = ort_sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+                assert_eq!(o.GetInputType.unwrap()(raw, 99), undef);
+                assert_eq!(o.GetInputType.unwrap()(raw, 1), undef);
+                assert_eq!(o.GetInputType.unwrap()(raw, 0), o.GetOutputType.unwrap()(raw, 0));
+                assert_eq!(o.GetStartVersion.unwrap()(raw), 1);
+                assert!(o.CreateKernelV2.is_some() && o.KernelComputeV2.is_some() && o.KernelDestroy.is_some());
+                assert!(o.CreateKernel.is_none() && o.KernelCompute.is_none());
+            }
+        }
+    }
+}

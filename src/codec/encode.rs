@@ -288,7 +288,8 @@ impl Levels {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` is only set when the CPU has AVX2 and FMA.
-            let (e, a, b) = unsafe { avx2::pass(&x[..x.len() - rest.len()], s, self.dz, self.inv_dz, (self.u.len() - 2) as f32) };
+            let (e, a, b) =
+                unsafe { avx2::pass(&x[..x.len() - rest.len()], s, self.dz, self.inv_dz, (self.u.len() - 2) as f32) };
             (err[0], xu[0], uu[0]) = (e, a, b);
         }
         if !simd {
@@ -499,10 +500,8 @@ mod avx2 {
             let r = _mm256_min_ps(_mm256_floor_ps(_mm256_mul_ps(t, vinv_dz)), vrmax);
             let t0 = _mm256_mul_ps(r, vdz);
             let t1 = _mm256_add_ps(t0, vdz);
-            let mid2 = _mm256_add_ps(
-                _mm256_div_ps(t0, _mm256_sub_ps(one, t0)),
-                _mm256_div_ps(t1, _mm256_sub_ps(one, t1)),
-            );
+            let mid2 =
+                _mm256_add_ps(_mm256_div_ps(t0, _mm256_sub_ps(one, t0)), _mm256_div_ps(t1, _mm256_sub_ps(one, t1)));
             let up = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_add_ps(y, y), mid2);
             let m = _mm256_cvttps_epi32(_mm256_add_ps(r, _mm256_and_ps(up, one)));
             let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps()));
@@ -539,7 +538,14 @@ impl RowEncoder {
         }
     }
 
-    fn encode(&mut self, x: &[f32], n: usize, row: &mut [u8], scales: &mut [f32], err: &mut RowErr) -> Result<(), EncodeError> {
+    fn encode(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        row: &mut [u8],
+        scales: &mut [f32],
+        err: &mut RowErr,
+    ) -> Result<(), EncodeError> {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: the CPU has AVX2 and FMA (checked in `new`).
@@ -551,12 +557,26 @@ impl RowEncoder {
     /// The same code compiled for AVX2 + FMA: the passes run eight lanes wide.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn encode_avx2(&mut self, x: &[f32], n: usize, row: &mut [u8], scales: &mut [f32], err: &mut RowErr) -> Result<(), EncodeError> {
+    unsafe fn encode_avx2(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        row: &mut [u8],
+        scales: &mut [f32],
+        err: &mut RowErr,
+    ) -> Result<(), EncodeError> {
         self.encode_impl::<true>(x, n, row, scales, err)
     }
 
     #[inline(always)]
-    fn encode_impl<const SIMD: bool>(&mut self, x: &[f32], n: usize, row: &mut [u8], scales: &mut [f32], err: &mut RowErr) -> Result<(), EncodeError> {
+    fn encode_impl<const SIMD: bool>(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        row: &mut [u8],
+        scales: &mut [f32],
+        err: &mut RowErr,
+    ) -> Result<(), EncodeError> {
         let (row_max, finite) = absmax_finite(x, SIMD);
         if !finite {
             let i = x.iter().position(|v| !v.is_finite()).unwrap_or(0);

@@ -262,7 +262,10 @@ impl Model {
 
     /// The bytes an external reference points at, from this model's data files.
     pub fn external_bytes(&self, r: &ExternalRef) -> Result<&[u8]> {
-        let map = self.data.get(&r.location).ok_or_else(|| anyhow!("data file '{}' is not part of this model", r.location))?;
+        let map = self
+            .data
+            .get(&r.location)
+            .ok_or_else(|| anyhow!("data file '{}' is not part of this model", r.location))?;
         let end = r.offset.checked_add(r.length).filter(|e| *e <= map.len() as u64);
         let end = end.ok_or_else(|| anyhow!("[{}, +{}) is outside '{}'", r.offset, r.length, r.location))?;
         Ok(&map[r.offset as usize..end as usize])

@@ -1,0 +1,3 @@
+//! CPU kernels. Each module mirrors its op in `ops/` (and, later, its CUDA twin in `cuda/`).
+
+pub mod qins_matmul;

@@ -1,0 +1,213 @@
+use super::*;
+use qins::codec::{self, encode_rows, Encoded};
+
+/// SplitMix64: deterministic and dependency-free.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn gauss(&mut self) -> f64 {
+        let (u, v) = (self.unit().max(1e-300), self.unit());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+fn random_weights(rng: &mut Rng, k: usize, n: usize) -> Vec<f32> {
+    // Gaussian with a few larger outliers, so the groups' scales differ.
+    (0..k * n).map(|i| (rng.gauss() * if i % 97 == 0 { 4.0 } else { 0.05 }) as f32).collect()
+}
+
+fn encode(format: Format, k: usize, n: usize, group: usize, rng: &mut Rng) -> Encoded {
+    let layout = Layout { format, k, n, group };
+    encode_rows(&random_weights(rng, k, n), layout).expect("encode").0
+}
+
+/// `||y - ref|| / ||ref||` against an f64 matmul of `a` with the codec's decoded weight.
+fn rel_err(a: &[f64], m: usize, e: &Encoded, y: &[f64]) -> f64 {
+    let Layout { k, n, .. } = e.layout;
+    let w = e.decode_kn();
+    let (mut num, mut den) = (0f64, 0f64);
+    for i in 0..m {
+        for j in 0..n {
+            let r: f64 = (0..k).map(|p| a[i * k + p] * w[p * n + j] as f64).sum();
+            num += (y[i * n + j] - r).powi(2);
+            den += r * r;
+        }
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+#[test]
+fn decode_row_is_bit_identical_to_the_codec() {
+    let mut rng = Rng(1);
+    for format in Format::ALL {
+        for (k, group) in [(1, 1), (5, 2), (64, 64), (100, 32), (130, 7), (333, 333), (257, 64)] {
+            let group = if format == Format::F32 { k } else { group };
+            let n = 3;
+            let layout = Layout { format, k, n, group };
+            // Arbitrary bytes, not just what the encoder emits: every code, the negative zero
+            // and non-zero padding included.
+            let codes: Vec<u8> = if format == Format::F32 {
+                (0..n * k)
+                    .flat_map(|_| {
+                        let z = (0.5 + 0.5 * rng.unit()) as f32 * if rng.unit() < 0.5 { -1.0 } else { 1.0 };
+                        z.to_le_bytes()
+                    })
+                    .collect()
+            } else {
+                (0..layout.codes_len()).map(|_| rng.next_u64() as u8).collect()
+            };
+            let scales: Vec<f32> = (0..layout.scales_len()).map(|_| f16::from_f64(rng.unit() * 3.0).to_f32()).collect();
+            let e = Encoded { layout, codes, scales };
+            let owned = OwnedWeights::from_encoded(&e);
+            let w = owned.view().unwrap();
+            let mut ours = vec![f32::NAN; w.row_buf_len()];
+            let mut theirs = vec![0f32; k];
+            for row in 0..n {
+                e.decode_row(row, &mut theirs);
+                let stride = ours.len();
+                decode_rows(&w, row, &mut ours, stride);
+                for i in 0..k {
+                    assert_eq!(ours[i].to_bits(), theirs[i].to_bits(), "{format} k={k} g={group} row {row} i {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn negative_zero_code_decodes() {
+    // The encoder never emits sign=1, m=0, but decoders must accept it.
+    for format in [Format::Q8, Format::Q6, Format::Q4] {
+        let layout = Layout { format, k: 4, n: 1, group: 4 };
+        let mut codes = vec![0u8; layout.codes_len()];
+        codebook_pack(format, &[1 << (format.bits() - 1); 4], &mut codes);
+        let owned = OwnedWeights::from_encoded(&Encoded { layout, codes, scales: vec![1.0] });
+        let mut y = [1f32];
+        qins_matmul_f32(&[1.0; 4], 1, &owned.view().unwrap(), &mut y).unwrap();
+        assert_eq!(y[0], 0.0);
+    }
+}
+
+fn codebook_pack(format: Format, codes: &[u8], row: &mut [u8]) {
+    codec::pack_row(format, codes, row);
+}
+
+#[test]
+fn matmul_matches_f64_reference() {
+    let mut rng = Rng(7);
+    // Shapes cross every blocking boundary: K % G != 0, K > KC, N > NB, odd N, M > MB.
+    let shapes = [(64, 16, 64), (100, 33, 32), (300, 65, 7), (257, 130, 257), (70, 1, 1)];
+    for format in Format::ALL {
+        for (k, n, group) in shapes {
+            let group = if format == Format::F32 { k } else { group };
+            let e = encode(format, k, n, group, &mut rng);
+            let owned = OwnedWeights::from_encoded(&e);
+            let w = owned.view().unwrap();
+            for m in [0usize, 1, 2, 3, 4, 5, 17, 130] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.gauss() as f32).collect();
+
+                let mut y = vec![f32::NAN; m * n];
+                qins_matmul_f32(&a, m, &w, &mut y).unwrap();
+                let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+                let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+                let err = rel_err(&a64, m, &e, &y64);
+                assert!(err < 1e-5, "f32 {format} K={k} N={n} G={group} M={m}: rel err {err:e}");
+
+                let ah: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+                let mut yh = vec![f16::NAN; m * n];
+                qins_matmul_f16(&ah, m, &w, &mut yh).unwrap();
+                let a64: Vec<f64> = ah.iter().map(|v| v.to_f64()).collect();
+                let y64: Vec<f64> = yh.iter().map(|v| v.to_f64()).collect();
+                let err = rel_err(&a64, m, &e, &y64);
+                // One rounding to f16 (2^-11 relative) on every output element.
+                assert!(err < 1e-3, "f16 {format} K={k} N={n} G={group} M={m}: rel err {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_and_gemm_paths_agree() {
+    // The same rows through both paths (M = 1 alone vs. inside a large M) must agree to f32
+    // rounding, which catches a path that indexes the wrong output column or row.
+    let mut rng = Rng(3);
+    let (k, n) = (520, 77);
+    let e = encode(Format::Q6, k, n, 40, &mut rng);
+    let owned = OwnedWeights::from_encoded(&e);
+    let w = owned.view().unwrap();
+    let m = 70;
+    let a: Vec<f32> = (0..m * k).map(|_| rng.gauss() as f32).collect();
+    let mut y = vec![0f32; m * n];
+    qins_matmul_f32(&a, m, &w, &mut y).unwrap();
+    for i in [0, 1, 63, 64, 69] {
+        let mut yi = vec![0f32; n];
+        qins_matmul_f32(&a[i * k..(i + 1) * k], 1, &w, &mut yi).unwrap();
+        for j in 0..n {
+            let (p, q) = (y[i * n + j], yi[j]);
+            assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "row {i} col {j}: {p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn bad_buffers_are_errors_not_panics() {
+    let mut rng = Rng(5);
+    let e = encode(Format::Q4, 64, 4, 32, &mut rng);
+    let owned = OwnedWeights::from_encoded(&e);
+    let w = owned.view().unwrap();
+    let mut y = vec![0f32; 4];
+    assert!(qins_matmul_f32(&[0.0; 63], 1, &w, &mut y).is_err());
+    assert!(qins_matmul_f32(&[0.0; 64], 1, &w, &mut y[..3]).is_err());
+    assert!(qins_matmul_f32(&[0.0; 64], 2, &w, &mut y).is_err());
+    let l = e.layout;
+    let scales: Vec<f16> = vec![f16::ONE; 8];
+    assert!(Weights::new(l, WeightData::Packed { codes: &e.codes[1..], scales: &scales }).is_err());
+    assert!(Weights::new(l, WeightData::Packed { codes: &e.codes, scales: &scales[1..] }).is_err());
+    assert!(Weights::new(l, WeightData::F32 { z: &[0.0; 256], scales: &[1.0; 4] }).is_err());
+    assert!(Weights::new(Layout { group: 65, ..l }, WeightData::Packed { codes: &e.codes, scales: &scales }).is_err());
+}
+
+#[test]
+fn every_isa_variant_gives_the_same_bits() {
+    let variants = Isa::available();
+    let mut rng = Rng(11);
+    for format in Format::ALL {
+        let (k, n) = (333, 70);
+        let group = if format == Format::F32 { k } else { 48 };
+        let e = encode(format, k, n, group, &mut rng);
+        let owned = OwnedWeights::from_encoded(&e);
+        let w = owned.view().unwrap();
+        for m in [1usize, 3, 70] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.gauss() as f32).collect();
+            let mut first: Option<Vec<u32>> = None;
+            for &v in &variants {
+                *ISA_OVERRIDE.lock().unwrap() = Some(v);
+                let mut y = vec![0f32; m * n];
+                qins_matmul_f32(&a, m, &w, &mut y).unwrap();
+                *ISA_OVERRIDE.lock().unwrap() = None;
+                let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                match &first {
+                    None => first = Some(bits),
+                    Some(f) => assert!(f == &bits, "{format} M={m}: {v:?} differs from {:?}", variants[0]),
+                }
+            }
+        }
+    }
+}

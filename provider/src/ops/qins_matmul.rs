@@ -1,0 +1,236 @@
+//! `com.qins.QinsMatMul` (opset 1): `Y = A W` with `W` stored QINS-encoded (docs/FORMAT.md).
+//!
+//! This module is the op's contract, independent of where it runs: attributes and their
+//! ranges, the types and shapes the inputs must have, and the output shape. Kernels (CPU here,
+//! CUDA later) call [`Node::from_info`] when ORT creates them and [`Node::check`] on every run.
+
+use std::ffi::CStr;
+
+use ort_sys::ONNXTensorElementDataType as T;
+use qins::codec::{Format, Layout};
+
+use super::{OpSpec, CPU_EP};
+use crate::ort_api::{elem, Error, KernelInfo, Result, TensorInfo};
+
+pub const DOMAIN: &CStr = c"com.qins";
+pub const OP_NAME: &CStr = c"QinsMatMul";
+pub const OPSET: i32 = 1;
+
+/// Activation (and output) element type: the `T` of the spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    F32,
+    F16,
+}
+
+impl Act {
+    pub fn onnx(self) -> i32 {
+        match self {
+            Act::F32 => elem::FLOAT,
+            Act::F16 => elem::FLOAT16,
+        }
+    }
+}
+
+/// Validates the attributes and turns them into the codec's layout.
+pub fn layout_from_attrs(k: i64, n: i64, bits: i64, group_size: i64) -> Result<Layout> {
+    let format = Format::from_bits(bits)
+        .ok_or_else(|| Error::invalid(format!("attribute bits={bits} is not one of 4, 6, 8, 32")))?;
+    // Bounded far below usize::MAX so that every size derived from them (row bytes, N * row
+    // bytes, M * N) is computed without overflow on 64-bit hosts.
+    const MAX_DIM: i64 = 1 << 31;
+    if !(1..=MAX_DIM).contains(&k) {
+        return Err(Error::invalid(format!("attribute K={k} must be in [1, 2^31]")));
+    }
+    if !(1..=MAX_DIM).contains(&n) {
+        return Err(Error::invalid(format!("attribute N={n} must be in [1, 2^31]")));
+    }
+    if !(1..=k).contains(&group_size) {
+        return Err(Error::invalid(format!("attribute group_size={group_size} must be in [1, K={k}]")));
+    }
+    if format == Format::F32 && group_size != k {
+        return Err(Error::invalid(format!(
+            "attribute group_size={group_size}: bits=32 stores one scale per output channel, so group_size must equal K={k}"
+        )));
+    }
+    Ok(Layout { format, k: k as usize, n: n as usize, group: group_size as usize })
+}
+
+/// Expected element type and shape of `codes` for a layout.
+pub fn codes_expectation(l: &Layout) -> TensorInfo {
+    match l.format {
+        Format::F32 => TensorInfo { elem: elem::FLOAT, shape: vec![l.n as i64, l.k as i64] },
+        f => TensorInfo { elem: elem::UINT8, shape: vec![l.n as i64, f.row_bytes(l.k) as i64] },
+    }
+}
+
+/// Expected element type and shape of `scales` for a layout.
+pub fn scales_expectation(l: &Layout) -> TensorInfo {
+    let elem = if l.format == Format::F32 { elem::FLOAT } else { elem::FLOAT16 };
+    TensorInfo { elem, shape: vec![l.n as i64, l.groups() as i64] }
+}
+
+/// Shapes of one run, derived from the (checked) inputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunShape {
+    /// Rows of `A` once its leading dims are flattened.
+    pub m: usize,
+    /// `A.shape[..-1] + [N]`.
+    pub out_shape: Vec<i64>,
+}
+
+/// One node's attributes, read and validated when ORT creates its kernel.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// For error messages: ORT's node name (may be empty).
+    pub name: String,
+    pub layout: Layout,
+    pub act: Act,
+}
+
+impl Node {
+    pub fn from_info(info: &KernelInfo, act: Act) -> Result<Node> {
+        let name = info.node_name().unwrap_or_default();
+        let get = |a: &CStr| info.attr_i64(a);
+        let layout = (|| layout_from_attrs(get(c"K")?, get(c"N")?, get(c"bits")?, get(c"group_size")?))()
+            .map_err(|e| e.context(format!("QinsMatMul node '{name}'")))?;
+        Ok(Node { name, layout, act })
+    }
+
+    /// Prefix for errors about this node.
+    pub fn describe(&self) -> String {
+        let l = &self.layout;
+        format!(
+            "QinsMatMul node '{}' (K={}, N={}, bits={}, group_size={})",
+            self.name,
+            l.k,
+            l.n,
+            l.format.bits(),
+            l.group
+        )
+    }
+
+    /// Checks the inputs against the attributes; everything a kernel relies on to index its
+    /// buffers safely is established here.
+    pub fn check(&self, inputs: usize, a: &TensorInfo, codes: &TensorInfo, scales: &TensorInfo) -> Result<RunShape> {
+        check_inputs(&self.layout, self.act, inputs, a, codes, scales).map_err(|e| e.context(self.describe()))
+    }
+}
+
+/// [`Node::check`] without the node name (unit-testable without ORT).
+pub fn check_inputs(
+    l: &Layout,
+    act: Act,
+    inputs: usize,
+    a: &TensorInfo,
+    codes: &TensorInfo,
+    scales: &TensorInfo,
+) -> Result<RunShape> {
+    if inputs != 3 {
+        return Err(Error::invalid(format!("expected 3 inputs (A, codes, scales), got {inputs}")));
+    }
+    if a.elem != act.onnx() {
+        return Err(Error::invalid(format!("A must be {}, got {a}", elem::name(act.onnx()))));
+    }
+    let Some((&last, lead)) = a.shape.split_last() else {
+        return Err(Error::invalid(format!("A must be at least 1-D [..., K={}], got a scalar", l.k)));
+    };
+    if last != l.k as i64 {
+        return Err(Error::invalid(format!("A must be [..., K={}], got {a}", l.k)));
+    }
+    let m = lead.iter().try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)));
+    let m = m.ok_or_else(|| Error::invalid(format!("A has a bad shape {:?}", a.shape)))?;
+    if m.checked_mul(l.k.max(l.n)).is_none() {
+        return Err(Error::invalid(format!("A {:?} is too large", a.shape)));
+    }
+    for (what, want, got) in [("codes", codes_expectation(l), codes), ("scales", scales_expectation(l), scales)] {
+        if *got != want {
+            return Err(Error::invalid(format!("{what} must be {want}, got {got}")));
+        }
+    }
+    let mut out_shape = lead.to_vec();
+    out_shape.push(l.n as i64);
+    Ok(RunShape { m, out_shape })
+}
+
+const F32_IO: &[T] = &[
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+];
+const F16_IO: &[T] = &[
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+];
+
+/// The CPU registrations: one per activation type, same name and domain. ORT merges the type
+/// constraints of same-named ops and picks the kernel by `A`'s type. `codes` and `scales` are
+/// declared as any type because their type depends on the `bits` attribute; [`check_inputs`]
+/// enforces it at run time.
+pub(crate) fn cpu_ops() -> Vec<OpSpec> {
+    let spec =
+        |inputs: &'static [T], outputs: &'static [T], create: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>| {
+            OpSpec { name: OP_NAME, ep: CPU_EP, inputs, outputs, since_version: OPSET, end_version: OPSET, create }
+        };
+    vec![
+        spec(F32_IO, &F32_IO[..1], |info| crate::cpu::qins_matmul::create(info, Act::F32)),
+        spec(F16_IO, &F16_IO[..1], |info| crate::cpu::qins_matmul::create(info, Act::F16)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ti(elem: i32, shape: &[i64]) -> TensorInfo {
+        TensorInfo { elem, shape: shape.to_vec() }
+    }
+
+    #[test]
+    fn attributes_are_validated() {
+        assert!(layout_from_attrs(64, 8, 8, 32).is_ok());
+        assert!(layout_from_attrs(64, 8, 32, 64).is_ok());
+        for (k, n, bits, g) in
+            [(64, 8, 5, 32), (0, 8, 8, 1), (64, 0, 8, 1), (64, 8, 8, 0), (64, 8, 8, 65), (64, 8, 32, 32)]
+        {
+            let e = layout_from_attrs(k, n, bits, g).unwrap_err();
+            assert_eq!(e.code, ort_sys::OrtErrorCode::ORT_INVALID_ARGUMENT, "{e}");
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        let l = layout_from_attrs(100, 7, 6, 30).unwrap();
+        let codes = ti(elem::UINT8, &[7, Format::Q6.row_bytes(100) as i64]);
+        let scales = ti(elem::FLOAT16, &[7, 4]);
+        let a = ti(elem::FLOAT, &[2, 3, 100]);
+        let r = check_inputs(&l, Act::F32, 3, &a, &codes, &scales).unwrap();
+        assert_eq!(r, RunShape { m: 6, out_shape: vec![2, 3, 7] });
+        let r = check_inputs(&l, Act::F32, 3, &ti(elem::FLOAT, &[0, 100]), &codes, &scales).unwrap();
+        assert_eq!(r.m, 0);
+        let bad = [
+            (ti(elem::FLOAT, &[2, 99]), codes.clone(), scales.clone(), "K=100"),
+            (ti(elem::FLOAT16, &[2, 100]), codes.clone(), scales.clone(), "A must be float"),
+            (ti(elem::FLOAT, &[]), codes.clone(), scales.clone(), "scalar"),
+            (a.clone(), ti(elem::UINT8, &[7, 75]), scales.clone(), "codes must be uint8 [7, 96]"),
+            (a.clone(), ti(elem::FLOAT, &[7, 96]), scales.clone(), "codes must be uint8"),
+            (a.clone(), codes.clone(), ti(elem::FLOAT16, &[7, 3]), "scales must be float16 [7, 4]"),
+            (a.clone(), codes.clone(), ti(elem::FLOAT, &[7, 4]), "scales must be float16"),
+        ];
+        for (a, c, s, want) in bad {
+            let e = check_inputs(&l, Act::F32, 3, &a, &c, &s).unwrap_err();
+            assert!(e.msg.contains(want), "{e} should mention {want}");
+        }
+        assert!(check_inputs(&l, Act::F32, 2, &a, &codes, &scales).is_err());
+    }
+
+    #[test]
+    fn f32_format_shapes() {
+        let l = layout_from_attrs(10, 3, 32, 10).unwrap();
+        let a = ti(elem::FLOAT16, &[10]);
+        let r = check_inputs(&l, Act::F16, 3, &a, &ti(elem::FLOAT, &[3, 10]), &ti(elem::FLOAT, &[3, 1])).unwrap();
+        assert_eq!(r, RunShape { m: 1, out_shape: vec![3] });
+        assert!(check_inputs(&l, Act::F16, 3, &a, &ti(elem::UINT8, &[3, 40]), &ti(elem::FLOAT, &[3, 1])).is_err());
+    }
+}

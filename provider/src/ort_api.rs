@@ -1,0 +1,353 @@
+//! Thin safe wrappers over the few `OrtApi` calls the ops need.
+//!
+//! The API table comes from the host process (whatever ONNX Runtime loaded this library), so
+//! this crate never links `libonnxruntime`. Every wrapper turns a non-null `OrtStatus` into an
+//! [`Error`] (releasing the status), so callers only ever see `Result`.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::fmt;
+use std::ptr::{self, NonNull};
+
+use half::f16;
+use ort_sys::{
+    ONNXTensorElementDataType, OrtApi, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtStatus, OrtStatusPtr,
+    OrtTensorTypeAndShapeInfo, OrtValue,
+};
+
+/// An error on its way back to ONNX Runtime as an `OrtStatus`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    pub code: OrtErrorCode,
+    pub msg: String,
+}
+
+impl Error {
+    /// The model or its inputs are wrong (shapes, types, attributes).
+    pub fn invalid(msg: impl Into<String>) -> Error {
+        Error { code: OrtErrorCode::ORT_INVALID_ARGUMENT, msg: msg.into() }
+    }
+
+    /// Anything else: an ORT call failed, or a bug (a caught panic).
+    pub fn fail(msg: impl Into<String>) -> Error {
+        Error { code: OrtErrorCode::ORT_FAIL, msg: msg.into() }
+    }
+
+    /// Prefixes the message, keeping the code (used to name the node).
+    pub fn context(self, prefix: impl fmt::Display) -> Error {
+        Error { code: self.code, msg: format!("{prefix}: {}", self.msg) }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// ONNX element type codes (TensorProto.DataType). Kept as plain integers: reading an ORT enum
+/// we did not compile against straight into a Rust enum would be undefined behaviour if a newer
+/// runtime reports a value the binding lacks.
+pub mod elem {
+    pub const FLOAT: i32 = 1;
+    pub const UINT8: i32 = 2;
+    pub const FLOAT16: i32 = 10;
+
+    pub fn name(t: i32) -> String {
+        let s = match t {
+            0 => "undefined",
+            1 => "float",
+            2 => "uint8",
+            3 => "int8",
+            4 => "uint16",
+            5 => "int16",
+            6 => "int32",
+            7 => "int64",
+            8 => "string",
+            9 => "bool",
+            10 => "float16",
+            11 => "double",
+            12 => "uint32",
+            13 => "uint64",
+            16 => "bfloat16",
+            _ => return format!("element type {t}"),
+        };
+        s.to_string()
+    }
+}
+
+/// Rust types a tensor buffer may be viewed as.
+pub trait Elem: Copy + Send + Sync + 'static {
+    const ONNX: i32;
+}
+
+impl Elem for f32 {
+    const ONNX: i32 = elem::FLOAT;
+}
+
+impl Elem for f16 {
+    const ONNX: i32 = elem::FLOAT16;
+}
+
+impl Elem for u8 {
+    const ONNX: i32 = elem::UINT8;
+}
+
+/// Element type and shape of a tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub elem: i32,
+    pub shape: Vec<i64>,
+}
+
+impl TensorInfo {
+    /// Number of elements, or an error when a dimension is negative or the product overflows.
+    pub fn numel(&self) -> Result<usize> {
+        self.shape.iter().try_fold(1usize, |acc, &d| {
+            usize::try_from(d)
+                .ok()
+                .and_then(|d| acc.checked_mul(d))
+                .ok_or_else(|| Error::invalid(format!("bad tensor shape {:?}", self.shape)))
+        })
+    }
+}
+
+impl fmt::Display for TensorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?}", elem::name(self.elem), self.shape)
+    }
+}
+
+/// The host's API table. Copyable: ORT keeps the table alive for the whole process.
+#[derive(Clone, Copy)]
+pub struct Api(&'static OrtApi);
+
+impl Api {
+    /// # Safety
+    /// `api` must be null or the table returned by `OrtApiBase::GetApi` (static in ORT).
+    pub unsafe fn from_raw(api: *const OrtApi) -> Option<Api> {
+        // SAFETY: per the contract, a non-null pointer is ORT's static API table.
+        unsafe { api.as_ref() }.map(Api)
+    }
+
+    pub fn raw(self) -> &'static OrtApi {
+        self.0
+    }
+
+    /// An `OrtStatus` carrying `err`; ORT takes ownership.
+    pub fn status(self, err: &Error) -> OrtStatusPtr {
+        // Interior NULs would truncate the message; nothing else can make CString fail.
+        let msg = CString::new(err.msg.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: CreateStatus copies the message; the pointer is valid for the call.
+        unsafe { (self.0.CreateStatus)(err.code, msg.as_ptr()) }
+    }
+
+    /// Converts (and releases) a status returned by an ORT call.
+    pub fn check(self, status: OrtStatusPtr, what: &str) -> Result<()> {
+        let Some(st) = NonNull::new(status.0) else { return Ok(()) };
+        let st: *mut OrtStatus = st.as_ptr();
+        // SAFETY: `st` is a live status that we own; it is released exactly once, after its
+        // message has been copied.
+        unsafe {
+            let code = (self.0.GetErrorCode)(st) as i32;
+            let msg = (self.0.GetErrorMessage)(st);
+            let msg = if msg.is_null() { String::new() } else { CStr::from_ptr(msg).to_string_lossy().into_owned() };
+            (self.0.ReleaseStatus)(st);
+            let code = if code == OrtErrorCode::ORT_INVALID_ARGUMENT as i32 {
+                OrtErrorCode::ORT_INVALID_ARGUMENT
+            } else {
+                OrtErrorCode::ORT_FAIL
+            };
+            Err(Error { code, msg: format!("{what}: {msg}") })
+        }
+    }
+}
+
+/// Read access to an `OrtKernelInfo` during kernel creation.
+#[derive(Clone, Copy)]
+pub struct KernelInfo {
+    api: Api,
+    ptr: *const OrtKernelInfo,
+}
+
+impl KernelInfo {
+    /// # Safety
+    /// `ptr` must be the kernel info ORT passed to `CreateKernelV2`, used only during that call.
+    pub unsafe fn new(api: Api, ptr: *const OrtKernelInfo) -> Result<KernelInfo> {
+        if ptr.is_null() {
+            return Err(Error::fail("ONNX Runtime passed a null OrtKernelInfo"));
+        }
+        Ok(KernelInfo { api, ptr })
+    }
+
+    /// An int attribute; a missing one is an error that names it.
+    pub fn attr_i64(&self, name: &CStr) -> Result<i64> {
+        let mut v = 0i64;
+        // SAFETY: valid info, NUL-terminated name and a live out pointer.
+        let st = unsafe { (self.api.0.KernelInfoGetAttribute_int64)(self.ptr, name.as_ptr(), &mut v) };
+        self.api
+            .check(st, &format!("missing or non-int attribute '{}'", name.to_string_lossy()))
+            .map_err(|e| Error::invalid(e.msg))?;
+        Ok(v)
+    }
+
+    pub fn node_name(&self) -> Result<String> {
+        let mut len = 0usize;
+        // SAFETY: a null buffer asks for the size (including the NUL).
+        let st = unsafe { (self.api.0.KernelInfo_GetNodeName)(self.ptr, ptr::null_mut(), &mut len) };
+        self.api.check(st, "KernelInfo_GetNodeName")?;
+        let mut buf = vec![0u8; len.max(1)];
+        len = buf.len();
+        // SAFETY: `buf` holds `len` writable bytes.
+        let st = unsafe { (self.api.0.KernelInfo_GetNodeName)(self.ptr, buf.as_mut_ptr().cast::<c_char>(), &mut len) };
+        self.api.check(st, "KernelInfo_GetNodeName")?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+}
+
+/// The `OrtKernelContext` of one `Compute` call. Borrows of tensors it hands out live no longer
+/// than the context itself, which ORT keeps valid for the duration of the call.
+pub struct KernelCtx {
+    api: Api,
+    ptr: *mut OrtKernelContext,
+}
+
+impl KernelCtx {
+    /// # Safety
+    /// `ptr` must be the context ORT passed to `KernelComputeV2`, and the returned value must
+    /// not outlive that call.
+    pub unsafe fn new(api: Api, ptr: *mut OrtKernelContext) -> Result<KernelCtx> {
+        if ptr.is_null() {
+            return Err(Error::fail("ONNX Runtime passed a null OrtKernelContext"));
+        }
+        Ok(KernelCtx { api, ptr })
+    }
+
+    pub fn input_count(&self) -> Result<usize> {
+        let mut n = 0usize;
+        // SAFETY: valid context and out pointer.
+        let st = unsafe { (self.api.0.KernelContext_GetInputCount)(self.ptr, &mut n) };
+        self.api.check(st, "KernelContext_GetInputCount")?;
+        Ok(n)
+    }
+
+    pub fn input(&self, index: usize) -> Result<Tensor<'_>> {
+        let mut v: *const OrtValue = ptr::null();
+        // SAFETY: valid context and out pointer; ORT bounds-checks nothing here, so callers
+        // check `input_count` first.
+        let st = unsafe { (self.api.0.KernelContext_GetInput)(self.ptr, index, &mut v) };
+        self.api.check(st, "KernelContext_GetInput")?;
+        if v.is_null() {
+            return Err(Error::invalid(format!("input {index} is missing")));
+        }
+        let info = tensor_info(self.api, v)?;
+        Ok(Tensor { api: self.api, value: v.cast_mut(), info, _ctx: std::marker::PhantomData })
+    }
+
+    /// Allocates output `index` with `shape`.
+    pub fn output(&self, index: usize, shape: &[i64]) -> Result<Tensor<'_>> {
+        let mut v: *mut OrtValue = ptr::null_mut();
+        // SAFETY: valid context; `shape` is read for the duration of the call.
+        let st = unsafe { (self.api.0.KernelContext_GetOutput)(self.ptr, index, shape.as_ptr(), shape.len(), &mut v) };
+        self.api.check(st, "KernelContext_GetOutput")?;
+        if v.is_null() {
+            return Err(Error::fail(format!("ONNX Runtime returned no buffer for output {index}")));
+        }
+        let info = tensor_info(self.api, v)?;
+        if info.shape != shape {
+            return Err(Error::fail(format!("output {index} was allocated as {info}, asked for {shape:?}")));
+        }
+        Ok(Tensor { api: self.api, value: v, info, _ctx: std::marker::PhantomData })
+    }
+}
+
+/// One input or output tensor of a running kernel.
+pub struct Tensor<'ctx> {
+    api: Api,
+    value: *mut OrtValue,
+    pub info: TensorInfo,
+    _ctx: std::marker::PhantomData<&'ctx KernelCtx>,
+}
+
+impl<'ctx> Tensor<'ctx> {
+    fn data_ptr<T: Elem>(&self) -> Result<(*mut T, usize)> {
+        if self.info.elem != T::ONNX {
+            return Err(Error::invalid(format!(
+                "tensor is {}, expected {}",
+                elem::name(self.info.elem),
+                elem::name(T::ONNX)
+            )));
+        }
+        let len = self.info.numel()?;
+        if len == 0 {
+            // An empty tensor may have no buffer at all; a dangling, aligned pointer is what an
+            // empty slice needs.
+            return Ok((NonNull::<T>::dangling().as_ptr(), 0));
+        }
+        let mut p: *mut c_void = ptr::null_mut();
+        // SAFETY: `value` is a live tensor of this context.
+        let st = unsafe { (self.api.0.GetTensorMutableData)(self.value, &mut p) };
+        self.api.check(st, "GetTensorMutableData")?;
+        if p.is_null() || (p as usize) % std::mem::align_of::<T>() != 0 {
+            return Err(Error::fail(format!("tensor buffer {p:p} is null or misaligned for {}", elem::name(T::ONNX))));
+        }
+        Ok((p.cast::<T>(), len))
+    }
+
+    /// The tensor's elements. Only for CPU-resident tensors.
+    pub fn slice<T: Elem>(&self) -> Result<&'ctx [T]> {
+        let (p, len) = self.data_ptr::<T>()?;
+        // SAFETY: ORT owns a buffer of `len` elements of type T (checked above) at `p`, alive
+        // until Compute returns, which outlives 'ctx. Inputs are not written during Compute.
+        Ok(unsafe { std::slice::from_raw_parts(p, len) })
+    }
+
+    /// The tensor's elements, writable. Only for outputs of this kernel; consuming the handle
+    /// keeps a second mutable view from being made through it.
+    pub fn into_slice_mut<T: Elem>(self) -> Result<&'ctx mut [T]> {
+        let (p, len) = self.data_ptr::<T>()?;
+        // SAFETY: as in `slice`; an output buffer belongs to this kernel alone during Compute
+        // (no in-place or alias hints are declared) and `output` is called once per index.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
+    }
+}
+
+fn tensor_info(api: Api, v: *const OrtValue) -> Result<TensorInfo> {
+    let mut value_type = 0i32;
+    // SAFETY: `v` is a live value; the out pointer is an i32, the size of ORT's enum.
+    let st = unsafe { (api.0.GetValueType)(v, (&mut value_type as *mut i32).cast()) };
+    api.check(st, "GetValueType")?;
+    if value_type != ort_sys::ONNXType::ONNX_TYPE_TENSOR as i32 {
+        return Err(Error::invalid(format!("expected a tensor, got ONNX value type {value_type}")));
+    }
+    let mut info: *mut OrtTensorTypeAndShapeInfo = ptr::null_mut();
+    // SAFETY: `v` is a live tensor; `info` is released below on every path.
+    let st = unsafe { (api.0.GetTensorTypeAndShape)(v, &mut info) };
+    api.check(st, "GetTensorTypeAndShape")?;
+    if info.is_null() {
+        return Err(Error::fail("GetTensorTypeAndShape returned null"));
+    }
+    let res = (|| {
+        let mut et = 0i32;
+        // SAFETY: live info; i32 out pointer as above.
+        let st =
+            unsafe { (api.0.GetTensorElementType)(info, (&mut et as *mut i32).cast::<ONNXTensorElementDataType>()) };
+        api.check(st, "GetTensorElementType")?;
+        let mut rank = 0usize;
+        // SAFETY: live info.
+        let st = unsafe { (api.0.GetDimensionsCount)(info, &mut rank) };
+        api.check(st, "GetDimensionsCount")?;
+        let mut shape = vec![0i64; rank];
+        // SAFETY: `shape` has room for `rank` dims.
+        let st = unsafe { (api.0.GetDimensions)(info, shape.as_mut_ptr(), rank) };
+        api.check(st, "GetDimensions")?;
+        Ok(TensorInfo { elem: et, shape })
+    })();
+    // SAFETY: `info` was created above and is released once.
+    unsafe { (api.0.ReleaseTensorTypeAndShapeInfo)(info) };
+    res
+}
