@@ -56,6 +56,19 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Import a GGUF model (Llama architecture, e.g. SmolLM2) into an fp32 ONNX model in
+    /// the onnxruntime-genai builder's layout, with tokenizer.json and genai_config.json.
+    ImportGguf {
+        gguf: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Replace the output folder if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Also write the import report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Round-trip every targeted weight through each QINS format and int8/int4/NF4.
     Report {
         model: PathBuf,
@@ -179,6 +192,13 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("write {}", path.display()))?;
             }
             eprintln!("wrote {}", out.display());
+        }
+        Cmd::ImportGguf { gguf, out, force, json } => {
+            let r = qins_models::import_gguf(&gguf, &out, force, &mut |msg| eprintln!("{msg}"))?;
+            println!("{r}");
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&r)?).with_context(|| format!("write {}", path.display()))?;
+            }
         }
         Cmd::Report { model, group, select, json, per_tensor } => {
             let m = Model::load(&model)?;

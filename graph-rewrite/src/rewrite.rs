@@ -3,7 +3,7 @@
 use crate::plan::{Plan, Target};
 use crate::report::{LayerReport, RewriteReport};
 use anyhow::{anyhow, bail, Context, Result};
-use qins::codec::{encode_matrix, Encoded, Format, Layout, TensorStats, WeightSource};
+use qins::codec::{encode_matrix, Encoded, Format, Layout, Scratch, TensorStats, WeightSource};
 use qins::onnx::build::{attr_int, node, tensor_deferred, DEFERRED};
 use qins::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto};
 use qins::onnx::{dtype, external_ref, save_model, AtomicDir, Model, SaveOptions};
@@ -215,6 +215,7 @@ pub fn rewrite<'m>(
     let mut layers: Vec<Option<LayerReport>> = vec![None; plan.targets.len()];
     let mut pending_scales: HashMap<usize, Vec<u8>> = HashMap::new();
     let mut input_bytes = 0u64;
+    let mut scratch = Scratch::new();
     let resolve = &mut |t: &TensorProto| -> Result<Cow<'m, [u8]>> {
         let r = external_ref(t)?.ok_or_else(|| anyhow!("tensor '{}' is not external", t.name()))?;
         let Some(job) = parse_job(&r.location) else {
@@ -227,7 +228,7 @@ pub fn rewrite<'m>(
             Job::Codes(i) => {
                 let target = &plan.targets[i];
                 let started = Instant::now();
-                let (enc, stats) = encode_target(model, target, opts)?;
+                let (enc, stats) = encode_target(model, target, opts, &mut scratch)?;
                 let src_bytes = (target.k * target.n() * target.elem.bytes()) as u64;
                 input_bytes += src_bytes;
                 progress.advance(src_bytes, &target.name);
@@ -276,8 +277,13 @@ fn full_weight<'a>(model: &'a Model, t: &Target) -> Result<WeightSource<'a>> {
     Ok(WeightSource::new(bytes, t.elem, t.k, t.n_total)?)
 }
 
-fn encode_target(model: &Model, t: &Target, opts: &RewriteOptions) -> Result<(Encoded, TensorStats)> {
-    let src = weight_source(model, t)?;
+fn encode_target(
+    model: &Model,
+    t: &Target,
+    opts: &RewriteOptions,
+    scratch: &mut Scratch,
+) -> Result<(Encoded, TensorStats)> {
+    let src = weight_source(model, t)?.stage(scratch);
     let layout = Layout::new(opts.format, t.k, t.n(), opts.group);
     let (enc, rows) = encode_matrix(src, layout).with_context(|| format!("encode {}", t.name))?;
     let stats = TensorStats::from_rows(&rows, layout.bits_per_weight());

@@ -5,7 +5,9 @@ use crate::plan::{Plan, Target};
 use crate::report::short;
 use crate::rewrite::weight_source;
 use anyhow::Result;
-use qins::codec::{baseline_bits_per_weight, baseline_roundtrip, encode_matrix, Baseline, Format, Layout, TensorStats};
+use qins::codec::{
+    baseline_bits_per_weight, baseline_roundtrip, encode_matrix, Baseline, Format, Layout, Scratch, TensorStats,
+};
 use qins::onnx::Model;
 use serde::Serialize;
 use std::fmt::Write;
@@ -85,9 +87,10 @@ pub fn roundtrip(
 ) -> Result<RoundTripReport> {
     let methods = methods();
     let mut tensors = Vec::new();
+    let mut scratch = Scratch::new();
     for t in &plan.targets {
         progress(t);
-        let src = weight_source(model, t)?;
+        let src = weight_source(model, t)?.stage(&mut scratch);
         let mut stats = Vec::new();
         for m in &methods {
             stats.push(match m {

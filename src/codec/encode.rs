@@ -109,6 +109,21 @@ impl<'a> WeightSource<'a> {
         }
     }
 
+    /// Copies the window into `scratch` as a dense `[K, n]` matrix and reads from there.
+    /// The transpose in the encoder touches one cache line of each of K rows at a time;
+    /// from a file map that is a TLB miss per line, from huge-page-backed scratch memory it
+    /// is not. The copy itself is sequential and cheap by comparison.
+    pub fn stage<'s>(&self, scratch: &'s mut Scratch) -> WeightSource<'s> {
+        let eb = self.elem.bytes();
+        let buf = scratch.get(self.k * self.n * eb);
+        let row = self.n * eb;
+        for (k, dst) in buf.chunks_exact_mut(row).enumerate() {
+            let start = (k * self.ld + self.col0) * eb;
+            dst.copy_from_slice(&self.bytes[start..start + row]);
+        }
+        WeightSource { bytes: buf, elem: self.elem, k: self.k, ld: self.n, col0: 0, n: self.n }
+    }
+
     /// The window's bytes as a dense `[K, n]` matrix (a copy when it is a column window).
     pub fn to_dense_bytes(&self) -> Vec<u8> {
         let eb = self.elem.bytes();
@@ -118,6 +133,30 @@ impl<'a> WeightSource<'a> {
             out.extend_from_slice(&self.bytes[start..start + self.n * eb]);
         }
         out
+    }
+}
+
+/// Reusable memory for [`WeightSource::stage`], backed by huge pages where the kernel
+/// grants them.
+#[derive(Default)]
+pub struct Scratch {
+    map: Option<memmap2::MmapMut>,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch::default()
+    }
+
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.map.as_ref().is_none_or(|m| m.len() < len) {
+            let cap = len.next_multiple_of(2 << 20).max(2 << 20);
+            let map = memmap2::MmapMut::map_anon(cap).expect("map scratch memory");
+            #[cfg(target_os = "linux")]
+            let _ = map.advise(memmap2::Advice::HugePage);
+            self.map = Some(map);
+        }
+        &mut self.map.as_mut().expect("mapped above")[..len]
     }
 }
 

@@ -20,7 +20,7 @@ mod encode;
 mod stats;
 
 pub use baseline::{baseline_bits_per_weight, baseline_roundtrip, Baseline};
-pub use encode::{encode_matrix, encode_rows, Elem, EncodeError, WeightSource};
+pub use encode::{encode_matrix, encode_rows, Elem, EncodeError, Scratch, WeightSource};
 pub use stats::{RowErr, TensorStats};
 
 use std::sync::OnceLock;

@@ -53,43 +53,59 @@ pub fn save_model<'r>(
 ) -> Result<SaveStats> {
     let dir = onnx_path.parent().unwrap_or(Path::new("."));
     let data_path = dir.join(&opts.data_file);
-    let mut out = BufWriter::with_capacity(
-        8 << 20,
-        File::create(&data_path).with_context(|| format!("create {}", data_path.display()))?,
-    );
+    let file = File::create(&data_path).with_context(|| format!("create {}", data_path.display()))?;
     let mut pos = 0u64;
     let mut stats = SaveStats::default();
-    for_each_tensor_mut(proto, &mut |t| {
-        let bytes: Cow<[u8]> = if t.data_location() == DataLocation::External {
-            resolve(t)?
-        } else {
-            match (&t.raw_data, opts.externalize_min_bytes) {
-                (Some(raw), Some(min)) if raw.len() >= min => Cow::Owned(raw.to_vec()),
-                _ => return Ok(()),
+    // A writer thread takes the bytes while the next tensor is being produced (encoding
+    // uses every core; copying into the page cache then overlaps it). Two tensors in
+    // flight bound the memory held.
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Cow<'r, [u8]>>(2);
+        let writer = scope.spawn(move || -> Result<()> {
+            let mut out = BufWriter::with_capacity(8 << 20, file);
+            for chunk in rx {
+                out.write_all(&chunk)?;
             }
-        };
-        if let Some(want) = expected_bytes(t) {
-            if want != bytes.len() as u64 {
-                bail!("tensor '{}': {} bytes supplied, its shape and type need {want}", t.name(), bytes.len());
+            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+            Ok(())
+        });
+        let walk = for_each_tensor_mut(proto, &mut |t| {
+            let bytes: Cow<[u8]> = if t.data_location() == DataLocation::External {
+                resolve(t)?
+            } else {
+                match (&t.raw_data, opts.externalize_min_bytes) {
+                    (Some(raw), Some(min)) if raw.len() >= min => Cow::Owned(raw.to_vec()),
+                    _ => return Ok(()),
+                }
+            };
+            if let Some(want) = expected_bytes(t) {
+                if want != bytes.len() as u64 {
+                    bail!("tensor '{}': {} bytes supplied, its shape and type need {want}", t.name(), bytes.len());
+                }
             }
-        }
-        let len = bytes.len() as u64;
-        let pad = pos.next_multiple_of(alignment(len)) - pos;
-        out.write_all(&vec![0u8; pad as usize])?;
-        pos += pad;
-        out.write_all(&bytes).with_context(|| format!("write {}", data_path.display()))?;
-        t.raw_data = None;
-        t.set_data_location(DataLocation::External);
-        t.external_data =
-            vec![kv("location", &opts.data_file), kv("offset", &pos.to_string()), kv("length", &len.to_string())];
-        pos += len;
-        stats.external_tensors += 1;
-        Ok(())
+            let len = bytes.len() as u64;
+            let pad = pos.next_multiple_of(alignment(len)) - pos;
+            // A failed send means the writer stopped; its own error is reported below.
+            if pad > 0 && tx.send(Cow::Owned(vec![0u8; pad as usize])).is_err() {
+                bail!("writer stopped");
+            }
+            pos += pad;
+            if tx.send(bytes).is_err() {
+                bail!("writer stopped");
+            }
+            t.raw_data = None;
+            t.set_data_location(DataLocation::External);
+            t.external_data =
+                vec![kv("location", &opts.data_file), kv("offset", &pos.to_string()), kv("length", &len.to_string())];
+            pos += len;
+            stats.external_tensors += 1;
+            Ok(())
+        });
+        drop(tx);
+        let written = writer.join().map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+        written.with_context(|| format!("write {}", data_path.display()))?;
+        walk
     })?;
-    out.into_inner()
-        .map_err(|e| e.into_error())
-        .and_then(|f| f.sync_data().map(|_| f))
-        .context("flush external data")?;
     stats.data_bytes = pos;
     if stats.external_tensors == 0 {
         std::fs::remove_file(&data_path).ok();
