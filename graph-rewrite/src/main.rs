@@ -69,6 +69,35 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Compare rewritten models with the original on real text (teacher-forced logits:
+    /// argmax agreement, NLL, KL) through ONNX Runtime with the QINS library.
+    Parity {
+        /// The original model folder (its tokenizer.json encodes the text).
+        reference: PathBuf,
+        /// Rewritten model folders.
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        /// Text to score: a .txt file, or the JSON of Wikipedia summaries.
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        /// Number of windows.
+        #[arg(long, default_value_t = 8)]
+        windows: usize,
+        /// ONNX Runtime library (default: $ORT_DYLIB_PATH).
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+        /// QINS custom-op library (default: $QINS_PROVIDER_LIB, or beside this program).
+        #[arg(long)]
+        provider_lib: Option<PathBuf>,
+        /// Intra-op threads (0: ONNX Runtime's choice).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Round-trip every targeted weight through each QINS format and int8/int4/NF4.
     Report {
         model: PathBuf,
@@ -198,6 +227,32 @@ fn run(cli: Cli) -> Result<()> {
             println!("{r}");
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&r)?).with_context(|| format!("write {}", path.display()))?;
+            }
+        }
+        Cmd::Parity { reference, models, text, window, windows, ort_lib, provider_lib, threads, json } => {
+            use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
+            use qins_graph_rewrite::parity;
+            let opts = EngineOptions { ort_lib, provider_lib, threads };
+            let tok_path = reference.join("tokenizer.json");
+            let tok = tokenizers::Tokenizer::from_file(&tok_path)
+                .map_err(|e| anyhow::anyhow!("load {}: {e}", tok_path.display()))?;
+            let text = parity::read_text(&text)?;
+            let need = window * windows * 6;
+            let cut = text.char_indices().nth(need).map_or(text.len(), |(i, _)| i);
+            let enc = tok.encode(&text[..cut], false).map_err(|e| anyhow::anyhow!("tokenize: {e}"))?;
+            let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+            let mut r = CausalLm::open(&reference, &opts)?;
+            let mut tests = models
+                .iter()
+                .map(|m| Ok((m.display().to_string(), CausalLm::open(m, &opts)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let res = parity::teacher_forced(&mut r, &mut tests, &ids, window, windows, &mut |i, n| {
+                eprint!("\rwindow {}/{n}", i + 1)
+            })?;
+            eprintln!();
+            print!("{}", parity::table(&res));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&res)?).with_context(|| format!("write {}", path.display()))?;
             }
         }
         Cmd::Report { model, group, select, json, per_tensor } => {

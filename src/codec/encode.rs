@@ -442,6 +442,46 @@ fn accumulate(x: &[f32], y: &[f32], err: &mut RowErr, simd: bool) {
     err.sxy = 0.5 * (err.sxx + err.syy - err.see);
 }
 
+/// The f32 format's scale: the power of two `2^(e - 23)` with `2^e <= absmax < 2^(e+1)`.
+/// Then `|x| / s < 2^24` for every weight of the channel, so `|x|/s + 1` is exact in f32 for
+/// all but the tiniest weights (below `s`), and decoding is one rounding step.
+pub(crate) fn f32_scale(absmax: f32) -> f32 {
+    let e = ((absmax.to_bits() >> 23) & 0xff) as i32 - 127;
+    if e - 23 < -126 {
+        // Subnormal weights: any scale keeps z normal; the round trip is then exact anyway.
+        return f32::MIN_POSITIVE;
+    }
+    f32::from_bits(((e - 23 + 127) as u32) << 23)
+}
+
+/// `z` for `x` at scale `s` in the f32 format, and what it decodes to. `E(x)` rounded to
+/// f32 usually lands a few ulps off the `z` whose f32 decode gives back `x` exactly, so
+/// the neighbours are tried: most weights then round-trip bit for bit, the rest (those
+/// too small for the f32 spacing of `z` near 1) to the nearest value decode can produce.
+#[inline]
+fn exact_z(x: f32, s: f32) -> (f32, f32) {
+    let z0 = encode_z(x, s);
+    let mut best = (z0, decode_z(z0, s));
+    if best.1 == x {
+        return best;
+    }
+    for d in [-1i32, 1, -2, 2, -3, 3] {
+        let z = f32::from_bits((z0.to_bits() as i32 + d) as u32);
+        // Stay within the sign's half of (0, 1]: no z = 0, no |z| > 1.
+        if z == 0.0 || z.abs() > 1.0 || z.signum() != z0.signum() {
+            continue;
+        }
+        let y = decode_z(z, s);
+        if (y - x).abs() < (best.1 - x).abs() {
+            best = (z, y);
+            if y == x {
+                break;
+            }
+        }
+    }
+    best
+}
+
 /// The search pass with AVX2 intrinsics: reciprocal estimates refined by one Newton step
 /// stand in for the three divisions, which dominate the portable version.
 #[cfg(target_arch = "x86_64")]
@@ -657,14 +697,14 @@ impl RowEncoder {
 
     #[inline(always)]
     fn encode_f32(&mut self, x: &[f32], amax: f32, row: &mut [u8], scales: &mut [f32], err: &mut RowErr, simd: bool) {
-        // a = 1/absmax keeps |z| in [1/2, 1] where f32 spacing is finest; an all-zero row
-        // still needs a > 0 so that z = 1 and not 0/0.
-        let s = if amax > 0.0 { amax } else { 1.0 };
+        // A power-of-two scale far below the weights makes decode a single rounding (see
+        // `f32_scale`); an all-zero row still needs a > 0 so that z = 1 and not 0/0.
+        let s = if amax > 0.0 { f32_scale(amax) } else { 1.0 };
         scales[0] = s;
         for ((&v, out), d) in x.iter().zip(row.chunks_exact_mut(4)).zip(self.decoded.iter_mut()) {
-            let z = encode_z(v, s);
+            let (z, y) = exact_z(v, s);
             out.copy_from_slice(&z.to_le_bytes());
-            *d = decode_z(z, s);
+            *d = y;
         }
         accumulate(x, &self.decoded[..x.len()], err, simd);
     }

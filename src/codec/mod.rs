@@ -369,11 +369,14 @@ pub fn encode_z(x: f32, s: f32) -> f32 {
     (if x < 0.0 { -z } else { z }) as f32
 }
 
-/// `D(z)` with `a = 1/s`.
+/// `D(z)` with `a = 1/s`, as `s (1/|z| - 1)`: with `s` a power of two (as the f32 encoder
+/// picks it) the reciprocal is the only rounding step, since subtracting 1 from a float in
+/// [1, 2^24) and scaling by 2^k are exact. That is what lets most weights round-trip bit
+/// for bit.
 #[inline]
 pub fn decode_z(z: f32, s: f32) -> f32 {
     let m = z.abs();
-    let v = (1.0 - m) / m * s;
+    let v = (1.0 / m - 1.0) * s;
     if z < 0.0 {
         -v
     } else {
