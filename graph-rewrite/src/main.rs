@@ -49,6 +49,9 @@ enum Cmd {
         /// Replace the output folder if it exists.
         #[arg(long)]
         force: bool,
+        /// Wait until the output is on disk before finishing (fsync).
+        #[arg(long)]
+        fsync: bool,
         /// Also write the per-layer report JSON here (it is always in the output folder).
         #[arg(long)]
         report: Option<PathBuf>,
@@ -203,10 +206,10 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Rewrite { model, out, bits, group, select, dry_run, force, report, quiet } => {
+        Cmd::Rewrite { model, out, bits, group, select, dry_run, force, fsync, report, quiet } => {
             let m = Model::load(&model)?;
             let p = plan::plan(&m, &select.options())?;
-            let opts = RewriteOptions { format: bits, group, force };
+            let opts = RewriteOptions { format: bits, group, force, fsync };
             if dry_run {
                 print_dry_run(&m, &p, &opts);
                 return Ok(());
@@ -226,7 +229,8 @@ fn run(cli: Cli) -> Result<()> {
             let r = qins_models::import_gguf(&gguf, &out, force, &mut |msg| eprintln!("{msg}"))?;
             println!("{r}");
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&r)?).with_context(|| format!("write {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
+                    .with_context(|| format!("write {}", path.display()))?;
             }
         }
         Cmd::Parity { reference, models, text, window, windows, ort_lib, provider_lib, threads, json } => {
@@ -252,7 +256,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!();
             print!("{}", parity::table(&res));
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&res)?).with_context(|| format!("write {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&res)?)
+                    .with_context(|| format!("write {}", path.display()))?;
             }
         }
         Cmd::Report { model, group, select, json, per_tensor } => {

@@ -154,8 +154,10 @@ pub fn teacher_forced(
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Vec<ModelParity>> {
     let ws = windows(ids, window, max_windows);
-    let mut out: Vec<ModelParity> =
-        tests.iter().map(|(n, _)| ModelParity { model: n.clone(), parity: LogitParity::default(), scored: 0 }).collect();
+    let mut out: Vec<ModelParity> = tests
+        .iter()
+        .map(|(n, _)| ModelParity { model: n.clone(), parity: LogitParity::default(), scored: 0 })
+        .collect();
     for (wi, w) in ws.iter().enumerate() {
         progress(wi, ws.len());
         let (r, vocab) = reference.forward(w)?;

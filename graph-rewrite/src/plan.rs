@@ -52,15 +52,15 @@ impl Role {
 /// optimum) `/model/layers.{i}/self_attn/q_proj/MatMul`; both share the projection names.
 const ROLE_PATTERNS: &[(&str, Role)] = &[
     (r"(^|/)lm_head(/|$)", Role::LmHead),
-    (r"/(self_attn|attn|attention)/(qkv_proj|query_key_value|Wqkv)/MatMul", Role::Qkv),
-    (r"/(self_attn|attn|attention)/(q_proj|query)/MatMul", Role::Q),
-    (r"/(self_attn|attn|attention)/(k_proj|key)/MatMul", Role::K),
-    (r"/(self_attn|attn|attention)/(v_proj|value)/MatMul", Role::V),
-    (r"/(self_attn|attn|attention)/(o_proj|out_proj|dense)/MatMul", Role::O),
-    (r"/mlp/gate_up_proj/MatMul", Role::GateUp),
-    (r"/mlp/(gate_proj|w1)/MatMul", Role::Gate),
-    (r"/mlp/(up_proj|w3)/MatMul", Role::Up),
-    (r"/mlp/(down_proj|w2)/MatMul", Role::Down),
+    (r"/(self_attn|attn|attention)/(qkv_proj|query_key_value|Wqkv)/MatMul(_\d+)?$", Role::Qkv),
+    (r"/(self_attn|attn|attention)/(q_proj|query)/MatMul(_\d+)?$", Role::Q),
+    (r"/(self_attn|attn|attention)/(k_proj|key)/MatMul(_\d+)?$", Role::K),
+    (r"/(self_attn|attn|attention)/(v_proj|value)/MatMul(_\d+)?$", Role::V),
+    (r"/(self_attn|attn|attention)/(o_proj|out_proj|dense)/MatMul(_\d+)?$", Role::O),
+    (r"/mlp/gate_up_proj/MatMul(_\d+)?$", Role::GateUp),
+    (r"/mlp/(gate_proj|w1)/MatMul(_\d+)?$", Role::Gate),
+    (r"/mlp/(up_proj|w3)/MatMul(_\d+)?$", Role::Up),
+    (r"/mlp/(down_proj|w2)/MatMul(_\d+)?$", Role::Down),
 ];
 
 /// A precision policy: which roles become QINS.

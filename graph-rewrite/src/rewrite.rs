@@ -24,6 +24,8 @@ pub struct RewriteOptions {
     pub group: usize,
     /// Replace a non-empty output folder.
     pub force: bool,
+    /// fsync the output before renaming it into place.
+    pub fsync: bool,
 }
 
 /// Progress callbacks: bytes of input weights handled so far, and the current tensor.
@@ -248,8 +250,12 @@ pub fn rewrite<'m>(
         }
     };
     let onnx_path = dir.path().join(&onnx_name);
-    let save =
-        save_model(&mut proto, &onnx_path, &SaveOptions { data_file: data_name, ..Default::default() }, resolve)?;
+    let save = save_model(
+        &mut proto,
+        &onnx_path,
+        &SaveOptions { data_file: data_name, fsync: opts.fsync, ..Default::default() },
+        resolve,
+    )?;
     progress.finish();
     copy_sidecars(model, dir.path())?;
 

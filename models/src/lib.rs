@@ -256,7 +256,7 @@ pub fn import_gguf(
     let initializers = model.graph.as_ref().map_or(0, |g| g.initializer.len());
     let n_layers = cfg.n_layers;
     let mut last_layer = None;
-    let opts = SaveOptions { data_file: "model.onnx.data".into(), externalize_min_bytes: Some(1024) };
+    let opts = SaveOptions { externalize_min_bytes: Some(1024), ..Default::default() };
     let stats = save_model(&mut model, &dir.path().join("model.onnx"), &opts, &mut |t| {
         let name = t.name();
         let key = t

@@ -317,30 +317,39 @@ impl Levels {
     }
 
     /// One assignment pass at scale `s`: the squared error and the Lloyd update of `s`.
-    /// Eight independent accumulators let the compiler keep the loop in vector registers.
+    /// Eight independent accumulators let the compiler keep the portable loop in vector
+    /// registers; AVX2 and AVX-512 have hand-written versions.
     #[inline(always)]
-    fn pass(&self, x: &[f32], s: f32, simd: bool) -> (f32, f32) {
+    fn pass(&self, x: &[f32], s: f32, isa: Isa) -> (f32, f32) {
         let inv = 1.0 / s;
+        let rmax = (self.u.len() - 2) as f32;
         let (mut err, mut xu, mut uu) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-        let chunks = x.chunks_exact(8);
+        let done = match isa {
+            // SAFETY (both arms): `isa` says the CPU has these instructions.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                let n = x.len() / 16 * 16;
+                (err[0], xu[0], uu[0]) = unsafe { avx512::pass(&x[..n], s, self.dz, self.inv_dz, rmax) };
+                n
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                let n = x.len() / 8 * 8;
+                (err[0], xu[0], uu[0]) = unsafe { avx2::pass(&x[..n], s, self.dz, self.inv_dz, rmax) };
+                n
+            }
+            _ => 0,
+        };
+        let chunks = x[done..].chunks_exact(8);
         let rest = chunks.remainder();
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is only set when the CPU has AVX2 and FMA.
-            let (e, a, b) =
-                unsafe { avx2::pass(&x[..x.len() - rest.len()], s, self.dz, self.inv_dz, (self.u.len() - 2) as f32) };
-            (err[0], xu[0], uu[0]) = (e, a, b);
-        }
-        if !simd {
-            for c in chunks {
-                for l in 0..8 {
-                    let a = c[l].abs();
-                    let u = self.nearest_value(a * inv);
-                    let d = a - u * s;
-                    err[l] += d * d;
-                    xu[l] += a * u;
-                    uu[l] += u * u;
-                }
+        for c in chunks {
+            for l in 0..8 {
+                let a = c[l].abs();
+                let u = self.nearest_value(a * inv);
+                let d = a - u * s;
+                err[l] += d * d;
+                xu[l] += a * u;
+                uu[l] += u * u;
             }
         }
         for (l, v) in rest.iter().enumerate() {
@@ -355,23 +364,31 @@ impl Levels {
         (err, if uu > 0.0 { xu / uu } else { s })
     }
 
-    /// The MSE-minimising scale for one group: a few clip ratios, then Lloyd steps.
+    /// The MSE-minimising scale for one group: clip ratios from the largest down, stopping
+    /// once two in a row do worse than the best (the error is near unimodal in the ratio),
+    /// then Lloyd steps.
     #[inline(always)]
-    fn search(&self, x: &[f32], absmax: f32, simd: bool) -> f32 {
+    fn search(&self, x: &[f32], absmax: f32, isa: Isa) -> f32 {
         let s_max = absmax / self.u[self.u.len() - 1];
         let (mut best_err, mut best_s, mut next) = (f32::INFINITY, s_max, s_max);
+        let mut worse = 0;
         for &r in self.ratios {
             let s = s_max * r;
-            let (e, upd) = self.pass(x, s, simd);
+            let (e, upd) = self.pass(x, s, isa);
             if e < best_err {
-                (best_err, best_s, next) = (e, s, upd);
+                (best_err, best_s, next, worse) = (e, s, upd, 0);
+            } else {
+                worse += 1;
+                if worse == 2 {
+                    break;
+                }
             }
         }
         for _ in 0..self.lloyd_iters {
             if next.is_nan() || next <= 0.0 || next == best_s {
                 break;
             }
-            let (e, upd) = self.pass(x, next, simd);
+            let (e, upd) = self.pass(x, next, isa);
             if e < best_err {
                 (best_err, best_s, next) = (e, next, upd);
             } else {
@@ -594,27 +611,82 @@ mod avx2 {
     }
 }
 
+/// The search pass sixteen lanes wide.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn rcp(x: __m512) -> __m512 {
+        let r = _mm512_rcp14_ps(x);
+        _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0)))
+    }
+
+    /// `x.len()` must be a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pass(x: &[f32], s: f32, dz: f32, inv_dz: f32, rmax: f32) -> (f32, f32, f32) {
+        let (vs, inv, one) = (_mm512_set1_ps(s), _mm512_set1_ps(1.0 / s), _mm512_set1_ps(1.0));
+        let (vdz, vinv_dz, vrmax) = (_mm512_set1_ps(dz), _mm512_set1_ps(inv_dz), _mm512_set1_ps(rmax));
+        let (mut e, mut xu, mut uu) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+        for c in x.chunks_exact(16) {
+            let a = _mm512_abs_ps(_mm512_loadu_ps(c.as_ptr()));
+            let y = _mm512_mul_ps(a, inv);
+            let t = _mm512_mul_ps(y, rcp(_mm512_add_ps(one, y)));
+            let r = _mm512_min_ps(
+                _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(t, vinv_dz)),
+                vrmax,
+            );
+            let t0 = _mm512_mul_ps(r, vdz);
+            let t1 = _mm512_add_ps(t0, vdz);
+            let u0 = _mm512_mul_ps(t0, rcp(_mm512_sub_ps(one, t0)));
+            let u1 = _mm512_mul_ps(t1, rcp(_mm512_sub_ps(one, t1)));
+            let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_add_ps(y, y), _mm512_add_ps(u0, u1));
+            let u = _mm512_mask_blend_ps(up, u0, u1);
+            let d = _mm512_fnmadd_ps(u, vs, a);
+            e = _mm512_fmadd_ps(d, d, e);
+            xu = _mm512_fmadd_ps(a, u, xu);
+            uu = _mm512_fmadd_ps(u, u, uu);
+        }
+        (_mm512_reduce_add_ps(e), _mm512_reduce_add_ps(xu), _mm512_reduce_add_ps(uu))
+    }
+}
+
+/// The widest vector instructions the encoder may use on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                return if has!("avx512f") { Isa::Avx512 } else { Isa::Avx2 };
+            }
+        }
+        Isa::Portable
+    }
+}
+
 struct RowEncoder {
     layout: Layout,
     levels: Option<Levels>,
     codes: Vec<u8>,
     decoded: Vec<f32>,
-    #[cfg(target_arch = "x86_64")]
-    avx2: bool,
+    isa: Isa,
 }
 
 impl RowEncoder {
     fn new(layout: Layout) -> RowEncoder {
         let levels = layout.format.is_integer().then(|| Levels::new(layout.format));
         let kp = super::padded_k(layout.k);
-        RowEncoder {
-            layout,
-            levels,
-            codes: vec![0u8; kp],
-            decoded: vec![0f32; kp],
-            #[cfg(target_arch = "x86_64")]
-            avx2: std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
-        }
+        RowEncoder { layout, levels, codes: vec![0u8; kp], decoded: vec![0f32; kp], isa: Isa::detect() }
     }
 
     fn encode(
@@ -626,8 +698,8 @@ impl RowEncoder {
         err: &mut RowErr,
     ) -> Result<(), EncodeError> {
         #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (checked in `new`).
+        if self.isa != Isa::Portable {
+            // SAFETY: the CPU has AVX2 and FMA (checked in `Isa::detect`).
             return unsafe { self.encode_avx2(x, n, row, scales, err) };
         }
         self.encode_impl::<false>(x, n, row, scales, err)
@@ -671,7 +743,7 @@ impl RowEncoder {
         let lut = f.lut();
         for (gi, xs) in x.chunks(self.layout.group).enumerate() {
             let amax = if xs.len() == x.len() { row_max } else { absmax_finite(xs, SIMD).0 };
-            let s = if amax > 0.0 { lv.search(xs, amax, SIMD) } else { 0.0 };
+            let s = if amax > 0.0 { lv.search(xs, amax, self.isa) } else { 0.0 };
             // Codes are chosen against the scale as stored, so decode sees what we measured.
             let s = f16::from_f32(s).to_f32();
             if !s.is_finite() {
@@ -751,10 +823,12 @@ mod tests {
             for f in [Format::Q8, Format::Q6, Format::Q4] {
                 let lv = Levels::new(f);
                 for s in [0.01f32, 0.03, 0.08] {
-                    let (a, la) = lv.pass(&x, s, false);
-                    let (b, lb) = lv.pass(&x, s, true);
-                    assert!((a - b).abs() <= 1e-4 * a.max(1e-12), "{f} s={s}: {a} vs {b}");
-                    assert!((la - lb).abs() <= 1e-4 * la, "{f} s={s}: {la} vs {lb}");
+                    let (a, la) = lv.pass(&x, s, Isa::Portable);
+                    for isa in [Isa::Avx2, Isa::detect()] {
+                        let (b, lb) = lv.pass(&x, s, isa);
+                        assert!((a - b).abs() <= 1e-4 * a.max(1e-12), "{f} {isa:?} s={s}: {a} vs {b}");
+                        assert!((la - lb).abs() <= 1e-4 * la, "{f} {isa:?} s={s}: {la} vs {lb}");
+                    }
                 }
             }
         }
@@ -856,9 +930,9 @@ mod tests {
         for f in [Format::Q8, Format::Q6, Format::Q4] {
             let lv = Levels::new(f);
             let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = lv.search(&x, absmax, false);
-            let (e_best, _) = lv.pass(&x, s, false);
-            let (e_abs, _) = lv.pass(&x, absmax, false);
+            let s = lv.search(&x, absmax, Isa::Portable);
+            let (e_best, _) = lv.pass(&x, s, Isa::Portable);
+            let (e_abs, _) = lv.pass(&x, absmax, Isa::Portable);
             assert!(e_best <= e_abs, "{f}: {e_best} > {e_abs}");
         }
     }

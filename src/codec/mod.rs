@@ -309,17 +309,26 @@ pub fn pack_row(format: Format, codes: &[u8], row: &mut [u8]) {
     match format {
         Format::Q8 => row[..codes.len()].copy_from_slice(codes),
         Format::Q4 => {
-            for (i, &c) in codes.iter().enumerate() {
-                row[i / 2] |= (c & 0x0f) << ((i & 1) * 4);
+            let pairs = codes.chunks_exact(2);
+            let odd = pairs.remainder().first().copied();
+            let n = codes.len() / 2;
+            for (b, p) in row[..n].iter_mut().zip(pairs) {
+                *b = (p[0] & 0x0f) | (p[1] & 0x0f) << 4;
+            }
+            if let Some(c) = odd {
+                row[n] = c & 0x0f;
             }
         }
         Format::Q6 => {
-            for (j, quad) in codes.chunks(4).enumerate() {
-                let mut w = 0u32;
-                for (t, &c) in quad.iter().enumerate() {
-                    w |= ((c & 0x3f) as u32) << (6 * t);
-                }
-                row[3 * j..3 * j + 3].copy_from_slice(&w.to_le_bytes()[..3]);
+            let quads = codes.chunks_exact(4);
+            let rest = quads.remainder();
+            let n = codes.len() / 4;
+            let pack = |q: &[u8]| q.iter().enumerate().fold(0u32, |w, (t, &c)| w | ((c & 0x3f) as u32) << (6 * t));
+            for (dst, q) in row[..3 * n].chunks_exact_mut(3).zip(quads) {
+                dst.copy_from_slice(&pack(q).to_le_bytes()[..3]);
+            }
+            if !rest.is_empty() {
+                row[3 * n..3 * n + 3].copy_from_slice(&pack(rest).to_le_bytes()[..3]);
             }
         }
         Format::F32 => panic!("F32 rows hold floats, not codes"),

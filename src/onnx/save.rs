@@ -17,11 +17,15 @@ pub struct SaveOptions {
     /// Inline tensors of at least this many bytes move to the data file (`None`: keep them
     /// where they are).
     pub externalize_min_bytes: Option<usize>,
+    /// Wait until the data is on disk (fsync) before returning. The output is complete and
+    /// renamed into place either way; this adds durability across a power loss, at the cost
+    /// of waiting for the disk.
+    pub fsync: bool,
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions { data_file: "model.onnx.data".into(), externalize_min_bytes: None }
+        SaveOptions { data_file: "model.onnx.data".into(), externalize_min_bytes: None, fsync: false }
     }
 }
 
@@ -59,6 +63,7 @@ pub fn save_model<'r>(
     // A writer thread takes the bytes while the next tensor is being produced (encoding
     // uses every core; copying into the page cache then overlaps it). Two tensors in
     // flight bound the memory held.
+    let fsync = opts.fsync;
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Cow<'r, [u8]>>(2);
         let writer = scope.spawn(move || -> Result<()> {
@@ -66,7 +71,10 @@ pub fn save_model<'r>(
             for chunk in rx {
                 out.write_all(&chunk)?;
             }
-            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            if fsync {
+                file.sync_data()?;
+            }
             Ok(())
         });
         let walk = for_each_tensor_mut(proto, &mut |t| {
@@ -118,6 +126,9 @@ pub fn save_model<'r>(
         );
     }
     std::fs::write(onnx_path, &buf).with_context(|| format!("write {}", onnx_path.display()))?;
+    if opts.fsync {
+        File::open(onnx_path)?.sync_all()?;
+    }
     stats.onnx_bytes = buf.len() as u64;
     Ok(stats)
 }

@@ -14,7 +14,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(about = "Rewrite throughput and memory on a full-size synthetic Phi-3.5-mini")]
+#[command(about = "QINS benchmarks: rewrite throughput and memory, CPU forward time")]
+enum Cmd {
+    /// Rewrite a full-size synthetic Phi-3.5-mini (fp16) in each format.
+    Rewrite(Args),
+    /// Time one forward pass (prefill of N tokens, batch 1) of each model through ONNX
+    /// Runtime on the CPU, with the QINS library.
+    Forward(ForwardArgs),
+}
+
+#[derive(clap::Args)]
+struct ForwardArgs {
+    /// Model folders; the first is the baseline.
+    #[arg(required = true)]
+    models: Vec<PathBuf>,
+    #[arg(long, default_value = "1,128")]
+    tokens: String,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct Args {
     /// The builder's tiny fp16 Phi-3 model, grown into the full-size one.
     #[arg(long, default_value = "tests/fixtures/phi35-tiny-fp16-cuda")]
@@ -39,6 +63,9 @@ struct Args {
     /// is read from disk rather than memory.
     #[arg(long)]
     cold: bool,
+    /// fsync the output (wait for the disk) inside the timed region.
+    #[arg(long)]
+    fsync: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -52,6 +79,7 @@ struct Row {
     peak_anon_mb: f64,
     peak_rss_mb: f64,
     cold_cache: bool,
+    fsync: bool,
     min_cosine: f64,
 }
 
@@ -76,7 +104,60 @@ extern "C" {
 }
 
 fn main() -> Result<()> {
-    let a = Args::parse();
+    match Cmd::parse() {
+        Cmd::Rewrite(a) => rewrite_bench(a),
+        Cmd::Forward(a) => forward_bench(a),
+    }
+}
+
+fn forward_bench(a: ForwardArgs) -> Result<()> {
+    use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
+    let tokens: Vec<usize> = a.tokens.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
+    let opts = EngineOptions { threads: a.threads, ..Default::default() };
+    let mut rows = Vec::new();
+    for m in &a.models {
+        let mut lm = CausalLm::open(m, &opts)?;
+        let bytes: u64 = std::fs::read_dir(m)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("model.onnx"))
+            .map(|e| e.metadata().map(|md| md.len()).unwrap_or(0))
+            .sum();
+        for &n in &tokens {
+            let ids: Vec<i64> = (0..n as i64).map(|i| 100 + (i * 37) % 5000).collect();
+            lm.forward(&ids)?;
+            let mut times: Vec<f64> = (0..a.reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    lm.forward(&ids).map(|_| t.elapsed().as_secs_f64() * 1e3)
+                })
+                .collect::<Result<_>>()?;
+            times.sort_by(f64::total_cmp);
+            rows.push(serde_json::json!({"model": m.display().to_string(), "model_bytes": bytes, "tokens": n, "median_ms": times[times.len() / 2], "min_ms": times[0]}));
+        }
+    }
+    println!(
+        "CPU forward (batch 1, empty cache), {} CPUs, median of {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        a.reps
+    );
+    println!("{:<40} {:>10} {:>7} {:>10} {:>10}", "model", "MB", "tokens", "median ms", "min ms");
+    for r in &rows {
+        println!(
+            "{:<40} {:>10.1} {:>7} {:>10.2} {:>10.2}",
+            qins_graph_rewrite::report::short(r["model"].as_str().unwrap_or(""), 40),
+            r["model_bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
+            r["tokens"],
+            r["median_ms"].as_f64().unwrap_or(0.0),
+            r["min_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(p) = a.json {
+        std::fs::write(&p, serde_json::to_vec_pretty(&serde_json::json!({"bench": "forward", "rows": rows}))?)?;
+    }
+    Ok(())
+}
+
+fn rewrite_bench(a: Args) -> Result<()> {
     let mut cfg = Phi3Config::phi35_mini();
     if let Some(l) = a.layers {
         cfg.layers = l;
@@ -93,10 +174,27 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for b in &a.bits {
         let format = Format::parse(b).with_context(|| format!("bad format {b}"))?;
-        let cold = a.cold && drop_caches();
+        // Start each run from the same state: no earlier output, nothing left to write back
+        // from it (the last run's dirty pages would otherwise throttle this one's writes).
+        if a.out.exists() {
+            std::fs::remove_dir_all(&a.out)?;
+        }
+        let cold = if a.cold {
+            drop_caches()
+        } else {
+            // SAFETY: sync(2) has no preconditions.
+            unsafe { libc_sync() };
+            // Warm means the input is in the page cache: read it once, untimed, in case
+            // earlier outputs pushed part of it out.
+            for f in std::fs::read_dir(&a.model)? {
+                let mut file = std::fs::File::open(f?.path())?;
+                std::io::copy(&mut file, &mut std::io::sink())?;
+            }
+            false
+        };
         let model = Model::load(&a.model)?;
         let plan = plan::plan(&model, &PlanOptions::default())?;
-        let opts = RewriteOptions { format, group: a.group, force: true };
+        let opts = RewriteOptions { format, group: a.group, force: true, fsync: a.fsync };
         let base_anon = rss().0;
         let (stop, peak_anon, peak_rss) =
             (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -126,6 +224,7 @@ fn main() -> Result<()> {
             peak_anon_mb: (peak_anon.load(Ordering::Relaxed).saturating_sub(base_anon)) as f64 / 1024.0,
             peak_rss_mb: peak_rss.load(Ordering::Relaxed) as f64 / 1024.0,
             cold_cache: cold,
+            fsync: a.fsync,
             min_cosine: report.min_cosine,
         };
         eprintln!("{} done: {:.1} s", row.format, secs);

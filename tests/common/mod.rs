@@ -1,0 +1,82 @@
+//! Shared test support: fixtures, scratch folders, and the external pieces (ONNX Runtime,
+//! SmolLM2, Wikipedia text) that `scripts/setup.sh` fetches.
+//!
+//! A test that needs a missing piece fails, naming what to run, so a CI run that lost its
+//! data cannot pass quietly. `QINS_ALLOW_SKIP=1` turns those failures into skips for a quick
+//! local run.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A reference fixture (derived from the onnxruntime-genai builder's; tests/fixtures/shrink.py).
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// An empty scratch folder for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = root().join("target/qins-test").join(name);
+    if d.exists() {
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn from_env_or_deps(var: &str, rel: &str) -> Option<PathBuf> {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| root().join(".deps").join(rel));
+    p.exists().then_some(p)
+}
+
+/// Returns the path, or fails (or, with QINS_ALLOW_SKIP=1, returns None) naming the fix.
+fn require(what: &str, p: Option<PathBuf>) -> Option<PathBuf> {
+    if p.is_some() {
+        return p;
+    }
+    if std::env::var("QINS_ALLOW_SKIP").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: {what} not found (run scripts/setup.sh)");
+        return None;
+    }
+    panic!("{what} not found: run scripts/setup.sh (or set QINS_ALLOW_SKIP=1 to skip)");
+}
+
+pub fn ort_lib() -> Option<PathBuf> {
+    let p = from_env_or_deps("ORT_DYLIB_PATH", "ort/libonnxruntime.so.1.31.1");
+    let p = require("ONNX Runtime (ORT_DYLIB_PATH)", p)?;
+    std::env::set_var("ORT_DYLIB_PATH", &p);
+    Some(p)
+}
+
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    require("SmolLM2 GGUF", from_env_or_deps("QINS_SMOLLM2_GGUF", "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+pub fn wiki_text() -> Option<PathBuf> {
+    require("Wikipedia text", from_env_or_deps("QINS_WIKI_TEXT", "text/summaries_en-us.json"))
+}
+
+/// SmolLM2 imported into a fresh folder named `tag` (the import takes a few seconds).
+pub fn smollm2_onnx(tag: &str) -> Option<PathBuf> {
+    let gguf = smollm2_gguf()?;
+    let dir = scratch(tag).join("smollm2-fp32");
+    qins_models::import_gguf(&gguf, &dir, false, &mut |_| {}).expect("import SmolLM2");
+    Some(dir)
+}
+
+/// Rewrites `model` into `out` with the default (phi3) policy.
+pub fn rewrite(
+    model: &Path,
+    out: &Path,
+    format: qins::codec::Format,
+    group: usize,
+) -> qins_graph_rewrite::report::RewriteReport {
+    use qins_graph_rewrite::{plan, rewrite, Model, NoProgress, PlanOptions, RewriteOptions};
+    let m = Model::load(model).unwrap();
+    let p = plan::plan(&m, &PlanOptions::default()).unwrap();
+    let opts = RewriteOptions { format, group, force: true, fsync: false };
+    rewrite::rewrite(&m, &p, &opts, out, &mut NoProgress).unwrap()
+}
