@@ -130,43 +130,190 @@ impl CausalLm {
 
     /// Logits at every position of `ids` (batch 1, empty cache), as `[len, vocab]` f32.
     pub fn forward(&mut self, ids: &[i64]) -> Result<(Vec<f32>, usize)> {
+        let mut cache = self.empty_cache()?;
+        self.extend(&mut cache, ids, true)
+    }
+
+    /// A KV cache holding no tokens.
+    pub fn empty_cache(&self) -> Result<Cache> {
+        let shape = [1usize, self.kv_heads, 0, self.head_dim];
+        let mut values = Vec::with_capacity(2 * self.layers);
+        for _ in 0..2 * self.layers {
+            values.push(if self.cache_f16 {
+                Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn()
+            } else {
+                Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
+            });
+        }
+        Ok(Cache { values, len: 0 })
+    }
+
+    /// Runs `ids` after the tokens in `cache`, which then holds them too. The cache values
+    /// move from the outputs of one run to the inputs of the next without a copy (on the
+    /// CPU they stay where ONNX Runtime put them). Returns logits of every new position
+    /// (`all`) or of the last only, as rows of `vocab` f32.
+    pub fn extend(&mut self, cache: &mut Cache, ids: &[i64], all: bool) -> Result<(Vec<f32>, usize)> {
         let n = ids.len();
-        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = Vec::new();
+        if n == 0 {
+            bail!("no tokens to run");
+        }
+        let total = cache.len + n;
+        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = Vec::with_capacity(3 + 2 * self.layers);
         inputs.push(("input_ids".into(), Tensor::from_array(([1usize, n], ids.to_vec()))?.into()));
         if self.has_mask {
-            inputs.push(("attention_mask".into(), Tensor::from_array(([1usize, n], vec![1i64; n]))?.into()));
+            inputs.push(("attention_mask".into(), Tensor::from_array(([1usize, total], vec![1i64; total]))?.into()));
         }
         if self.has_positions {
-            inputs.push((
-                "position_ids".into(),
-                Tensor::from_array(([1usize, n], (0..n as i64).collect::<Vec<_>>()))?.into(),
-            ));
+            let pos: Vec<i64> = (cache.len as i64..total as i64).collect();
+            inputs.push(("position_ids".into(), Tensor::from_array(([1usize, n], pos))?.into()));
         }
-        let shape = [1usize, self.kv_heads, 0, self.head_dim];
-        for i in 0..self.layers {
-            for kind in ["key", "value"] {
-                let name = format!("past_key_values.{i}.{kind}");
-                let v: SessionInputValue = if self.cache_f16 {
-                    Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into()
-                } else {
-                    Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into()
-                };
-                inputs.push((name.into(), v));
-            }
+        let past = std::mem::take(&mut cache.values);
+        for (i, v) in past.into_iter().enumerate() {
+            let name = format!("past_key_values.{}.{}", i / 2, if i % 2 == 0 { "key" } else { "value" });
+            inputs.push((name.into(), SessionInputValue::Owned(v)));
         }
-        let out = self.session.run(inputs)?;
+        let mut out = self.session.run(inputs)?;
+        for i in 0..2 * self.layers {
+            let name = format!("present.{}.{}", i / 2, if i % 2 == 0 { "key" } else { "value" });
+            cache.values.push(out.remove(&name).ok_or_else(|| anyhow!("model has no output {name}"))?);
+        }
+        cache.len = total;
         let logits = &out["logits"];
-        let (shape, data) = match logits.try_extract_tensor::<f32>() {
-            Ok((s, d)) => (s.to_vec(), d.to_vec()),
-            Err(_) => {
-                let (s, d) = logits.try_extract_tensor::<f16>()?;
-                (s.to_vec(), d.iter().map(|v| v.to_f32()).collect())
+        let rows = |shape: &[i64]| -> Result<usize> {
+            let vocab = *shape.last().ok_or_else(|| anyhow!("logits without a shape"))? as usize;
+            if shape.iter().product::<i64>() as usize != n * vocab {
+                bail!("logits have shape {shape:?}, expected [1, {n}, vocab]");
             }
+            Ok(vocab)
         };
-        let vocab = *shape.last().ok_or_else(|| anyhow!("logits without a shape"))? as usize;
-        if data.len() != n * vocab {
-            bail!("logits have shape {shape:?}, expected [1, {n}, vocab]");
+        let take = |vocab: usize| if all { 0..n * vocab } else { (n - 1) * vocab..n * vocab };
+        match logits.try_extract_tensor::<f32>() {
+            Ok((shape, d)) => {
+                let vocab = rows(shape)?;
+                Ok((d[take(vocab)].to_vec(), vocab))
+            }
+            Err(_) => {
+                let (shape, d) = logits.try_extract_tensor::<f16>()?;
+                let vocab = rows(shape)?;
+                Ok((d[take(vocab)].iter().map(|v| v.to_f32()).collect(), vocab))
+            }
         }
-        Ok((data, vocab))
+    }
+
+    /// Generates `new` tokens after `prompt`. Returns the tokens and, when `record`, the
+    /// logits at each generated position (the distribution each token was drawn from).
+    pub fn generate(
+        &mut self,
+        prompt: &[i64],
+        new: usize,
+        sampling: &Sampling,
+        stop: &[i64],
+        record: bool,
+    ) -> Result<Generation> {
+        let mut cache = self.empty_cache()?;
+        let (mut logits, vocab) = self.extend(&mut cache, prompt, false)?;
+        let mut rng = Rng::new(match sampling {
+            Sampling::Sample { seed, .. } => *seed,
+            Sampling::Greedy => 0,
+        });
+        let mut out = Generation { tokens: Vec::with_capacity(new), logits: Vec::new(), vocab };
+        for step in 0..new {
+            let tok = sampling.pick(&logits, &mut rng);
+            if record {
+                out.logits.push(std::mem::take(&mut logits));
+            }
+            out.tokens.push(tok);
+            if stop.contains(&tok) || step + 1 == new {
+                break;
+            }
+            logits = self.extend(&mut cache, &[tok], false)?.0;
+        }
+        Ok(out)
+    }
+}
+
+/// The past keys and values of every layer, `[k0, v0, k1, v1, ...]`, and how many tokens
+/// they hold.
+pub struct Cache {
+    values: Vec<ort::value::DynValue>,
+    pub len: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum Sampling {
+    Greedy,
+    /// Temperature, then nucleus (top-p) sampling, from a seeded generator.
+    Sample { temperature: f32, top_p: f32, seed: u64 },
+}
+
+impl Sampling {
+    pub fn pick(&self, logits: &[f32], rng: &mut Rng) -> i64 {
+        match self {
+            Sampling::Greedy => argmax(logits) as i64,
+            Sampling::Sample { temperature, top_p, .. } => {
+                let probs = softmax(logits, *temperature);
+                let mut idx: Vec<usize> = (0..probs.len()).collect();
+                idx.sort_unstable_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+                let (mut mass, mut keep) = (0.0, 0);
+                for &i in &idx {
+                    mass += probs[i];
+                    keep += 1;
+                    if mass >= *top_p as f64 {
+                        break;
+                    }
+                }
+                let r = rng.next_f64() * mass;
+                let mut acc = 0.0;
+                for &i in &idx[..keep] {
+                    acc += probs[i];
+                    if acc >= r {
+                        return i as i64;
+                    }
+                }
+                idx[keep - 1] as i64
+            }
+        }
+    }
+}
+
+/// Softmax of `logits / temperature` in f64.
+pub fn softmax(logits: &[f32], temperature: f32) -> Vec<f64> {
+    let t = temperature.max(1e-6) as f64;
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
+    let e: Vec<f64> = logits.iter().map(|v| ((*v as f64 - m) / t).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    x.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) }).0
+}
+
+/// What `generate` produced.
+pub struct Generation {
+    pub tokens: Vec<i64>,
+    /// Logits before each generated token (when recorded).
+    pub logits: Vec<Vec<f32>>,
+    pub vocab: usize,
+}
+
+/// A small seeded generator (SplitMix64), so sampled runs repeat exactly.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
