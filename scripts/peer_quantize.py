@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""The peer a user would pick instead of QINS: ONNX Runtime's own MatMulNBits quantizer
+(onnxruntime.quantization.matmul_nbits_quantizer, from the onnxruntime wheel), applied with
+the same coverage as QINS's phi3 policy where it allows.
+
+MatMulNBits replaces a whole MatMul, so the packed qkv projection (whose V part QINS takes)
+is either quantized whole (Q and K too) or not at all: --qkv picks (default: left float,
+so the peer never quantizes more than QINS does). o_proj, gate, up and down are quantized;
+lm_head stays float.
+
+    python peer_quantize.py MODEL_DIR OUT_DIR --bits 4|8 [--block 32] [--asymmetric] [--qkv]
+"""
+import argparse
+import os
+import re
+import shutil
+
+import onnx
+from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("out")
+ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
+ap.add_argument("--block", type=int, default=32)
+ap.add_argument("--asymmetric", action="store_true")
+ap.add_argument("--qkv", action="store_true", help="also quantize the packed qkv projection (Q and K too)")
+a = ap.parse_args()
+
+model = onnx.load(os.path.join(a.model, "model.onnx"))
+take = re.compile(r"/(o_proj|gate_proj|up_proj|down_proj|gate_up_proj" + ("|qkv_proj" if a.qkv else "") + r")/MatMul$")
+exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and not take.search(n.name)]
+q = mnq.MatMulNBitsQuantizer(model, bits=a.bits, block_size=a.block, is_symmetric=not a.asymmetric,
+                             nodes_to_exclude=exclude, accuracy_level=None)
+q.process()
+tmp = a.out + ".partial"
+shutil.rmtree(tmp, ignore_errors=True)
+os.makedirs(tmp)
+q.model.save_model_to_file(os.path.join(tmp, "model.onnx"), use_external_data_format=True)
+for f in os.listdir(a.model):
+    if not f.startswith("model.onnx") and os.path.isfile(os.path.join(a.model, f)):
+        shutil.copy(os.path.join(a.model, f), tmp)
+shutil.rmtree(a.out, ignore_errors=True)
+os.rename(tmp, a.out)
+ops = {}
+for n in q.model.model.graph.node:
+    ops[n.op_type] = ops.get(n.op_type, 0) + 1
+print(f"{a.out}: MatMulNBits {ops.get('MatMulNBits', 0)}, MatMul {ops.get('MatMul', 0)} (bits {a.bits}, block {a.block}, "
+      f"{'asymmetric' if a.asymmetric else 'symmetric'}, qkv {'quantized' if a.qkv else 'float'})")
