@@ -13,7 +13,8 @@ fn cached_decoding_matches_the_full_forward_pass_and_generates_text() {
     let Some(model) = common::smollm2_onnx("engine-smollm2") else { return };
     let tok = tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
     let mut lm = CausalLm::open(&model, &EngineOptions { threads: 2, ..Default::default() }).unwrap();
-    let prompt: Vec<i64> = tok.encode("The capital of France is", false).unwrap().get_ids().iter().map(|&i| i as i64).collect();
+    let prompt: Vec<i64> =
+        tok.encode("The capital of France is", false).unwrap().get_ids().iter().map(|&i| i as i64).collect();
 
     let g = lm.generate(&prompt, 12, &Sampling::Greedy, &[], true).unwrap();
     let text = tok.decode(&g.tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(), false).unwrap();

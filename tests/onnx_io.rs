@@ -64,7 +64,9 @@ fn damaged_external_data_is_refused_with_a_reason() {
             assert_eq!(t.data_location(), DataLocation::External);
             match t.external_data.iter_mut().find(|e| e.key() == key) {
                 Some(e) => e.value = Some(value.into()),
-                None => t.external_data.push(StringStringEntryProto { key: Some(key.into()), value: Some(value.into()) }),
+                None => {
+                    t.external_data.push(StringStringEntryProto { key: Some(key.into()), value: Some(value.into()) })
+                }
             }
         });
         let e = load_err(&d);
@@ -112,7 +114,10 @@ fn saving_keeps_every_field_and_relocates_external_data() {
             }
         }
     }
-    assert_eq!(stats.external_tensors, m.graph().initializer.iter().filter(|t| external_ref(t).unwrap().is_some()).count());
+    assert_eq!(
+        stats.external_tensors,
+        m.graph().initializer.iter().filter(|t| external_ref(t).unwrap().is_some()).count()
+    );
 }
 
 #[test]

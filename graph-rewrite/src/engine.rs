@@ -243,7 +243,11 @@ pub struct Cache {
 pub enum Sampling {
     Greedy,
     /// Temperature, then nucleus (top-p) sampling, from a seeded generator.
-    Sample { temperature: f32, top_p: f32, seed: u64 },
+    Sample {
+        temperature: f32,
+        top_p: f32,
+        seed: u64,
+    },
 }
 
 impl Sampling {

@@ -14,9 +14,9 @@
 pub mod engine;
 pub mod parity;
 pub mod plan;
+pub mod plot;
 pub mod report;
 pub mod rewrite;
-pub mod plot;
 pub mod roundtrip;
 pub mod suite;
 

@@ -243,7 +243,20 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("write {}", path.display()))?;
             }
         }
-        Cmd::Parity { reference, models, text, suite, tests, plots, window, windows, ort_lib, provider_lib, threads, json } => {
+        Cmd::Parity {
+            reference,
+            models,
+            text,
+            suite,
+            tests,
+            plots,
+            window,
+            windows,
+            ort_lib,
+            provider_lib,
+            threads,
+            json,
+        } => {
             use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
             use qins_graph_rewrite::parity;
             let opts = EngineOptions { ort_lib, provider_lib, threads };
@@ -327,7 +340,10 @@ fn run_suite(
     if let Some(dir) = plots {
         std::fs::create_dir_all(dir)?;
         for (i, c) in res.iter().enumerate() {
-            let name = std::path::Path::new(&c.model).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(i.to_string());
+            let name = std::path::Path::new(&c.model)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or(i.to_string());
             if let Some(b) = &c.b {
                 let series: Vec<(String, Vec<f64>)> = b
                     .windows
@@ -337,7 +353,15 @@ fn run_suite(
                     .collect();
                 let path = dir.join(format!("greedy-{name}.png"));
                 let title = format!("B greedy match, {name} vs original");
-                plot::lines(&path, &title, "generated token", "match % (per window)", &series, 0.0, cfg.greedy_window as f64)?;
+                plot::lines(
+                    &path,
+                    &title,
+                    "generated token",
+                    "match % (per window)",
+                    &series,
+                    0.0,
+                    cfg.greedy_window as f64,
+                )?;
                 eprintln!("plot: {}", path.display());
             }
         }

@@ -14,7 +14,15 @@ fn register_font() {
 }
 
 /// One line per series: `(label, y values)` at x = `x0 + i * dx`.
-pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<f64>)], x0: f64, dx: f64) -> Result<()> {
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<f64>)],
+    x0: f64,
+    dx: f64,
+) -> Result<()> {
     register_font();
     let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
@@ -37,7 +45,10 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(
     for (i, (label, ys)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(ys.iter().enumerate().map(|(j, y)| (x0 + dx * j as f64, *y)), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                ys.iter().enumerate().map(|(j, y)| (x0 + dx * j as f64, *y)),
+                color.stroke_width(2),
+            ))
             .map_err(|e| anyhow!("{e}"))?
             .label(label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));

@@ -186,7 +186,13 @@ struct Reference {
 }
 
 fn encode(tok: &tokenizers::Tokenizer, text: &str) -> Result<Vec<i64>> {
-    Ok(tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenize: {e}"))?.get_ids().iter().map(|&i| i as i64).collect())
+    Ok(tok
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("tokenize: {e}"))?
+        .get_ids()
+        .iter()
+        .map(|&i| i as i64)
+        .collect())
 }
 
 /// Which tests to run.
@@ -202,7 +208,13 @@ pub struct Selection {
 impl Selection {
     pub fn parse(s: &str) -> Result<Selection> {
         let s = s.to_ascii_uppercase();
-        let sel = Selection { a: s.contains('A'), b: s.contains('B'), c: s.contains('C'), d: s.contains('D'), e: s.contains('E') };
+        let sel = Selection {
+            a: s.contains('A'),
+            b: s.contains('B'),
+            c: s.contains('C'),
+            d: s.contains('D'),
+            e: s.contains('E'),
+        };
         ensure!(s.chars().all(|c| "ABCDE,".contains(c)), "tests are letters A to E, e.g. --tests A,B,D");
         Ok(sel)
     }
@@ -294,7 +306,11 @@ pub fn run(
                 for pos in prompt.len() - 1..ids.len() - 1 {
                     let (a, b) = (&lr[pos * vocab..(pos + 1) * vocab], &lc[pos * vocab..(pos + 1) * vocab]);
                     let (pa, pb) = (softmax(a, cfg.temperature), softmax(b, cfg.temperature));
-                    let kl: f64 = pa.iter().zip(&pb).map(|(p, q)| if *p > 0.0 { p * (p / q.max(1e-300)).ln() } else { 0.0 }).sum();
+                    let kl: f64 = pa
+                        .iter()
+                        .zip(&pb)
+                        .map(|(p, q)| if *p > 0.0 { p * (p / q.max(1e-300)).ln() } else { 0.0 })
+                        .sum();
                     kl_sum += kl;
                     c.max_kl = c.max_kl.max(kl);
                     t1 += overlap(a, b, 1);
@@ -309,7 +325,12 @@ pub fn run(
         }
     }
     if sel.d {
-        ensure!(text_ids.len() >= cfg.ppl_tokens, "only {} tokens of text, {} wanted for D", text_ids.len(), cfg.ppl_tokens);
+        ensure!(
+            text_ids.len() >= cfg.ppl_tokens,
+            "only {} tokens of text, {} wanted for D",
+            text_ids.len(),
+            cfg.ppl_tokens
+        );
         let ids = &text_ids[..cfg.ppl_tokens];
         log("D: original");
         let nll_ref = sliding_nll(reference, ids, cfg.ppl_window, cfg.ppl_stride)?;
@@ -317,7 +338,13 @@ pub fn run(
             log(&format!("D: {name}"));
             let nll = sliding_nll(lm, ids, cfg.ppl_window, cfg.ppl_stride)?;
             let (ppl_ref, ppl) = ((nll_ref.0 / nll_ref.1 as f64).exp(), (nll.0 / nll.1 as f64).exp());
-            r.d = Some(Perplexity { tokens_scored: nll.1, ppl_ref, ppl, delta: ppl - ppl_ref, delta_rel: (ppl - ppl_ref) / ppl_ref });
+            r.d = Some(Perplexity {
+                tokens_scored: nll.1,
+                ppl_ref,
+                ppl,
+                delta: ppl - ppl_ref,
+                delta_rel: (ppl - ppl_ref) / ppl_ref,
+            });
         }
     }
     if sel.e {
@@ -365,10 +392,10 @@ fn sliding_nll(lm: &mut CausalLm, ids: &[i64], window: usize, stride: usize) -> 
         let end = (start + window).min(ids.len());
         let w = &ids[start..end];
         let (logits, vocab) = lm.forward(w)?;
-        for target in scored_to.max(start + 1)..end {
+        let first = scored_to.max(start + 1);
+        for (target, &tok) in ids.iter().enumerate().take(end).skip(first) {
             let pos = target - 1 - start;
-            let lp = log_softmax_at(&logits[pos * vocab..(pos + 1) * vocab], ids[target] as usize);
-            nll -= lp;
+            nll -= log_softmax_at(&logits[pos * vocab..(pos + 1) * vocab], tok as usize);
             count += 1;
         }
         scored_to = end;
@@ -440,7 +467,12 @@ fn bar(test: &str, bar: &str, value: String, pass: bool) -> BarResult {
 pub fn bars(r: &CandidateResult) -> Vec<BarResult> {
     let mut v = Vec::new();
     if let Some(a) = &r.a {
-        v.push(bar("A", "cosine >= 0.9999 on every tensor", format!("min {:.6}", a.min_cosine), a.min_cosine >= 0.9999));
+        v.push(bar(
+            "A",
+            "cosine >= 0.9999 on every tensor",
+            format!("min {:.6}", a.min_cosine),
+            a.min_cosine >= 0.9999,
+        ));
     }
     if let Some(b) = &r.b {
         v.push(bar("B", "mean greedy match >= 95%", format!("{:.2}%", 100.0 * b.mean_match), b.mean_match >= 0.95));
@@ -473,13 +505,18 @@ pub fn summary(results: &[CandidateResult]) -> String {
             let _ = writeln!(s, "   B first miss per prompt: {}", misses.join(" "));
         }
         if let Some(c) = &r.c {
-            let _ = writeln!(s, "   C top-1/5/10 overlap {:.3}/{:.3}/{:.3}, max KL {:.3}", c.top1, c.top5, c.top10, c.max_kl);
+            let _ = writeln!(
+                s,
+                "   C top-1/5/10 overlap {:.3}/{:.3}/{:.3}, max KL {:.3}",
+                c.top1, c.top5, c.top10, c.max_kl
+            );
         }
         if let Some(d) = &r.d {
             let _ = writeln!(s, "   D PPL {:.4} vs {:.4} over {} tokens", d.ppl, d.ppl_ref, d.tokens_scored);
         }
         for b in &r.bars {
-            let _ = writeln!(s, "   [{}] {:<6} {:<36} {}", if b.pass { "PASS" } else { "FAIL" }, b.test, b.bar, b.value);
+            let _ =
+                writeln!(s, "   [{}] {:<6} {:<36} {}", if b.pass { "PASS" } else { "FAIL" }, b.test, b.bar, b.value);
         }
     }
     s
@@ -501,8 +538,9 @@ mod tests {
     fn overlap_counts_shared_top_tokens() {
         let a = [5.0f32, 4.0, 3.0, 2.0, 1.0];
         let b = [1.0f32, 4.0, 3.0, 2.0, 5.0];
-        assert_eq!(overlap(&a, &b, 1), 1.0);
+        assert_eq!(overlap(&a, &b, 1), 0.0);
         assert_eq!(overlap(&a, &b, 2), 0.5);
+        assert_eq!(overlap(&a, &b, 4), 0.75);
         assert_eq!(overlap(&a, &a, 5), 1.0);
     }
 

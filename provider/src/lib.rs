@@ -8,7 +8,11 @@
 //! Ops (domain `com.qins`, opset 1, see `docs/FORMAT.md`):
 //! - `QinsMatMul`, CPU execution provider, `A`/`Y` float32 or float16.
 //!
-//! The CPU kernels are also usable directly from Rust: [`cpu::qins_matmul`].
+//! Inside ONNX Runtime the kernels run their parallel loops on the session's intra-op thread
+//! pool (`KernelContext_ParallelFor`), so `intra_op_num_threads` bounds them like any other
+//! op and the library starts no threads of its own. The CPU kernels are also usable directly
+//! from Rust ([`cpu::qins_matmul`]), with a [`cpu::parallel::ParallelFor`] of the caller's
+//! choice.
 
 pub mod cpu;
 pub mod ops;
@@ -45,7 +49,7 @@ pub(crate) fn ffi_guard(api: Option<Api>, what: &str, f: impl FnOnce() -> Result
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s
     } else if let Some(s) = payload.downcast_ref::<String>() {

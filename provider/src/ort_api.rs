@@ -6,13 +6,18 @@
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use half::f16;
 use ort_sys::{
     ONNXTensorElementDataType, OrtApi, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtStatus, OrtStatusPtr,
     OrtTensorTypeAndShapeInfo, OrtValue,
 };
+
+use crate::cpu::parallel::ParallelFor;
 
 /// An error on its way back to ONNX Runtime as an `OrtStatus`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -265,6 +270,64 @@ impl KernelCtx {
     }
 }
 
+/// The session's intra-op thread pool (`KernelContext_ParallelFor`, C API 17). ORT runs the
+/// iterations on its pool threads and the calling thread, or all on the calling thread when
+/// the session has a single intra-op thread.
+impl ParallelFor for KernelCtx {
+    fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> Result<()> {
+        if tasks <= 1 {
+            (0..tasks).for_each(f);
+            return Ok(());
+        }
+        let job = Job { f, failed: AtomicBool::new(false), panic: Mutex::new(None) };
+        // SAFETY: valid context; `job` outlives the call, which returns only after every
+        // iteration has finished, and `run_job` only reads it through a shared reference.
+        // num_batch = 0 lets ORT hand out iterations one at a time to whichever thread is free.
+        let st = unsafe {
+            (self.api.0.KernelContext_ParallelFor)(self.ptr, run_job, tasks, 0, (&job as *const Job).cast_mut().cast())
+        };
+        self.api.check(st, "KernelContext_ParallelFor")?;
+        match job.panic.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(msg) => Err(Error::fail(format!("internal error in a parallel task (panic: {msg})"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One `ParallelFor` call, shared by the threads running its iterations.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    /// Set after a panic: the remaining iterations are skipped.
+    failed: AtomicBool,
+    /// The first panic's message, reported as the op's error once ORT returns.
+    panic: Mutex<Option<String>>,
+}
+
+impl Job<'_> {
+    fn run(&self, i: usize) {
+        if self.failed.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.f)(i))) {
+            self.failed.store(true, Ordering::Relaxed);
+            let msg = crate::panic_message(&*payload).to_string();
+            // A payload whose Drop panics again would unwind out of here; leaking it cannot.
+            std::mem::forget(payload);
+            let mut first = self.panic.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert(msg);
+        }
+    }
+}
+
+/// The iteration callback ORT calls from its threads. Unwinding into ORT's C++ frames is
+/// undefined behaviour, so panics stop here ([`Job::run`]) and come back as a status.
+unsafe extern "C" fn run_job(job: *mut c_void, i: usize) {
+    // SAFETY: the pointer `for_each` passed, to a `Job` that outlives the ParallelFor call.
+    if let Some(job) = unsafe { job.cast::<Job>().cast_const().as_ref() } {
+        job.run(i);
+    }
+}
+
 /// One input or output tensor of a running kernel.
 pub struct Tensor<'ctx> {
     api: Api,
@@ -292,7 +355,7 @@ impl<'ctx> Tensor<'ctx> {
         // SAFETY: `value` is a live tensor of this context.
         let st = unsafe { (self.api.0.GetTensorMutableData)(self.value, &mut p) };
         self.api.check(st, "GetTensorMutableData")?;
-        if p.is_null() || (p as usize) % std::mem::align_of::<T>() != 0 {
+        if p.is_null() || !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return Err(Error::fail(format!("tensor buffer {p:p} is null or misaligned for {}", elem::name(T::ONNX))));
         }
         Ok((p.cast::<T>(), len))
@@ -350,4 +413,26 @@ fn tensor_info(api: Api, v: *const OrtValue) -> Result<TensorInfo> {
     // SAFETY: `info` was created above and is released once.
     unsafe { (api.0.ReleaseTensorTypeAndShapeInfo)(info) };
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_for_callback_contains_panics() {
+        let f = |i: usize| {
+            if i == 3 {
+                panic!("task {i} failed");
+            }
+        };
+        let job = Job { f: &f, failed: AtomicBool::new(false), panic: Mutex::new(None) };
+        let data = (&job as *const Job).cast_mut().cast();
+        for i in 0..6 {
+            // SAFETY: `data` points at the live `job`, as ORT would pass it.
+            unsafe { run_job(data, i) };
+        }
+        assert!(job.failed.load(Ordering::Relaxed));
+        assert_eq!(job.panic.into_inner().unwrap().as_deref(), Some("task 3 failed"));
+    }
 }

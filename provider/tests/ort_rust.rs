@@ -2,8 +2,8 @@
 //! way the project's Rust hosts do), runs float32 and float16 QinsMatMul models and compares
 //! with the codec's decoded weight; bad inputs must come back as errors.
 //!
-//! Needs an ONNX Runtime shared library: `ORT_DYLIB_PATH`, or the Python wheel's copy in
-//! `/tmp/venv`. Without one the test says so and passes (nothing to load the library into).
+//! Needs an ONNX Runtime shared library: `ORT_DYLIB_PATH`, or the copy scripts/setup.sh puts
+//! in `.deps/`.
 
 use std::path::{Path, PathBuf};
 
@@ -15,19 +15,24 @@ use qins::codec::{encode_rows, Encoded, Format, Layout};
 use qins::onnx::build::{attr_int, node, tensor_raw, value_info, Dim};
 use qins::onnx::dtype;
 use qins::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto};
+use qins_provider::cpu::qins_matmul::{qins_matmul_f32, OwnedWeights};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// ONNX Runtime from `ORT_DYLIB_PATH` or where scripts/setup.sh puts it. Missing, the test
+/// fails unless `QINS_ALLOW_SKIP=1`.
 fn ort_dylib() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        return Some(p.into());
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/ort/libonnxruntime.so.1.31.1");
+    let p = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or(default);
+    if p.is_file() {
+        return Some(p);
     }
-    let capi = Path::new("/tmp/venv/lib/python3.11/site-packages/onnxruntime/capi");
-    std::fs::read_dir(capi)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so.1")))
+    assert!(
+        std::env::var("QINS_ALLOW_SKIP").is_ok_and(|v| v == "1"),
+        "ONNX Runtime not found at {}: run scripts/setup.sh or set ORT_DYLIB_PATH (QINS_ALLOW_SKIP=1 skips)",
+        p.display()
+    );
+    None
 }
 
 /// The cdylib cargo built with this test: `target/<profile>/deps/`, beside the test binary.
@@ -89,7 +94,7 @@ fn rel_err(y: &[f64], r: &[f64]) -> f64 {
 #[test]
 fn runs_in_ort_from_rust() -> Res<()> {
     let Some(dylib) = ort_dylib() else {
-        eprintln!("SKIPPED: no ONNX Runtime library (set ORT_DYLIB_PATH)");
+        eprintln!("SKIPPED: no ONNX Runtime library");
         return Ok(());
     };
     let lib = provider_lib();
@@ -135,6 +140,31 @@ fn runs_in_ort_from_rust() -> Res<()> {
         let y: Vec<f64> = y.iter().map(|v| v.to_f64()).collect();
         let err = rel_err(&y, &want16);
         assert!(err < 2e-3, "{format} f16: rel err {err:e}");
+    }
+
+    // The kernels split their work over the session's intra-op pool (KernelContext_ParallelFor):
+    // every pool size must give the same bits as the library called directly from Rust, for
+    // both strategies (small and large M).
+    let (k, n) = (300, 200);
+    for (format, group) in [(Format::Q8, 64), (Format::Q4, 32), (Format::F32, k)] {
+        let rows: Vec<f32> = (0..k * n).map(|_| rnd() * 0.2).collect();
+        let e = encode_rows(&rows, Layout { format, k, n, group })?.0;
+        let owned = OwnedWeights::from_encoded(&e);
+        let w = owned.view()?;
+        for m in [1, 3, 40] {
+            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let mut direct = vec![0f32; m * n];
+            qins_matmul_f32(&a, m, &w, &mut direct)?;
+            for threads in [1, 3] {
+                let mut s = Session::builder(&env)?
+                    .with_intra_threads(threads)?
+                    .with_operator_library(&lib)?
+                    .commit_from_memory(&model_bytes(&e, dtype::FLOAT))?;
+                let out = s.run(ort::inputs!["A" => Tensor::from_array(([m, k], a.clone()))?])?;
+                let (_, y) = out["Y"].try_extract_tensor::<f32>()?;
+                assert!(y == &direct[..], "{format} M={m}, {threads} intra-op threads: differs from the direct call");
+            }
+        }
     }
     Ok(())
 }

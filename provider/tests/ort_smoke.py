@@ -61,7 +61,7 @@ def random_weight(k, n, bits, g):
         z = (RNG.uniform(0.5, 1.0, (n, k)) * RNG.choice([-1.0, 1.0], (n, k))).astype(np.float32)
         s = RNG.uniform(0.01, 0.2, (n, 1)).astype(np.float32)
         mag = np.abs(z)
-        w = (np.sign(z) * ((np.float32(1) - mag) / mag * s)).astype(np.float32)
+        w = (np.sign(z) * ((np.float32(1) / mag - np.float32(1)) * s)).astype(np.float32)
         return z, s, w.T.copy()
     kp = -(-k // K_ALIGN) * K_ALIGN
     codes = RNG.integers(0, 1 << bits, (n, kp), dtype=np.uint8)

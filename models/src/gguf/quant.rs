@@ -141,7 +141,7 @@ impl GgmlType {
     /// block across rows, so `ne0` must hold whole blocks.
     pub fn bytes_for(self, ne0: u64, numel: u64) -> Result<u64> {
         let (be, bb) = self.block();
-        if ne0 % be != 0 {
+        if !ne0.is_multiple_of(be) {
             bail!("{} stores blocks of {be} values, but rows have {ne0}", self.name());
         }
         (numel / be).checked_mul(bb).ok_or_else(|| anyhow::anyhow!("size overflows"))
@@ -163,7 +163,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     }
     let (be, bb) = ty.block();
     let (be, bb) = (be as usize, bb as usize);
-    if out.len() % be != 0 || data.len() != out.len() / be * bb {
+    if !out.len().is_multiple_of(be) || data.len() != out.len() / be * bb {
         bail!("{} data of {} bytes does not hold {} values", ty.name(), data.len(), out.len());
     }
     let f: fn(&[u8], &mut [f32]) = match ty {

@@ -1,53 +1,62 @@
 //! CPU kernel of `com.qins.QinsMatMul`: `Y[M, N] = A[M, K] W[K, N]`, `W` QINS-encoded.
 //!
-//! Weights are decoded with the codec's table ([`Format::lut`]) and scales into f32 exactly as
-//! [`qins::codec::decode_row`] does (bit-identical; a unit test holds the two together), then:
-//! - small `M` (token generation): a GEMV that decodes each weight row once, into an L1-resident
-//!   buffer, and dots it with every activation row;
-//! - larger `M`: blocks of output channels are decoded into an f32 tile `[NB, K]` once and
-//!   multiplied with `matrixmultiply::sgemm`, each (tile, row block) task single-threaded under
-//!   rayon.
+//! Weights are decoded 32 at a time (a *chunk*) with in-register SIMD table lookups and
+//! multiplied by their group's scale, bit-identical to [`qins::codec::decode_row`] (a unit
+//! test holds the two together). Two strategies use that decode:
+//! - small `M` (token generation, [`Path::Dot`]): decode and multiply in one pass. Each chunk
+//!   is decoded in registers and multiplied straight into up to 4 activation rows, so the
+//!   weights are read once (prefetched: rows are too short for the hardware prefetchers) and
+//!   never stored as floats;
+//! - larger `M` ([`Path::Gemm`]): blocks of strips of 12 output channels are decoded once into
+//!   an L1-sized f32 buffer and multiplied with every 16-row panel of the activations by a
+//!   register-tiled micro-kernel (12 x 32 fused multiply-adds per k, the weights broadcast).
+//!
+//! Both run their loops through a [`ParallelFor`]: inside ONNX Runtime the session's
+//! intra-op pool, from Rust whatever the caller passes ([`qins_matmul_f32`] uses rayon).
+//! The loops are compiled once per instruction set ([`Isa`]: AVX-512, AVX2, portable) and
+//! picked at run time; all three give the same bits.
 //!
 //! Accumulation is f32 for both activation types; f16 activations are widened once and the
 //! output rounded once, as the spec says.
 
+mod kernels;
+mod simd;
+
 use std::cell::Cell;
+use std::thread::LocalKey;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use qins::codec::{decode_z, padded_k, Encoded, Format, Layout};
-use rayon::prelude::*;
+use qins::codec::{Encoded, Format, Layout};
 
+use self::kernels::{Args, PANEL};
+pub use self::simd::Isa;
+use self::simd::{chunk_lane_k, CHUNK};
+use crate::cpu::parallel::{ParallelFor, Rayon};
 use crate::ops::qins_matmul::{Act, Node};
 use crate::ops::Kernel;
 use crate::ort_api::{Error, KernelCtx, KernelInfo, Result};
 
-/// Rows of `A` up to which the GEMV path wins over decode-into-tile + sgemm. Measured with
-/// `examples/bench.rs` (K = N = 2048, q8 and q4, 1 and 16 threads): at M = 4 the GEMM path is
-/// already 10-30% faster, at M = 2 the GEMV path is 25-40% faster.
-const GEMV_MAX_M: usize = 3;
-/// Weight rows per GEMV task: enough work per task to amortise rayon's overhead.
-const GEMV_ROWS: usize = 16;
-/// How the GEMM path cuts the work.
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Blocking {
-    /// Output channels per decoded tile.
-    pub nb: usize,
-    /// Activation rows per sgemm call.
-    pub mb: usize,
-    /// K per sgemm call. matrixmultiply (with its `threading` feature, which the workspace
-    /// turns on) starts its own pool of at most 4 threads for a call once
-    /// `(m + n) * k >= 2^15`; staying below that keeps every call on the rayon thread that
-    /// made it instead of funnelling them all through that pool.
-    pub kc: usize,
-    /// Instead: tiles one after another, each decoded by rayon and multiplied by one
-    /// (matrixmultiply-threaded) sgemm over all of M and K. For comparison only.
-    pub serial_tiles: bool,
+/// Rows of `A` up to which [`Path::Dot`] is used: past 4 it decodes every row again for each
+/// 4 activation rows, which only pays while decoding is cheap. Measured with
+/// `examples/bench.rs` (K = 576, N = 1536, one thread): at M = 8 the dot path is 15-30%
+/// faster for q4 and q6, at M = 5 10% slower for q8 and f32.
+fn dot_max_m(format: Format) -> usize {
+    match format {
+        Format::Q4 | Format::Q6 => 8,
+        Format::Q8 | Format::F32 => 4,
+    }
 }
+/// The loops are cut into about this many tasks (more when M is small and rows are cheap
+/// would only add scheduling overhead), enough to balance a pool of 8-16 threads.
+const TASKS: usize = 32;
+/// Weight rows between the one being decoded and the one being prefetched.
+const PREFETCH_ROWS: usize = 8;
+/// Fewest weights (times activation rows) per dot task.
+const MIN_TASK_WORK: usize = 1 << 14;
 
-/// `(MB + NB) * KC = 30720 < 2^15`.
-pub const BLOCKING: Blocking = Blocking { nb: 64, mb: 64, kc: 240, serial_tiles: false };
+/// Largest K and N, as in the op's attribute checks.
+const MAX_DIM: usize = 1 << 31;
 
 /// Encoded weight data as the op receives it.
 #[derive(Clone, Copy, Debug)]
@@ -73,6 +82,10 @@ impl<'a> Weights<'a> {
         if k == 0 || n == 0 || group == 0 || group > k || (format == Format::F32 && group != k) {
             return bad("K, N >= 1 and 1 <= group <= K (== K for bits 32) are required".into());
         }
+        // The op's own bound (`layout_from_attrs`); the kernels index groups with u32.
+        if k > MAX_DIM || n > MAX_DIM {
+            return bad(format!("K and N must be at most {MAX_DIM}"));
+        }
         let (codes_len, scales_len) = match data {
             WeightData::Packed { codes, scales } if format.is_integer() => (codes.len(), scales.len()),
             WeightData::F32 { z, scales } if format == Format::F32 => (z.len(), scales.len()),
@@ -92,75 +105,28 @@ impl<'a> Weights<'a> {
         self.layout
     }
 
-    /// Length of the buffer [`Weights::decode_row`] needs: the padded K for packed formats
-    /// (whole bytes are unpacked, padding included), K for f32.
-    pub fn row_buf_len(&self) -> usize {
-        match self.data {
-            WeightData::Packed { .. } => padded_k(self.layout.k),
-            WeightData::F32 { .. } => self.layout.k,
-        }
-    }
-
     /// Decodes output channel `n` (`W[0..K, n]`) into `out[..K]`, bit-identical to
-    /// [`qins::codec::decode_row`]. `out` must hold [`Weights::row_buf_len`] values; the
-    /// ones past K are scratch.
-    #[inline(always)]
-    pub fn decode_row(&self, n: usize, out: &mut [f32]) {
-        let Layout { format, k, group, .. } = self.layout;
-        match self.data {
-            WeightData::F32 { z, scales } => {
-                let s = scales[n];
-                for (o, &z) in out[..k].iter_mut().zip(&z[n * k..(n + 1) * k]) {
-                    *o = decode_z(z, s);
-                }
-            }
-            WeightData::Packed { codes, scales } => {
-                let rb = format.row_bytes(k);
-                let kp = padded_k(k);
-                unpack(format, &codes[n * rb..(n + 1) * rb], &mut out[..kp]);
-                let g = self.layout.groups();
-                // One multiply per weight, as in the codec: LUT[code] * s.
-                for (chunk, s) in out[..k].chunks_mut(group).zip(&scales[n * g..(n + 1) * g]) {
-                    let s = s.to_f32();
-                    for v in chunk {
-                        *v *= s;
-                    }
-                }
+    /// [`qins::codec::decode_row`], with the kernels' decode for `isa` (the best one if
+    /// `None`).
+    pub fn decode_row(&self, isa: Option<Isa>, n: usize, out: &mut [f32]) -> Result<()> {
+        let Layout { format, k, n: rows, .. } = self.layout;
+        let isa = isa.unwrap_or_else(Isa::best);
+        if n >= rows || out.len() < k || !isa.is_available() {
+            return Err(Error::invalid(format!("decode_row({isa:?}, {n}) of {rows} rows into {} floats", out.len())));
+        }
+        let plan = Plan::new(*self);
+        let mut lanes = vec![0f32; plan.k32];
+        let mut scratch = vec![0f32; plan.scale_scratch()];
+        let args = Args { a: std::ptr::null(), m: 0, y: lanes.as_mut_ptr(), scratch: scratch.as_mut_ptr() };
+        // SAFETY: row `n` exists, `lanes` holds one row of K32 and `scratch` its scales.
+        unsafe { kernels::run_decode(isa, &plan, args, n..n + 1) };
+        for (i, v) in lanes.iter().enumerate() {
+            let kk = i / CHUNK * CHUNK + chunk_lane_k(format, i % CHUNK);
+            if kk < k {
+                out[kk] = *v;
             }
         }
-    }
-}
-
-/// `out[i] = LUT[code i]` for a whole packed row (`out.len()` = codes in the row).
-#[inline(always)]
-fn unpack(format: Format, row: &[u8], out: &mut [f32]) {
-    // Fixed-size tables let the compiler drop the bounds checks on masked indices.
-    const BAD_LUT: &str = "the codec's LUT has 2^bits entries";
-    match format {
-        Format::Q8 => {
-            let lut: &[f32; 256] = format.lut().try_into().expect(BAD_LUT);
-            for (o, &c) in out.iter_mut().zip(row) {
-                *o = lut[c as usize];
-            }
-        }
-        Format::Q6 => {
-            let lut: &[f32; 64] = format.lut().try_into().expect(BAD_LUT);
-            for (o, b) in out.chunks_exact_mut(4).zip(row.chunks_exact(3)) {
-                let w = u32::from_le_bytes([b[0], b[1], b[2], 0]);
-                o[0] = lut[(w & 63) as usize];
-                o[1] = lut[((w >> 6) & 63) as usize];
-                o[2] = lut[((w >> 12) & 63) as usize];
-                o[3] = lut[((w >> 18) & 63) as usize];
-            }
-        }
-        Format::Q4 => {
-            let lut: &[f32; 16] = format.lut().try_into().expect(BAD_LUT);
-            for (o, &b) in out.chunks_exact_mut(2).zip(row) {
-                o[0] = lut[(b & 15) as usize];
-                o[1] = lut[(b >> 4) as usize];
-            }
-        }
-        Format::F32 => unreachable!("F32 rows hold floats, not codes"),
+        Ok(())
     }
 }
 
@@ -195,22 +161,124 @@ impl OwnedWeights {
     }
 }
 
-/// `y[M, N] = a[M, K] W`, f32 activations.
+/// How to run a product; the default picks everything. For tests and benchmarks.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub isa: Option<Isa>,
+    pub path: Option<Path>,
+}
+
+/// The two strategies (see the module docs).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Dot,
+    Gemm,
+}
+
+/// `y[M, N] = a[M, K] W`, f32 activations, on rayon's pool.
 pub fn qins_matmul_f32(a: &[f32], m: usize, w: &Weights, y: &mut [f32]) -> Result<()> {
+    qins_matmul_f32_with(&Options::default(), &Rayon, a, m, w, y)
+}
+
+/// `y[M, N] = a[M, K] W`, f16 activations, on rayon's pool: widened once, accumulated in f32,
+/// rounded once.
+pub fn qins_matmul_f16(a: &[f16], m: usize, w: &Weights, y: &mut [f16]) -> Result<()> {
+    qins_matmul_f16_with(&Options::default(), &Rayon, a, m, w, y)
+}
+
+/// [`qins_matmul_f32`] with the loops run by `par`.
+pub fn qins_matmul_f32_with(
+    opts: &Options,
+    par: &dyn ParallelFor,
+    a: &[f32],
+    m: usize,
+    w: &Weights,
+    y: &mut [f32],
+) -> Result<()> {
     check_lens(a.len(), y.len(), m, w)?;
     if m == 0 {
         return Ok(());
     }
-    if m <= GEMV_MAX_M {
-        gemv(a, m, w, y);
-    } else {
-        gemm(a, m, w, y, BLOCKING);
+    let isa = opts.isa.unwrap_or_else(Isa::best);
+    if !isa.is_available() {
+        return Err(Error::invalid(format!("{isa:?} is not supported by this CPU")));
     }
-    Ok(())
+    let plan = Plan::new(*w);
+    let path = opts.path.unwrap_or(if m <= dot_max_m(w.layout.format) { Path::Dot } else { Path::Gemm });
+    let Layout { k, n, .. } = w.layout;
+    let k32 = plan.k32;
+    let out = SyncPtr(y.as_mut_ptr());
+    match path {
+        Path::Dot => with_scratch(&CALL_SCRATCH, m * k32, |ap| {
+            for (dst, src) in ap.chunks_exact_mut(k32).zip(a.chunks_exact(k)) {
+                permute_row(plan.w.layout.format, src, dst, 1);
+            }
+            // Whole blocks of the rows the kernel takes at a time.
+            let rows = n.div_ceil(TASKS).max(MIN_TASK_WORK.div_ceil(k * m)).next_multiple_of(kernels::DOT_WEIGHT_ROWS);
+            let rows = rows.min(n);
+            let ap = SyncPtr(ap.as_mut_ptr());
+            let scratch = kernels::DOT_WEIGHT_ROWS * plan.scale_scratch();
+            par.for_each(n.div_ceil(rows), &|t| {
+                let range = t * rows..n.min((t + 1) * rows);
+                with_scratch(&TASK_SCRATCH, scratch, |s| {
+                    let args = Args { a: ap.get(), m, y: out.get(), scratch: s.as_mut_ptr() };
+                    // SAFETY: `plan` was checked against the buffers (Weights::new), `ap` holds
+                    // M rows of K32 and `y` M rows of N (check_lens); this task writes only
+                    // columns `range` of `y`, and `s` is its own.
+                    unsafe { kernels::run_dot(isa, &plan, args, range) }
+                })
+            })
+        }),
+        Path::Gemm => {
+            let panels = m.div_ceil(PANEL);
+            with_scratch(&CALL_SCRATCH, panels * k32 * PANEL, |at| {
+                let at_ptr = SyncPtr(at.as_mut_ptr());
+                let a_ptr = SyncPtr(a.as_ptr().cast_mut());
+                par.for_each(panels, &|p| {
+                    // SAFETY: panel `p` of `at` (K32 x 16 floats) belongs to this task alone;
+                    // `a` is M x K.
+                    let (dst, src) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(at_ptr.get().add(p * k32 * PANEL), k32 * PANEL),
+                            std::slice::from_raw_parts(a_ptr.get(), m * k),
+                        )
+                    };
+                    pack_panel(plan.w.layout.format, src, k, m, p, dst);
+                })?;
+                let nr = kernels::gemm_rows(isa);
+                let strips = n.div_ceil(nr);
+                // Whole groups of strips per task, unless that leaves too few tasks.
+                let per_task = match strips.div_ceil(TASKS) {
+                    1 => 1,
+                    t => t.next_multiple_of(kernels::STRIPS),
+                };
+                let scratch = kernels::gemm_scratch(&plan, nr, panels);
+                par.for_each(strips.div_ceil(per_task), &|t| {
+                    let range = t * per_task..strips.min((t + 1) * per_task);
+                    with_scratch(&TASK_SCRATCH, scratch, |s| {
+                        let args = Args { a: at_ptr.get(), m, y: out.get(), scratch: s.as_mut_ptr() };
+                        // SAFETY: as for the dot path; `at` holds ceil(M/16) panels of K32 x 16,
+                        // the task writes only the columns of its strips, and `s` is the size
+                        // the kernel asks for.
+                        unsafe { kernels::run_gemm(isa, &plan, args, range) }
+                    })
+                })
+            })
+        }
+    }
 }
 
-/// `y[M, N] = a[M, K] W`, f16 activations: widened once, accumulated in f32, rounded once.
-pub fn qins_matmul_f16(a: &[f16], m: usize, w: &Weights, y: &mut [f16]) -> Result<()> {
+/// [`qins_matmul_f16`] with the loops run by `par`.
+pub fn qins_matmul_f16_with(
+    opts: &Options,
+    par: &dyn ParallelFor,
+    a: &[f16],
+    m: usize,
+    w: &Weights,
+    y: &mut [f16],
+) -> Result<()> {
     check_lens(a.len(), y.len(), m, w)?;
     if m == 0 {
         return Ok(());
@@ -218,27 +286,8 @@ pub fn qins_matmul_f16(a: &[f16], m: usize, w: &Weights, y: &mut [f16]) -> Resul
     let mut af = vec![0f32; a.len()];
     a.convert_to_f32_slice(&mut af);
     let mut yf = vec![0f32; y.len()];
-    qins_matmul_f32(&af, m, w, &mut yf)?;
+    qins_matmul_f32_with(opts, par, &af, m, w, &mut yf)?;
     y.convert_from_f32_slice(&yf);
-    Ok(())
-}
-
-/// The two strategies, callable directly so benchmarks can find the crossover and blocking.
-#[doc(hidden)]
-pub fn qins_matmul_f32_path(
-    a: &[f32],
-    m: usize,
-    w: &Weights,
-    y: &mut [f32],
-    gemm_blocking: Option<Blocking>,
-) -> Result<()> {
-    check_lens(a.len(), y.len(), m, w)?;
-    match gemm_blocking {
-        _ if m == 0 => {}
-        None => gemv(a, m, w, y),
-        Some(b) if b.serial_tiles => gemm_serial_tiles(a, m, w, y, b.nb),
-        Some(b) => gemm(a, m, w, y, b),
-    }
     Ok(())
 }
 
@@ -250,280 +299,183 @@ fn check_lens(a: usize, y: usize, m: usize, w: &Weights) -> Result<()> {
     Ok(())
 }
 
-/// Instruction sets the hot loops are compiled for; picked once at run time so one binary
-/// runs everywhere and still uses AVX2/AVX-512 where present. Every variant gives the same
-/// bits: the loops are lane-wise and never fuse a multiply into an add.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    Generic,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
+/// [`Plan::chunk_group`] of a chunk whose weights span several groups.
+const MIXED: u32 = u32::MAX;
+
+/// What the kernels need to know about a weight beyond its buffers, worked out once per call.
+struct Plan<'a> {
+    w: Weights<'a>,
+    /// K rounded up to whole chunks: the activations' row length once permuted.
+    k32: usize,
+    chunks: usize,
+    /// Valid lanes of each vector of the last chunk (16 each when K is a multiple of 32).
+    tail_lanes: (usize, usize),
+    /// Per chunk, the group all its weights belong to, or [`MIXED`].
+    chunk_group: Vec<u32>,
+    /// Per lane of every chunk (lane order), its group; only filled when some chunk is mixed.
+    lane_group: Vec<u32>,
+    groups: usize,
+    row_bytes: usize,
 }
 
-impl Isa {
-    /// The variants this CPU can run, best last.
-    fn available() -> Vec<Isa> {
-        #[allow(unused_mut)]
-        let mut v = vec![Isa::Generic];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            v.push(Isa::Avx2);
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                v.push(Isa::Avx512);
-            }
-        }
-        v
+impl<'a> Plan<'a> {
+    fn new(w: Weights<'a>) -> Plan<'a> {
+        let Layout { format, k, group, .. } = w.layout;
+        let k32 = k.div_ceil(CHUNK) * CHUNK;
+        let chunks = k32 / CHUNK;
+        let t = k - (chunks - 1) * CHUNK;
+        let tail_lanes = match format {
+            Format::Q4 => (t.div_ceil(2), t / 2),
+            _ => (t.min(16), t - t.min(16)),
+        };
+        // Groups are below 2^31 (K is, checked by Weights::new), so they fit u32 next to MIXED.
+        let chunk_group: Vec<u32> = (0..chunks)
+            .map(|c| {
+                let (first, last) = (c * CHUNK, k.min((c + 1) * CHUNK) - 1);
+                if first / group == last / group {
+                    (first / group) as u32
+                } else {
+                    MIXED
+                }
+            })
+            .collect();
+        let lane_group = if chunk_group.contains(&MIXED) {
+            (0..k32)
+                .map(|i| ((i / CHUNK * CHUNK + chunk_lane_k(format, i % CHUNK)).min(k - 1) / group) as u32)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let row_bytes = if format == Format::F32 { 4 * k } else { format.row_bytes(k) };
+        Plan { w, k32, chunks, tail_lanes, chunk_group, lane_group, groups: w.layout.groups(), row_bytes }
     }
-}
 
-#[cfg(test)]
-static ISA_OVERRIDE: std::sync::Mutex<Option<Isa>> = std::sync::Mutex::new(None);
-
-fn isa() -> Isa {
-    #[cfg(test)]
-    if let Some(forced) = *ISA_OVERRIDE.lock().unwrap_or_else(|p| p.into_inner()) {
-        return forced;
-    }
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| *Isa::available().last().unwrap_or(&Isa::Generic))
-}
-
-/// Defines `fn $name` that runs `$body` compiled once per [`Isa`], picking the variant the CPU
-/// supports. The body must only call `#[inline(always)]` code (or code generic enough to be
-/// inlined) for the wider instructions to reach the hot loops.
-macro_rules! multiversioned {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn imp($($arg: $ty),*) $body
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2($($arg: $ty),*) {
-                imp($($arg),*)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512($($arg: $ty),*) {
-                imp($($arg),*)
-            }
-
-            match isa() {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: selected only when the CPU reports these features.
-                Isa::Avx512 => unsafe { avx512($($arg),*) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                Isa::Avx2 => unsafe { avx2($($arg),*) },
-                Isa::Generic => imp($($arg),*),
-            }
-        }
-    };
-}
-
-multiversioned! {
-    /// Decodes weight rows `n0..` into consecutive `stride`-long rows of `tile`.
-    fn decode_rows(w: &Weights, n0: usize, tile: &mut [f32], stride: usize) {
-        for (r, row) in tile.chunks_exact_mut(stride).enumerate() {
-            w.decode_row(n0 + r, row);
+    /// Chunks without lanes past K.
+    fn full_chunks(&self) -> usize {
+        if self.tail_lanes.0 + self.tail_lanes.1 == CHUNK {
+            self.chunks
+        } else {
+            self.chunks - 1
         }
     }
-}
 
-multiversioned! {
-    /// GEMV work of one task: output channels `n0..` into `out` (`[rows, m]`).
-    fn gemv_task(a: &[f32], m: usize, k: usize, w: &Weights, n0: usize, out: &mut [f32], buf: &mut [f32]) {
-        gemv_rows(a, m, k, w, n0, out, buf)
+    /// Bytes of codes (or `z`) per chunk.
+    #[inline(always)]
+    fn chunk_bytes(&self) -> usize {
+        CHUNK * self.w.layout.format.bits() as usize / 8
+    }
+
+    /// How far ahead of a row the kernels prefetch, when they take `rows` rows at a time:
+    /// [`PREFETCH_ROWS`] rows, rounded up to whole steps. A row of M = 1 work takes well under
+    /// the time a line takes to come from DRAM, and rows of a few hundred bytes are too short
+    /// for the hardware prefetchers to pick up.
+    #[inline(always)]
+    fn prefetch_ahead(&self, rows: usize) -> usize {
+        PREFETCH_ROWS.next_multiple_of(rows) * self.row_bytes
+    }
+
+    /// Floats of task scratch the row scales take (whole vectors).
+    fn scale_scratch(&self) -> usize {
+        self.groups.div_ceil(16) * 16
     }
 }
 
-/// Small M: each task decodes `GEMV_ROWS` weight rows, one at a time into an L1-sized buffer,
-/// and dots each with all M activation rows.
-fn gemv(a: &[f32], m: usize, w: &Weights, y: &mut [f32]) {
-    let Layout { k, n, .. } = w.layout;
-    // Tasks own contiguous output: Y^T [N, M], transposed at the end (M <= GEMV_MAX_M).
-    let mut yt_buf = Vec::new();
-    let yt: &mut [f32] = if m == 1 {
-        y
+/// Writes activation row `src` (K floats) in the kernels' lane order, zero past K: element
+/// `i` goes to `dst[i * step]` for `i < K32`.
+#[inline(always)]
+fn permute_row(format: Format, src: &[f32], dst: &mut [f32], step: usize) {
+    let k = src.len();
+    let full = k / CHUNK;
+    if format == Format::Q4 {
+        // Even k in the first 16 lanes of a chunk, odd k in the last 16 (`chunk_lane_k`).
+        for (c, s) in src.chunks_exact(CHUNK).enumerate() {
+            let d = &mut dst[c * CHUNK * step..];
+            for j in 0..16 {
+                d[j * step] = s[2 * j];
+                d[(16 + j) * step] = s[2 * j + 1];
+            }
+        }
     } else {
-        yt_buf.resize(n * m, 0f32);
-        &mut yt_buf
-    };
-    let buf_len = w.row_buf_len();
-    yt.par_chunks_mut(GEMV_ROWS * m)
-        .enumerate()
-        .for_each_init(|| vec![0f32; buf_len], |buf, (t, out)| gemv_task(a, m, k, w, t * GEMV_ROWS, out, buf));
-    if m > 1 {
-        for (ni, col) in yt_buf.chunks_exact(m).enumerate() {
-            for (mi, &v) in col.iter().enumerate() {
-                y[mi * n + ni] = v;
-            }
+        for (i, &v) in src[..full * CHUNK].iter().enumerate() {
+            dst[i * step] = v;
+        }
+    }
+    let rows = dst.len().div_ceil(step);
+    for l in full * CHUNK..rows {
+        let kk = l / CHUNK * CHUNK + chunk_lane_k(format, l % CHUNK);
+        dst[l * step] = if kk < k { src[kk] } else { 0.0 };
+    }
+}
+
+/// Panel `p` of the GEMM path: rows `16 p ..` of `a` (`[M, K]`), transposed to `[K32, 16]` in
+/// lane order, zero past M and K.
+fn pack_panel(format: Format, a: &[f32], k: usize, m: usize, p: usize, dst: &mut [f32]) {
+    let rows = p * PANEL..m.min((p + 1) * PANEL);
+    let used = rows.len();
+    for (l, r) in rows.enumerate() {
+        permute_row(format, &a[r * k..(r + 1) * k], &mut dst[l..], PANEL);
+    }
+    if used < PANEL {
+        for v in dst.chunks_exact_mut(PANEL) {
+            v[used..].fill(0.0);
         }
     }
 }
 
-#[inline(always)]
-fn gemv_rows(a: &[f32], m: usize, k: usize, w: &Weights, n0: usize, out: &mut [f32], buf: &mut [f32]) {
-    for (r, o) in out.chunks_exact_mut(m).enumerate() {
-        w.decode_row(n0 + r, buf);
-        let row = &buf[..k];
-        // The decoded row stays in L1, so re-reading it per activation row is cheap.
-        for (o, ar) in o.iter_mut().zip(a.chunks_exact(k)) {
-            *o = dot(ar, row);
-        }
-    }
-}
-
-/// `a . w` in f32. Lane-wise accumulators, then one fixed-order reduction, let the compiler
-/// vectorise without reassociating (so every ISA variant gives the same bits); 32 lanes keep
-/// enough independent adds in flight to hide their latency.
-#[inline(always)]
-fn dot(a: &[f32], w: &[f32]) -> f32 {
-    const L: usize = 32;
-    let (ac, wc) = (a.chunks_exact(L), w.chunks_exact(L));
-    let tail: f32 = ac.remainder().iter().zip(wc.remainder()).map(|(x, y)| x * y).sum();
-    let mut acc = [0f32; L];
-    for (x, y) in ac.zip(wc) {
-        for j in 0..L {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut width = L;
-    while width > 1 {
-        width /= 2;
-        for j in 0..width {
-            acc[j] += acc[j + width];
-        }
-    }
-    acc[0] + tail
-}
-
-/// A raw output pointer shared by tasks that write disjoint parts of it.
+/// A pointer shared by tasks that write disjoint parts of what it points at (or only read).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct SyncPtr(*mut f32);
 
-// SAFETY: tasks holding copies only ever write disjoint elements (see `gemm`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+// SAFETY: every use documents why the tasks' accesses do not overlap.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
 
-impl OutPtr {
+impl SyncPtr {
     // A method (not field access) so closures capture the whole Send+Sync wrapper.
     fn get(self) -> *mut f32 {
         self.0
     }
 }
 
+/// 16 floats on a cache line: scratch is made of these so that every vector the kernels load
+/// or store there is aligned (a 64-byte access across two lines costs about twice as much).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
 thread_local! {
-    /// Tile buffer reused across calls, so large tiles are not mmapped and faulted in again
-    /// for every task. Taken out while in use: rayon may run another task on this thread
-    /// while one waits inside a nested join, and that task then simply allocates its own.
-    static TILE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Per-call buffers (the permuted activations) of the calling thread.
+    static CALL_SCRATCH: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+    /// Per-task buffers (scales, decoded strips) of whichever thread runs the task.
+    static TASK_SCRATCH: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
 
-fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut v = TILE.with(Cell::take);
-    if v.len() < len {
-        v.resize(len, 0f32);
+/// Runs `f` on `len` floats (64-byte aligned) of the thread's buffer in `slot`, kept across
+/// calls so that it is not allocated and faulted in again every time. Taken out while in
+/// use: a nested use (a task run by the thread that is waiting in a parallel loop) simply
+/// allocates its own. Sub-buffers that start at multiples of 16 floats stay aligned.
+fn with_scratch<R>(slot: &'static LocalKey<Cell<Vec<Line>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut v = slot.with(Cell::take);
+    let lines = len.div_ceil(16);
+    if v.len() < lines {
+        v.resize(lines, Line::default());
     }
-    let r = f(&mut v[..len]);
-    TILE.with(|c| {
-        let other = c.take();
-        c.set(if other.len() > v.len() { other } else { v });
-    });
+    // SAFETY: `Line` is 16 f32 with no padding (repr C, size 64), so `lines` of them are
+    // `16 lines >= len` initialised floats.
+    let floats = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), len) };
+    let r = f(floats);
+    if v.len() <= MAX_KEPT_LINES {
+        slot.with(|c| {
+            let other = c.take();
+            c.set(if other.len() > v.len() { other } else { v });
+        });
+    }
     r
 }
 
-/// Larger M: per block of `nb` output channels, decode an f32 tile `[nb, K]` once, then
-/// `Y[m-block, n-block] = A[m-block, :] tile^T` with sgemm, row blocks in parallel.
-fn gemm(a: &[f32], m: usize, w: &Weights, y: &mut [f32], b: Blocking) {
-    let Layout { k, n, .. } = w.layout;
-    let Blocking { nb: tile_rows, mb: block_rows, kc: k_step, .. } = b;
-    let stride = w.row_buf_len();
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(tile_rows)).into_par_iter().for_each(|t| {
-        let n0 = t * tile_rows;
-        let nb = tile_rows.min(n - n0);
-        with_tile(nb * stride, |tile| {
-            decode_rows(w, n0, tile, stride);
-            let tile = &*tile;
-            (0..m.div_ceil(block_rows)).into_par_iter().for_each(|mi| {
-                let m0 = mi * block_rows;
-                let mb = block_rows.min(m - m0);
-                for k0 in (0..k).step_by(k_step) {
-                    let kc = k_step.min(k - k0);
-                    let beta = if k0 == 0 { 0.0 } else { 1.0 };
-                    // SAFETY: A rows m0..m0+mb, cols k0..k0+kc lie in `a` (M*K, row stride K);
-                    // the tile's rows 0..nb, cols k0..k0+kc lie in `tile` (nb rows of `stride`
-                    // >= K); C is Y rows m0..m0+mb, cols n0..n0+nb (row stride N), inside `y`
-                    // (M*N, checked by the caller). Each (t, mi) task writes only its own C
-                    // block, so writes never overlap, and `y` is not otherwise touched until
-                    // the parallel loop ends. beta = 0 never reads C, which starts
-                    // uninitialised (ORT output).
-                    unsafe {
-                        sgemm_nt(
-                            mb,
-                            kc,
-                            nb,
-                            a.as_ptr().add(m0 * k + k0),
-                            k,
-                            tile.as_ptr().add(k0),
-                            stride,
-                            beta,
-                            out.get().add(m0 * n + n0),
-                            n,
-                        )
-                    };
-                }
-            });
-        });
-    });
-}
-
-/// Benchmark variant of [`gemm`]: tiles in sequence, each one threaded sgemm.
-fn gemm_serial_tiles(a: &[f32], m: usize, w: &Weights, y: &mut [f32], tile_rows: usize) {
-    let Layout { k, n, .. } = w.layout;
-    let stride = w.row_buf_len();
-    let mut tile = vec![0f32; tile_rows * stride];
-    for n0 in (0..n).step_by(tile_rows) {
-        let nb = tile_rows.min(n - n0);
-        tile[..nb * stride].par_chunks_mut(stride).enumerate().for_each(|(r, row)| {
-            decode_rows(w, n0 + r, row, stride);
-        });
-        // SAFETY: as in `gemm`, with the whole of M and K in one call.
-        unsafe { sgemm_nt(m, k, nb, a.as_ptr(), k, tile.as_ptr(), stride, 0.0, y.as_mut_ptr().add(n0), n) };
-    }
-}
-
-/// `C[m, n] = A[m, k] B[n, k]^T + beta C`, row-major with the given row strides.
-///
-/// # Safety
-/// `a` must hold `m` rows of `lda`, `b` `n` rows of `ldb` and `c` `m` rows of `ldc` elements
-/// (the last row only up to its `k` or `n` used ones), with `c` not aliased by anyone else
-/// during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_nt(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    // SAFETY: forwarded from the caller; B[k, n] is read as element (n * ldb + k).
-    unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a, lda as isize, 1, b, 1, ldb as isize, beta, c, ldc as isize, 1) }
-}
+/// Larger scratch (a long prompt's activations) is freed after use rather than kept for the
+/// life of the thread; allocating it again costs little next to the work that needs it.
+const MAX_KEPT_LINES: usize = (4 << 20) / std::mem::size_of::<Line>();
 
 /// The ORT kernel object: one per QinsMatMul node on the CPU EP.
 struct CpuQinsMatMul {
@@ -555,9 +507,12 @@ impl Kernel for CpuQinsMatMul {
             _ => WeightData::Packed { codes: codes.slice()?, scales: scales.slice()? },
         };
         let w = Weights::new(node.layout, data)?;
+        // The session's intra-op pool: its size is the user's choice, and its threads are the
+        // ones that will otherwise sit spinning for the next op.
+        let opts = Options::default();
         match node.act {
-            Act::F32 => qins_matmul_f32(a.slice()?, shape.m, &w, y.into_slice_mut()?),
-            Act::F16 => qins_matmul_f16(a.slice()?, shape.m, &w, y.into_slice_mut()?),
+            Act::F32 => qins_matmul_f32_with(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
+            Act::F16 => qins_matmul_f16_with(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
         }
         .map_err(|e| e.context(node.describe()))
     }

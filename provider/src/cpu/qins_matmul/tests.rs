@@ -1,4 +1,5 @@
 use super::*;
+use crate::cpu::parallel::Sequential;
 use qins::codec::{self, encode_rows, Encoded};
 
 /// SplitMix64: deterministic and dependency-free.
@@ -53,38 +54,47 @@ fn rel_err(a: &[f64], m: usize, e: &Encoded, y: &[f64]) -> f64 {
     }
 }
 
+/// Random bytes as codes (every code, the negative zero and non-zero padding included) or
+/// random `z` in +-[0.5, 1), with random fp16-exact scales.
+fn arbitrary(format: Format, k: usize, n: usize, group: usize, rng: &mut Rng) -> Encoded {
+    let layout = Layout { format, k, n, group };
+    let codes: Vec<u8> = if format == Format::F32 {
+        (0..n * k)
+            .flat_map(|_| {
+                let z = (0.5 + 0.5 * rng.unit()) as f32 * if rng.unit() < 0.5 { -1.0 } else { 1.0 };
+                z.to_le_bytes()
+            })
+            .collect()
+    } else {
+        (0..layout.codes_len()).map(|_| rng.next_u64() as u8).collect()
+    };
+    let scales: Vec<f32> = (0..layout.scales_len()).map(|_| f16::from_f64(rng.unit() * 3.0).to_f32()).collect();
+    Encoded { layout, codes, scales }
+}
+
 #[test]
 fn decode_row_is_bit_identical_to_the_codec() {
     let mut rng = Rng(1);
     for format in Format::ALL {
-        for (k, group) in [(1, 1), (5, 2), (64, 64), (100, 32), (130, 7), (333, 333), (257, 64)] {
+        for (k, group) in [(1, 1), (5, 2), (64, 64), (100, 32), (130, 7), (333, 333), (257, 64), (96, 48), (40, 16)] {
             let group = if format == Format::F32 { k } else { group };
             let n = 3;
-            let layout = Layout { format, k, n, group };
-            // Arbitrary bytes, not just what the encoder emits: every code, the negative zero
-            // and non-zero padding included.
-            let codes: Vec<u8> = if format == Format::F32 {
-                (0..n * k)
-                    .flat_map(|_| {
-                        let z = (0.5 + 0.5 * rng.unit()) as f32 * if rng.unit() < 0.5 { -1.0 } else { 1.0 };
-                        z.to_le_bytes()
-                    })
-                    .collect()
-            } else {
-                (0..layout.codes_len()).map(|_| rng.next_u64() as u8).collect()
-            };
-            let scales: Vec<f32> = (0..layout.scales_len()).map(|_| f16::from_f64(rng.unit() * 3.0).to_f32()).collect();
-            let e = Encoded { layout, codes, scales };
+            let e = arbitrary(format, k, n, group, &mut rng);
             let owned = OwnedWeights::from_encoded(&e);
             let w = owned.view().unwrap();
-            let mut ours = vec![f32::NAN; w.row_buf_len()];
             let mut theirs = vec![0f32; k];
-            for row in 0..n {
-                e.decode_row(row, &mut theirs);
-                let stride = ours.len();
-                decode_rows(&w, row, &mut ours, stride);
-                for i in 0..k {
-                    assert_eq!(ours[i].to_bits(), theirs[i].to_bits(), "{format} k={k} g={group} row {row} i {i}");
+            for isa in Isa::available() {
+                let mut ours = vec![f32::NAN; k];
+                for row in 0..n {
+                    e.decode_row(row, &mut theirs);
+                    w.decode_row(Some(isa), row, &mut ours).unwrap();
+                    for i in 0..k {
+                        assert_eq!(
+                            ours[i].to_bits(),
+                            theirs[i].to_bits(),
+                            "{isa:?} {format} k={k} g={group} row {row} i {i}"
+                        );
+                    }
                 }
             }
         }
@@ -112,8 +122,10 @@ fn codebook_pack(format: Format, codes: &[u8], row: &mut [u8]) {
 #[test]
 fn matmul_matches_f64_reference() {
     let mut rng = Rng(7);
-    // Shapes cross every blocking boundary: K % G != 0, K > KC, N > NB, odd N, M > MB.
-    let shapes = [(64, 16, 64), (100, 33, 32), (300, 65, 7), (257, 130, 257), (70, 1, 1)];
+    // Shapes cross every blocking boundary: K % 32 != 0, K % G != 0, groups straddling
+    // chunks, N not a multiple of the strip height, odd N, M past a panel.
+    let shapes = [(64, 16, 64), (100, 33, 32), (300, 65, 7), (257, 130, 257), (70, 1, 1), (200, 13, 48)];
+    let paths = [None, Some(Path::Dot), Some(Path::Gemm)];
     for format in Format::ALL {
         for (k, n, group) in shapes {
             let group = if format == Format::F32 { k } else { group };
@@ -122,29 +134,31 @@ fn matmul_matches_f64_reference() {
             let w = owned.view().unwrap();
             for m in [0usize, 1, 2, 3, 4, 5, 17, 130] {
                 let a: Vec<f32> = (0..m * k).map(|_| rng.gauss() as f32).collect();
-
-                let mut y = vec![f32::NAN; m * n];
-                qins_matmul_f32(&a, m, &w, &mut y).unwrap();
-                let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
-                let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
-                let err = rel_err(&a64, m, &e, &y64);
-                assert!(err < 1e-5, "f32 {format} K={k} N={n} G={group} M={m}: rel err {err:e}");
-
                 let ah: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
-                let mut yh = vec![f16::NAN; m * n];
-                qins_matmul_f16(&ah, m, &w, &mut yh).unwrap();
-                let a64: Vec<f64> = ah.iter().map(|v| v.to_f64()).collect();
-                let y64: Vec<f64> = yh.iter().map(|v| v.to_f64()).collect();
-                let err = rel_err(&a64, m, &e, &y64);
-                // One rounding to f16 (2^-11 relative) on every output element.
-                assert!(err < 1e-3, "f16 {format} K={k} N={n} G={group} M={m}: rel err {err:e}");
+                for path in paths {
+                    let opts = Options { path, ..Options::default() };
+                    let mut y = vec![f32::NAN; m * n];
+                    qins_matmul_f32_with(&opts, &Rayon, &a, m, &w, &mut y).unwrap();
+                    let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+                    let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+                    let err = rel_err(&a64, m, &e, &y64);
+                    assert!(err < 1e-5, "f32 {format} K={k} N={n} G={group} M={m} {path:?}: rel err {err:e}");
+
+                    let mut yh = vec![f16::NAN; m * n];
+                    qins_matmul_f16_with(&opts, &Rayon, &ah, m, &w, &mut yh).unwrap();
+                    let a64: Vec<f64> = ah.iter().map(|v| v.to_f64()).collect();
+                    let y64: Vec<f64> = yh.iter().map(|v| v.to_f64()).collect();
+                    let err = rel_err(&a64, m, &e, &y64);
+                    // One rounding to f16 (2^-11 relative) on every output element.
+                    assert!(err < 1e-3, "f16 {format} K={k} N={n} G={group} M={m} {path:?}: rel err {err:e}");
+                }
             }
         }
     }
 }
 
 #[test]
-fn gemv_and_gemm_paths_agree() {
+fn dot_and_gemm_paths_agree() {
     // The same rows through both paths (M = 1 alone vs. inside a large M) must agree to f32
     // rounding, which catches a path that indexes the wrong output column or row.
     let mut rng = Rng(3);
@@ -186,28 +200,58 @@ fn bad_buffers_are_errors_not_panics() {
 
 #[test]
 fn every_isa_variant_gives_the_same_bits() {
+    // The AVX-512 and AVX2 variants must reproduce the portable one exactly, on both paths:
+    // every decode, tail mask, mixed-group chunk and reduction included.
     let variants = Isa::available();
+    assert_eq!(variants[0], Isa::Portable);
+    // On a CPU without AVX-512 this test silently covers less; a CI machine known to have it
+    // can say so, and fail if the detection ever stops finding it.
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os("QINS_REQUIRE_AVX512").is_some() {
+        assert!(variants.contains(&Isa::Avx512), "AVX-512 required but not available: {variants:?}");
+    }
     let mut rng = Rng(11);
     for format in Format::ALL {
-        let (k, n) = (333, 70);
-        let group = if format == Format::F32 { k } else { 48 };
-        let e = encode(format, k, n, group, &mut rng);
-        let owned = OwnedWeights::from_encoded(&e);
-        let w = owned.view().unwrap();
-        for m in [1usize, 3, 70] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.gauss() as f32).collect();
-            let mut first: Option<Vec<u32>> = None;
-            for &v in &variants {
-                *ISA_OVERRIDE.lock().unwrap() = Some(v);
-                let mut y = vec![0f32; m * n];
-                qins_matmul_f32(&a, m, &w, &mut y).unwrap();
-                *ISA_OVERRIDE.lock().unwrap() = None;
-                let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
-                match &first {
-                    None => first = Some(bits),
-                    Some(f) => assert!(f == &bits, "{format} M={m}: {v:?} differs from {:?}", variants[0]),
+        // Mixed-group chunks (48, 7), uniform ones with and without a short last chunk, and
+        // N not a multiple of the dot kernel's row blocks or the GEMM strips.
+        for (k, n, group) in [(333, 71, 48), (128, 30, 32), (576, 13, 128), (40, 5, 7), (100, 9, 32), (70, 27, 70)] {
+            let group = if format == Format::F32 { k } else { group };
+            let e = arbitrary(format, k, n, group, &mut rng);
+            let owned = OwnedWeights::from_encoded(&e);
+            let w = owned.view().unwrap();
+            for m in [1usize, 2, 3, 4, 5, 17, 40] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.gauss() as f32).collect();
+                for path in [Path::Dot, Path::Gemm] {
+                    let run = |isa| {
+                        let opts = Options { isa: Some(isa), path: Some(path) };
+                        let mut y = vec![0f32; m * n];
+                        qins_matmul_f32_with(&opts, &Sequential, &a, m, &w, &mut y).unwrap();
+                        y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                    };
+                    let reference = run(Isa::Portable);
+                    for &isa in &variants[1..] {
+                        assert!(
+                            run(isa) == reference,
+                            "{format} K={k} N={n} G={group} M={m} {path:?}: {isa:?} differs from Portable"
+                        );
+                    }
                 }
             }
         }
+    }
+}
+
+#[test]
+fn parallel_and_sequential_runs_agree() {
+    let mut rng = Rng(13);
+    let e = encode(Format::Q4, 300, 200, 32, &mut rng);
+    let owned = OwnedWeights::from_encoded(&e);
+    let w = owned.view().unwrap();
+    for m in [1usize, 3, 40] {
+        let a: Vec<f32> = (0..m * 300).map(|_| rng.gauss() as f32).collect();
+        let (mut y1, mut y2) = (vec![0f32; m * 200], vec![1f32; m * 200]);
+        qins_matmul_f32_with(&Options::default(), &Sequential, &a, m, &w, &mut y1).unwrap();
+        qins_matmul_f32_with(&Options::default(), &Rayon, &a, m, &w, &mut y2).unwrap();
+        assert_eq!(y1, y2, "M={m}");
     }
 }
