@@ -8,6 +8,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
 use ort::environment::Environment;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{Tensor, TensorElementType, ValueType};
 use std::borrow::Cow;
@@ -50,8 +51,33 @@ pub fn default_provider_lib() -> Option<PathBuf> {
     exe.ancestors().skip(1).take(2).map(|d| d.join(&name)).find(|p| p.exists())
 }
 
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider on this GPU; the KV cache stays on it.
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}': cpu, cuda or cuda:N")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
+    pub device: Device,
     pub ort_lib: Option<PathBuf>,
     /// The custom-op library; `None` looks in the default places and, if it is not
     /// there, runs without it (enough for models without QINS ops).
@@ -71,6 +97,7 @@ pub struct CausalLm {
     has_mask: bool,
     has_positions: bool,
     pub path: PathBuf,
+    device: Device,
 }
 
 impl CausalLm {
@@ -82,6 +109,10 @@ impl CausalLm {
         let lib = opts.provider_lib.clone().or_else(default_provider_lib);
         if let Some(lib) = &lib {
             b = b.with_operator_library(lib).map_err(|e| anyhow!("register {}: {e}", lib.display()))?;
+        }
+        if let Device::Cuda(id) = opts.device {
+            let cuda = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+            b = b.with_execution_providers([cuda]).map_err(|e| anyhow!("CUDA execution provider: {e}"))?;
         }
         if opts.threads > 0 {
             b = b.with_intra_threads(opts.threads).map_err(|e| anyhow!("intra-op threads: {e}"))?;
@@ -125,6 +156,7 @@ impl CausalLm {
             has_mask: names.iter().any(|n| n == "attention_mask"),
             has_positions: names.iter().any(|n| n == "position_ids"),
             path: onnx,
+            device: opts.device,
         })
     }
 
@@ -168,13 +200,37 @@ impl CausalLm {
             inputs.push(("position_ids".into(), Tensor::from_array(([1usize, n], pos))?.into()));
         }
         let past = std::mem::take(&mut cache.values);
-        for (i, v) in past.into_iter().enumerate() {
-            let name = format!("past_key_values.{}.{}", i / 2, if i % 2 == 0 { "key" } else { "value" });
-            inputs.push((name.into(), SessionInputValue::Owned(v)));
-        }
-        let mut out = self.session.run(inputs)?;
+        let kv_name =
+            |prefix: &str, i: usize| format!("{prefix}.{}.{}", i / 2, if i % 2 == 0 { "key" } else { "value" });
+        // The outputs of a bound run borrow the binding, so it must outlive them.
+        let binding;
+        let mut out = if let Device::Cuda(id) = self.device {
+            // On the GPU the cache lives in device memory: presents are bound to the device
+            // and become the next step's pasts as they are; only ids, mask and logits cross
+            // to or from the host.
+            let mut b = self.session.create_binding()?;
+            for (name, v) in inputs {
+                b.bind_input(name.as_ref(), &*v)?;
+            }
+            for (i, v) in past.iter().enumerate() {
+                b.bind_input(kv_name("past_key_values", i), v)?;
+            }
+            let gpu = MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?;
+            let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::CPUOutput)?;
+            for i in 0..2 * self.layers {
+                b.bind_output_to_device(kv_name("present", i), &gpu)?;
+            }
+            b.bind_output_to_device("logits", &cpu)?;
+            binding = b;
+            self.session.run_binding(&binding)?
+        } else {
+            for (i, v) in past.into_iter().enumerate() {
+                inputs.push((kv_name("past_key_values", i).into(), SessionInputValue::Owned(v)));
+            }
+            self.session.run(inputs)?
+        };
         for i in 0..2 * self.layers {
-            let name = format!("present.{}.{}", i / 2, if i % 2 == 0 { "key" } else { "value" });
+            let name = kv_name("present", i);
             cache.values.push(out.remove(&name).ok_or_else(|| anyhow!("model has no output {name}"))?);
         }
         cache.len = total;

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use qins_graph_rewrite::engine::Device;
 use qins_graph_rewrite::plan::{self, parse_qkv_split, PlanOptions, Preset};
 use qins_graph_rewrite::report::short;
 use qins_graph_rewrite::rewrite::{self, Progress, RewriteOptions};
@@ -108,8 +109,35 @@ enum Cmd {
         /// Intra-op threads (0: ONNX Runtime's choice).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// cpu, or cuda[:N] (ONNX Runtime with the CUDA execution provider).
+        #[arg(long, default_value = "cpu")]
+        device: Device,
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Generate text with a model (original or rewritten) through ONNX Runtime.
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template (ChatML, as SmolLM2 uses).
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+        #[arg(long)]
+        provider_lib: Option<PathBuf>,
     },
     /// Round-trip every targeted weight through each QINS format and int8/int4/NF4.
     Report {
@@ -255,11 +283,12 @@ fn run(cli: Cli) -> Result<()> {
             ort_lib,
             provider_lib,
             threads,
+            device,
             json,
         } => {
             use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
             use qins_graph_rewrite::parity;
-            let opts = EngineOptions { ort_lib, provider_lib, threads };
+            let opts = EngineOptions { ort_lib, provider_lib, threads, device };
             if suite != SuiteKind::Quick {
                 return run_suite(&reference, &models, &text, suite, &tests, plots.as_deref(), json.as_deref(), &opts);
             }
@@ -285,6 +314,35 @@ fn run(cli: Cli) -> Result<()> {
                 std::fs::write(&path, serde_json::to_vec_pretty(&res)?)
                     .with_context(|| format!("write {}", path.display()))?;
             }
+        }
+        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, seed, device, ort_lib, provider_lib } => {
+            use qins_graph_rewrite::engine::{CausalLm, EngineOptions, Sampling};
+            let tok_path = model.join("tokenizer.json");
+            let tok = tokenizers::Tokenizer::from_file(&tok_path)
+                .map_err(|e| anyhow::anyhow!("load {}: {e}", tok_path.display()))?;
+            let text =
+                if chat { format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n") } else { prompt };
+            let ids: Vec<i64> = tok
+                .encode(text.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("tokenize: {e}"))?
+                .get_ids()
+                .iter()
+                .map(|&i| i as i64)
+                .collect();
+            let opts = EngineOptions { ort_lib, provider_lib, device, ..Default::default() };
+            let mut lm = CausalLm::open(&model, &opts)?;
+            let sampling =
+                if temperature > 0.0 { Sampling::Sample { temperature, top_p, seed } } else { Sampling::Greedy };
+            let stop: Vec<i64> = ["<|im_end|>", "<|endoftext|>", "</s>"]
+                .iter()
+                .filter_map(|t| tok.token_to_id(t).map(|i| i as i64))
+                .collect();
+            let t0 = std::time::Instant::now();
+            let g = lm.generate(&ids, max_tokens, &sampling, &stop, false)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let out: Vec<u32> = g.tokens.iter().map(|&t| t as u32).collect();
+            println!("{}", tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
+            eprintln!("{} prompt + {} new tokens in {secs:.2} s", ids.len(), g.tokens.len());
         }
         Cmd::Report { model, group, select, json, per_tensor } => {
             let m = Model::load(&model)?;

@@ -21,6 +21,31 @@ enum Cmd {
     /// Time one forward pass (prefill of N tokens, batch 1) of each model through ONNX
     /// Runtime on the CPU, with the QINS library.
     Forward(ForwardArgs),
+    /// End to end: prefill time and greedy decode ms/token of each model, batch 1, KV cache
+    /// kept on the device, all models in one run.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model folders.
+    #[arg(required = true)]
+    models: Vec<PathBuf>,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: qins_graph_rewrite::engine::Device,
+    /// Prompt lengths whose prefill is timed.
+    #[arg(long, default_value = "128,1024", value_delimiter = ',')]
+    prefill: Vec<usize>,
+    /// Decode: prompt length, then this many greedy tokens.
+    #[arg(long, default_value_t = 128)]
+    decode_prompt: usize,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -107,7 +132,86 @@ fn main() -> Result<()> {
     match Cmd::parse() {
         Cmd::Rewrite(a) => rewrite_bench(a),
         Cmd::Forward(a) => forward_bench(a),
+        Cmd::Generate(a) => generate_bench(a),
     }
+}
+
+fn generate_bench(a: GenerateArgs) -> Result<()> {
+    use qins_graph_rewrite::engine::{CausalLm, EngineOptions, Sampling};
+    let opts = EngineOptions { device: a.device, ..Default::default() };
+    // Random ids, as a benchmark prompt needs no meaning; the same for every model.
+    let mut rng = qins_graph_rewrite::engine::Rng::new(7);
+    let longest = a.prefill.iter().copied().chain([a.decode_prompt]).max().unwrap_or(1);
+    let ids: Vec<i64> = (0..longest).map(|_| 100 + (rng.next_u64() % 20_000) as i64).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut rows = Vec::new();
+    for m in &a.models {
+        let t = Instant::now();
+        let mut lm = CausalLm::open(m, &opts)?;
+        let load_s = t.elapsed().as_secs_f64();
+        let mut row = serde_json::json!({"model": m.display().to_string(), "load_s": load_s});
+        for &n in &a.prefill {
+            let mut times = Vec::new();
+            for _ in 0..a.reps + 1 {
+                let mut cache = lm.empty_cache()?;
+                let t = Instant::now();
+                lm.extend(&mut cache, &ids[..n], false)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            times.remove(0);
+            row[format!("prefill_{n}_ms")] = median(times).into();
+        }
+        let mut per_token = Vec::new();
+        for _ in 0..a.reps + 1 {
+            let mut cache = lm.empty_cache()?;
+            let (logits, _) = lm.extend(&mut cache, &ids[..a.decode_prompt], false)?;
+            let mut tok = Sampling::Greedy.pick(&logits, &mut rng);
+            let t = Instant::now();
+            for _ in 0..a.new_tokens {
+                let (l, _) = lm.extend(&mut cache, &[tok], false)?;
+                tok = Sampling::Greedy.pick(&l, &mut rng);
+            }
+            per_token.push(t.elapsed().as_secs_f64() * 1e3 / a.new_tokens as f64);
+        }
+        per_token.remove(0);
+        let ms = median(per_token);
+        row["decode_ms_per_token"] = ms.into();
+        row["decode_tokens_per_s"] = (1e3 / ms).into();
+        eprintln!("{row}");
+        rows.push(row);
+    }
+    println!(
+        "end to end, {:?}, batch 1: prefill (ms) and greedy decode after {} tokens (median of {})",
+        a.device, a.decode_prompt, a.reps
+    );
+    print!("{:<44}", "model");
+    for n in &a.prefill {
+        print!(" {:>12}", format!("prefill {n}"));
+    }
+    println!(" {:>10} {:>8}", "ms/token", "tok/s");
+    for r in &rows {
+        print!("{:<44}", qins_graph_rewrite::report::short(r["model"].as_str().unwrap_or(""), 44));
+        for n in &a.prefill {
+            print!(" {:>12.2}", r[format!("prefill_{n}_ms")].as_f64().unwrap_or(0.0));
+        }
+        println!(
+            " {:>10.3} {:>8.1}",
+            r["decode_ms_per_token"].as_f64().unwrap_or(0.0),
+            r["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(p) = a.json {
+        std::fs::write(
+            &p,
+            serde_json::to_vec_pretty(
+                &serde_json::json!({"bench": "generate", "device": format!("{:?}", a.device), "rows": rows}),
+            )?,
+        )?;
+    }
+    Ok(())
 }
 
 fn forward_bench(a: ForwardArgs) -> Result<()> {
