@@ -200,8 +200,9 @@ impl CausalLm {
             inputs.push(("position_ids".into(), Tensor::from_array(([1usize, n], pos))?.into()));
         }
         let past = std::mem::take(&mut cache.values);
-        let kv_name =
-            |prefix: &str, i: usize| format!("{prefix}.{}.{}", i / 2, if i.is_multiple_of(2) { "key" } else { "value" });
+        let kv_name = |prefix: &str, i: usize| {
+            format!("{prefix}.{}.{}", i / 2, if i.is_multiple_of(2) { "key" } else { "value" })
+        };
         // The outputs of a bound run borrow the binding, so it must outlive them.
         let binding;
         let mut out = if let Device::Cuda(id) = self.device {
