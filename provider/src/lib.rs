@@ -6,7 +6,8 @@
 //! which takes the API table from the host; the library itself never links `libonnxruntime`.
 //!
 //! Ops (domain `com.qins`, opset 1, see `docs/FORMAT.md`):
-//! - `QinsMatMul`, CPU execution provider, `A`/`Y` float32 or float16.
+//! - `QinsMatMul`, `A`/`Y` float32 or float16, on the CPU execution provider and (in builds
+//!   made where nvcc was found, see [`cuda`]) on the CUDA execution provider.
 //!
 //! Inside ONNX Runtime the kernels run their parallel loops on the session's intra-op thread
 //! pool (`KernelContext_ParallelFor`), so `intra_op_num_threads` bounds them like any other
@@ -15,6 +16,7 @@
 //! choice.
 
 pub mod cpu;
+pub mod cuda;
 pub mod ops;
 pub mod ort_api;
 
@@ -63,7 +65,10 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
 /// every session that used this library, for as long as those sessions live.
 fn custom_ops() -> &'static [CustomOp] {
     static OPS: OnceLock<Vec<CustomOp>> = OnceLock::new();
-    OPS.get_or_init(|| ops::qins_matmul::cpu_ops().into_iter().map(CustomOp::new).collect())
+    OPS.get_or_init(|| {
+        let specs = ops::qins_matmul::cpu_ops().into_iter().chain(ops::qins_matmul::cuda_ops());
+        specs.map(CustomOp::new).collect()
+    })
 }
 
 /// Domains handed to ORT, as addresses. The session options only borrow a domain, so it must
@@ -155,8 +160,8 @@ mod tests {
     #[test]
     fn ops_are_described_for_ort() {
         let ops = custom_ops();
-        assert_eq!(ops.len(), 2);
-        for op in ops {
+        assert_eq!(ops.len(), if cuda::built_with_kernels() { 4 } else { 2 });
+        for (i, op) in ops.iter().enumerate() {
             let raw = op.as_ort();
             // SAFETY: `raw` points at a live, leaked OrtCustomOp built by `CustomOp::new`.
             unsafe {
@@ -165,7 +170,7 @@ mod tests {
                 let name = std::ffi::CStr::from_ptr(o.GetName.unwrap()(raw));
                 assert_eq!(name, ops::qins_matmul::OP_NAME);
                 let ep = std::ffi::CStr::from_ptr(o.GetExecutionProviderType.unwrap()(raw));
-                assert_eq!(ep, ops::CPU_EP);
+                assert_eq!(ep, if i < 2 { ops::CPU_EP } else { ops::CUDA_EP });
                 assert_eq!(o.GetInputTypeCount.unwrap()(raw), 3);
                 assert_eq!(o.GetOutputTypeCount.unwrap()(raw), 1);
                 // Out-of-range indices must not read past the tables.

@@ -270,6 +270,82 @@ impl KernelCtx {
     }
 }
 
+impl KernelCtx {
+    /// The CUDA stream ORT runs this node on (`cudaStream_t`); null if the EP has none.
+    pub fn gpu_stream(&self) -> Result<*mut c_void> {
+        let mut s: *mut c_void = ptr::null_mut();
+        // SAFETY: valid context and out pointer.
+        let st = unsafe { (self.api.0.KernelContext_GetGPUComputeStream)(self.ptr, &mut s) };
+        self.api.check(st, "KernelContext_GetGPUComputeStream")?;
+        Ok(s)
+    }
+
+    /// An execution-provider resource (`KernelContext_GetResource`), e.g. the CUDA EP's cuBLAS
+    /// handle; null where the EP does not provide it.
+    pub fn resource(&self, version: i32, id: i32) -> Result<*mut c_void> {
+        let mut r: *mut c_void = ptr::null_mut();
+        // SAFETY: valid context and out pointer; ORT fills it or leaves it null.
+        let st = unsafe { (self.api.0.KernelContext_GetResource)(self.ptr, version, id, &mut r) };
+        self.api.check(st, "KernelContext_GetResource")?;
+        Ok(r)
+    }
+
+    /// `bytes` of scratch on device `device` of the allocator named `name` (ORT's "Cuda"
+    /// arena), freed when the returned guard drops.
+    pub fn scratch(&self, name: &CStr, device: i32, bytes: usize) -> Result<Scratch> {
+        let raw = self.api.0;
+        let mut info: *mut ort_sys::OrtMemoryInfo = ptr::null_mut();
+        // SAFETY: NUL-terminated name, valid out pointer; released below.
+        let st = unsafe {
+            (raw.CreateMemoryInfo)(
+                name.as_ptr(),
+                ort_sys::OrtAllocatorType::OrtDeviceAllocator,
+                device,
+                ort_sys::OrtMemType::OrtMemTypeDefault,
+                &mut info,
+            )
+        };
+        self.api.check(st, "CreateMemoryInfo")?;
+        let mut alloc: *mut ort_sys::OrtAllocator = ptr::null_mut();
+        // SAFETY: valid context and memory info.
+        let st = unsafe { (raw.KernelContext_GetAllocator)(self.ptr, info, &mut alloc) };
+        // SAFETY: created above, released once; the allocator does not keep it.
+        unsafe { (raw.ReleaseMemoryInfo)(info) };
+        self.api.check(st, "KernelContext_GetAllocator")?;
+        if alloc.is_null() {
+            return Err(Error::fail("ONNX Runtime returned no device allocator"));
+        }
+        // SAFETY: a live allocator from ORT.
+        let p = unsafe { (*alloc).Alloc.map(|f| f(alloc, bytes.max(1))) }.unwrap_or(ptr::null_mut());
+        if p.is_null() {
+            // SAFETY: obtained above, released once.
+            unsafe { (raw.ReleaseAllocator)(alloc) };
+            return Err(Error::fail(format!("could not allocate {bytes} bytes of device scratch")));
+        }
+        Ok(Scratch { api: self.api, alloc, ptr: p })
+    }
+}
+
+/// Device memory from an ORT allocator. ORT's CUDA allocator is stream-ordered for the
+/// session's stream, so freeing right after the last launch that uses it is safe.
+pub struct Scratch {
+    api: Api,
+    alloc: *mut ort_sys::OrtAllocator,
+    pub ptr: *mut c_void,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from this allocator's Alloc; both are released once.
+        unsafe {
+            if let Some(free) = (*self.alloc).Free {
+                free(self.alloc, self.ptr);
+            }
+            (self.api.0.ReleaseAllocator)(self.alloc);
+        }
+    }
+}
+
 /// The session's intra-op thread pool (`KernelContext_ParallelFor`, C API 17). ORT runs the
 /// iterations on its pool threads and the calling thread, or all on the calling thread when
 /// the session has a single intra-op thread.
@@ -359,6 +435,13 @@ impl<'ctx> Tensor<'ctx> {
             return Err(Error::fail(format!("tensor buffer {p:p} is null or misaligned for {}", elem::name(T::ONNX))));
         }
         Ok((p.cast::<T>(), len))
+    }
+
+    /// The buffer's address, wherever it lives (a device pointer on a GPU EP), after the same
+    /// type check as [`Tensor::slice`]. Null for an empty tensor.
+    pub fn raw<T: Elem>(&self) -> Result<*mut c_void> {
+        let (p, len) = self.data_ptr::<T>()?;
+        Ok(if len == 0 { ptr::null_mut() } else { p.cast() })
     }
 
     /// The tensor's elements. Only for CPU-resident tensors.

@@ -16,6 +16,8 @@ use crate::ort_api::{Api, Error, KernelCtx, KernelInfo, Result};
 
 /// The CPU execution provider's name as ORT spells it.
 pub const CPU_EP: &CStr = c"CPUExecutionProvider";
+/// The CUDA execution provider's name as ORT spells it.
+pub const CUDA_EP: &CStr = c"CUDAExecutionProvider";
 
 /// One kernel instance (one node of one session). ORT may run a session from several threads
 /// at once, so `compute` takes `&self` and kernels must be `Sync`.

@@ -9,7 +9,7 @@ use std::ffi::CStr;
 use ort_sys::ONNXTensorElementDataType as T;
 use qins::codec::{Format, Layout};
 
-use super::{OpSpec, CPU_EP};
+use super::{OpSpec, CPU_EP, CUDA_EP};
 use crate::ort_api::{elem, Error, KernelInfo, Result, TensorInfo};
 
 pub const DOMAIN: &CStr = c"com.qins";
@@ -176,6 +176,22 @@ pub(crate) fn cpu_ops() -> Vec<OpSpec> {
     vec![
         spec(F32_IO, &F32_IO[..1], |info| crate::cpu::qins_matmul::create(info, Act::F32)),
         spec(F16_IO, &F16_IO[..1], |info| crate::cpu::qins_matmul::create(info, Act::F16)),
+    ]
+}
+
+/// The CUDA registrations, the same pair as [`cpu_ops`]; ORT picks them for nodes it places on
+/// its CUDA execution provider. Only in builds that carry the kernels.
+pub(crate) fn cuda_ops() -> Vec<OpSpec> {
+    if !crate::cuda::built_with_kernels() {
+        return Vec::new();
+    }
+    let spec =
+        |inputs: &'static [T], outputs: &'static [T], create: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>| {
+            OpSpec { name: OP_NAME, ep: CUDA_EP, inputs, outputs, since_version: OPSET, end_version: OPSET, create }
+        };
+    vec![
+        spec(F32_IO, &F32_IO[..1], |info| crate::cuda::qins_matmul::create(info, Act::F32)),
+        spec(F16_IO, &F16_IO[..1], |info| crate::cuda::qins_matmul::create(info, Act::F16)),
     ]
 }
 

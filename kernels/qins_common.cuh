@@ -1,0 +1,122 @@
+// Shared by every QINS kernel: the code formats of docs/FORMAT.md, read on the GPU.
+//
+// Contract
+// - The magnitude tables are NOT computed here. The host copies `qins::codec::Format::lut()`
+//   (the one definition of the format) into `qins_lut{8,6,4}` of each module once, when it
+//   loads the module, so a GPU decode is the CPU decode: LUT[code] * scale.
+// - A *chunk* is the run of consecutive codes one thread reads with one access:
+//   q8 16 codes (16 bytes), q6 16 codes (12 bytes, three 32-bit words), q4 32 codes
+//   (16 bytes), f32 4 values (16 bytes). Packed rows are `row_bytes` long, a multiple of 16
+//   (q6: 48), so a chunk never leaves its row; codes past K are 0 and decode to 0.
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__constant__ float qins_lut8[256];
+__constant__ float qins_lut6[64];
+__constant__ float qins_lut4[16];
+
+template <int BITS>
+struct Fmt;
+template <>
+struct Fmt<8> {
+    static constexpr int CH = 16, LUT = 256;
+    static __device__ __forceinline__ const float* lut() { return qins_lut8; }
+};
+template <>
+struct Fmt<6> {
+    static constexpr int CH = 16, LUT = 64;
+    static __device__ __forceinline__ const float* lut() { return qins_lut6; }
+};
+template <>
+struct Fmt<4> {
+    static constexpr int CH = 32, LUT = 16;
+    static __device__ __forceinline__ const float* lut() { return qins_lut4; }
+};
+// bits = 32: z kept as a float, [N, K] with no padding; one f32 scale per output channel.
+template <>
+struct Fmt<32> {
+    static constexpr int CH = 4, LUT = 1;
+    static __device__ __forceinline__ const float* lut() { return nullptr; }
+};
+
+// Raw bits of one chunk.
+struct Chunk {
+    uint32_t w[4];
+};
+
+// Loads chunk `c` of a packed row (bits 4/6/8). The row is 16-byte aligned (q6: 4-byte).
+template <int BITS>
+__device__ __forceinline__ Chunk load_chunk(const uint8_t* __restrict__ row, int c) {
+    Chunk r;
+    if constexpr (BITS == 6) {
+        const uint32_t* p = reinterpret_cast<const uint32_t*>(row + 12 * c);
+        r.w[0] = __ldg(p);
+        r.w[1] = __ldg(p + 1);
+        r.w[2] = __ldg(p + 2);
+        r.w[3] = 0;
+    } else {
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(row) + c);
+        r.w[0] = v.x;
+        r.w[1] = v.y;
+        r.w[2] = v.z;
+        r.w[3] = v.w;
+    }
+    return r;
+}
+
+// Code `i` (compile-time after unrolling) of a chunk of a packed format.
+template <int BITS>
+__device__ __forceinline__ uint32_t code_of(const Chunk& ch, int i) {
+    if constexpr (BITS == 8) {
+        return (ch.w[i >> 2] >> (8 * (i & 3))) & 0xffu;
+    } else if constexpr (BITS == 4) {
+        return (ch.w[i >> 3] >> (4 * (i & 7))) & 0xfu;
+    } else {
+        // The row is a little-endian bit stream with code k at bit 6k.
+        const int bit = 6 * i, word = bit >> 5, off = bit & 31;
+        uint32_t v = ch.w[word] >> off;
+        if (off > 26) v |= ch.w[word + 1] << (32 - off);
+        return v & 0x3fu;
+    }
+}
+
+// D(z) / s for bits = 32: sign(z) (1/|z| - 1). z = +-1 gives exactly 0.
+__device__ __forceinline__ float f32_value(uint32_t bits) {
+    const float z = __uint_as_float(bits);
+    return copysignf(__frcp_rn(fabsf(z)) - 1.0f, z);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v);
+template <>
+__device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// Scale of group `g` of row `n`: f16 for packed formats, f32 for bits = 32.
+template <int BITS>
+__device__ __forceinline__ float scale_at(const void* __restrict__ scales, long long idx) {
+    if constexpr (BITS == 32) {
+        return __ldg(reinterpret_cast<const float*>(scales) + idx);
+    } else {
+        return __half2float(__ldg(reinterpret_cast<const __half*>(scales) + idx));
+    }
+}
+
+// Copies the format's table from constant to shared memory: lookups with a different index
+// in every lane would serialise on the constant cache.
+template <int BITS>
+__device__ __forceinline__ void stage_lut(float* lut) {
+    if constexpr (BITS != 32) {
+        for (int i = threadIdx.x; i < Fmt<BITS>::LUT; i += blockDim.x) lut[i] = Fmt<BITS>::lut()[i];
+    }
+    __syncthreads();
+}

@@ -1,0 +1,165 @@
+//! The few CUDA driver entry points the library uses, from `libcuda.so.1` opened at run time,
+//! so that the library loads (and its CPU kernels work) on machines without CUDA.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::OnceLock;
+
+use libloading::Library;
+
+use crate::ort_api::{Error, Result};
+
+pub type CuResult = c_int;
+pub type CuContext = *mut c_void;
+pub type CuModule = *mut c_void;
+pub type CuFunction = *mut c_void;
+pub type CuDevicePtr = u64;
+
+const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
+
+macro_rules! driver_fns {
+    ($($name:ident: fn($($arg:ty),*);)*) => {
+        /// Function pointers into `libcuda`; the library stays loaded for the process.
+        #[allow(non_snake_case)]
+        pub struct Driver {
+            _lib: Library,
+            $(pub $name: unsafe extern "C" fn($($arg),*) -> CuResult,)*
+        }
+
+        impl Driver {
+            #[allow(non_snake_case)]
+            fn open() -> std::result::Result<Driver, String> {
+                // SAFETY: loading the NVIDIA driver library runs its initialisers, which is
+                // what every CUDA program does.
+                let lib = unsafe { Library::new("libcuda.so.1") }.map_err(|e| format!("cannot load libcuda.so.1: {e}"))?;
+                $(
+                    // SAFETY: the symbol has this C signature in every CUDA driver >= 11.
+                    let $name = *unsafe { lib.get::<unsafe extern "C" fn($($arg),*) -> CuResult>(concat!(stringify!($name), "\0").as_bytes()) }
+                        .map_err(|e| format!("libcuda.so.1 lacks {}: {e}", stringify!($name)))?;
+                )*
+                Ok(Driver { _lib: lib, $($name,)* })
+            }
+        }
+    };
+}
+
+driver_fns! {
+    cuInit: fn(c_uint);
+    cuGetErrorString: fn(CuResult, *mut *const c_char);
+    cuCtxGetCurrent: fn(*mut CuContext);
+    cuCtxSetCurrent: fn(CuContext);
+    cuCtxGetDevice: fn(*mut c_int);
+    cuDevicePrimaryCtxRetain: fn(*mut CuContext, c_int);
+    cuPointerGetAttribute: fn(*mut c_void, c_int, CuDevicePtr);
+    cuModuleLoadData: fn(*mut CuModule, *const c_void);
+    cuModuleGetFunction: fn(*mut CuFunction, CuModule, *const c_char);
+    cuModuleGetGlobal_v2: fn(*mut CuDevicePtr, *mut usize, CuModule, *const c_char);
+    cuMemcpyHtoD_v2: fn(CuDevicePtr, *const c_void, usize);
+    cuLaunchKernel: fn(CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void, *mut *mut c_void, *mut *mut c_void);
+}
+
+// SAFETY: function pointers and a library handle; the driver API is thread-safe.
+unsafe impl Send for Driver {}
+// SAFETY: as above.
+unsafe impl Sync for Driver {}
+
+/// The driver, opened and initialised once.
+pub fn driver() -> Result<&'static Driver> {
+    static D: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
+    D.get_or_init(|| {
+        let d = Driver::open()?;
+        // SAFETY: cuInit(0) is the documented first call; repeated calls are harmless.
+        let r = unsafe { (d.cuInit)(0) };
+        if r != 0 {
+            return Err(format!("cuInit failed: {}", d.error_string(r)));
+        }
+        Ok(d)
+    })
+    .as_ref()
+    .map_err(|e| Error::fail(e.clone()))
+}
+
+impl Driver {
+    pub fn error_string(&self, r: CuResult) -> String {
+        let mut s: *const c_char = std::ptr::null();
+        // SAFETY: valid out pointer; the driver returns a static string or leaves it null.
+        unsafe { (self.cuGetErrorString)(r, &mut s) };
+        if s.is_null() {
+            format!("CUDA error {r}")
+        } else {
+            // SAFETY: a static NUL-terminated string from the driver.
+            format!("{} (CUDA error {r})", unsafe { CStr::from_ptr(s) }.to_string_lossy())
+        }
+    }
+
+    pub fn check(&self, r: CuResult, what: impl FnOnce() -> String) -> Result<()> {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(Error::fail(format!("{}: {}", what(), self.error_string(r))))
+        }
+    }
+
+    /// The current context, or (when the thread has none) the primary context of the device
+    /// that holds `device_ptr`, made current.
+    pub fn current_context(&self, device_ptr: *const c_void) -> Result<CuContext> {
+        let mut ctx: CuContext = std::ptr::null_mut();
+        // SAFETY: valid out pointer.
+        self.check(unsafe { (self.cuCtxGetCurrent)(&mut ctx) }, || "cuCtxGetCurrent".into())?;
+        if !ctx.is_null() {
+            return Ok(ctx);
+        }
+        let mut ordinal: c_int = -1;
+        // SAFETY: valid out pointer of the attribute's type (int).
+        self.check(
+            unsafe {
+                (self.cuPointerGetAttribute)(
+                    (&mut ordinal as *mut c_int).cast(),
+                    CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                    device_ptr as CuDevicePtr,
+                )
+            },
+            || "the QINS op's input is not CUDA device memory".into(),
+        )?;
+        // SAFETY: valid out pointer and device ordinal; the retained context is kept for the
+        // process, as ORT's runtime keeps it.
+        self.check(unsafe { (self.cuDevicePrimaryCtxRetain)(&mut ctx, ordinal) }, || {
+            "cuDevicePrimaryCtxRetain".into()
+        })?;
+        // SAFETY: a live context.
+        self.check(unsafe { (self.cuCtxSetCurrent)(ctx) }, || "cuCtxSetCurrent".into())?;
+        Ok(ctx)
+    }
+
+    pub fn context_device(&self) -> Result<i32> {
+        let mut dev: c_int = -1;
+        // SAFETY: valid out pointer; a context is current.
+        self.check(unsafe { (self.cuCtxGetDevice)(&mut dev) }, || "cuCtxGetDevice".into())?;
+        Ok(dev)
+    }
+
+    pub fn load_module(&self, image: &[u8]) -> Result<CuModule> {
+        let mut m: CuModule = std::ptr::null_mut();
+        // SAFETY: `image` is a fat binary produced by nvcc at build time; the driver copies it.
+        self.check(unsafe { (self.cuModuleLoadData)(&mut m, image.as_ptr().cast()) }, || {
+            "loading the QINS CUDA kernels (is the GPU older than sm_80?)".into()
+        })?;
+        Ok(m)
+    }
+
+    /// Copies `values` into the module's `__constant__` array `name`, whose size must match.
+    pub fn write_global(&self, m: CuModule, name: &CStr, values: &[f32]) -> Result<()> {
+        let (mut p, mut size) = (0 as CuDevicePtr, 0usize);
+        // SAFETY: live module, NUL-terminated name, valid out pointers.
+        self.check(unsafe { (self.cuModuleGetGlobal_v2)(&mut p, &mut size, m, name.as_ptr()) }, || {
+            format!("kernel table {name:?}")
+        })?;
+        if size != std::mem::size_of_val(values) {
+            return Err(Error::fail(format!(
+                "kernel table {name:?} is {size} bytes, the codec's {}",
+                size_of_val(values)
+            )));
+        }
+        // SAFETY: `p` is `size` bytes of device memory, `values` as many bytes of host memory.
+        self.check(unsafe { (self.cuMemcpyHtoD_v2)(p, values.as_ptr().cast(), size) }, || format!("filling {name:?}"))
+    }
+}

@@ -1,0 +1,191 @@
+//! CUDA kernels of the QINS ops, for ORT's CUDA execution provider.
+//!
+//! The kernels (`kernels/*.cu`) are compiled ahead of time by `build.rs` with nvcc into
+//! fat binaries (sm_80 and sm_90 machine code plus compute_90 PTX) embedded in this library;
+//! where no nvcc was found the library is built without them and registers no CUDA kernels.
+//! At run time the library talks to the CUDA *driver* (`libcuda.so.1`, opened with dlopen),
+//! never links the CUDA runtime, and launches on the stream ORT hands each node.
+//!
+//! Modules are loaded lazily, once per CUDA context (the first run of a node; ORT's CUDA graph
+//! capture only starts after warm-up runs, so loading never happens inside a capture), and
+//! each module's copy of the magnitude tables is filled from [`qins::codec::Format::lut`] then.
+
+pub mod cublas;
+pub mod driver;
+pub mod qins_decode;
+pub mod qins_matmul;
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use qins::codec::Format;
+
+use self::driver::{driver, CuContext, CuFunction, CuModule, Driver};
+use crate::ort_api::{Error, Result};
+
+/// The embedded fat binaries, one per `kernels/*.cu` that holds entry points.
+pub(crate) mod images {
+    #[cfg(qins_cuda_kernels)]
+    pub const QINS_MATMUL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_matmul.fatbin"));
+    #[cfg(qins_cuda_kernels)]
+    pub const QINS_DECODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_decode.fatbin"));
+    #[cfg(not(qins_cuda_kernels))]
+    pub const QINS_MATMUL: &[u8] = &[];
+    #[cfg(not(qins_cuda_kernels))]
+    pub const QINS_DECODE: &[u8] = &[];
+}
+
+/// Whether this build carries CUDA kernels (nvcc was found when it was compiled).
+pub const fn built_with_kernels() -> bool {
+    cfg!(qins_cuda_kernels)
+}
+
+/// Which embedded module an entry point lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Image {
+    Matmul,
+    Decode,
+}
+
+impl Image {
+    fn bytes(self) -> &'static [u8] {
+        match self {
+            Image::Matmul => images::QINS_MATMUL,
+            Image::Decode => images::QINS_DECODE,
+        }
+    }
+}
+
+/// The modules of one CUDA context and the functions looked up in them so far.
+pub struct Loaded {
+    modules: HashMap<Image, CuModule>,
+    functions: Mutex<HashMap<&'static CStr, CuFunction>>,
+}
+
+// SAFETY: CUDA module and function handles may be used from any thread that has their
+// context current; the map of functions is behind a mutex.
+unsafe impl Send for Loaded {}
+// SAFETY: as above.
+unsafe impl Sync for Loaded {}
+
+impl Loaded {
+    /// The kernel `name` (an `extern "C"` entry point of `image`).
+    pub fn function(&self, image: Image, name: &'static CStr) -> Result<CuFunction> {
+        let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&func) = f.get(name) {
+            return Ok(func);
+        }
+        let d = driver()?;
+        let module = self.modules[&image];
+        let mut func: CuFunction = std::ptr::null_mut();
+        // SAFETY: live module of the current context, NUL-terminated name, valid out pointer.
+        d.check(unsafe { (d.cuModuleGetFunction)(&mut func, module, name.as_ptr()) }, || {
+            format!("kernel {name:?} not found in the embedded CUDA module")
+        })?;
+        f.insert(name, func);
+        Ok(func)
+    }
+}
+
+/// Loaded modules by context. Entries are never removed: a context is destroyed only at
+/// process exit in ORT's use of CUDA (the primary context), and a module costs a few MB.
+fn cache() -> &'static Mutex<HashMap<usize, Arc<Loaded>>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Loaded>>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// Makes sure a context is current on this thread (the device that holds `device_ptr`, by its
+/// primary context, which is the one ORT's CUDA runtime calls use) and returns the modules of
+/// that context, loading them the first time.
+pub fn modules_for(device_ptr: *const c_void) -> Result<(Arc<Loaded>, i32)> {
+    if !built_with_kernels() {
+        return Err(Error::fail(
+            "this build of the QINS library has no CUDA kernels (nvcc was not found at build time)",
+        ));
+    }
+    let d = driver()?;
+    let ctx = d.current_context(device_ptr)?;
+    let device = d.context_device()?;
+    let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = cache.get(&(ctx as usize)) {
+        return Ok((l.clone(), device));
+    }
+    let loaded = Arc::new(load_all(d, ctx)?);
+    cache.insert(ctx as usize, loaded.clone());
+    Ok((loaded, device))
+}
+
+fn load_all(d: &Driver, _ctx: CuContext) -> Result<Loaded> {
+    let mut modules = HashMap::new();
+    for image in [Image::Matmul, Image::Decode] {
+        let m = d.load_module(image.bytes())?;
+        for (sym, format) in [(c"qins_lut8", Format::Q8), (c"qins_lut6", Format::Q6), (c"qins_lut4", Format::Q4)] {
+            d.write_global(m, sym, format.lut())?;
+        }
+        modules.insert(image, m);
+    }
+    Ok(Loaded { modules, functions: Mutex::new(HashMap::new()) })
+}
+
+/// Kernel arguments as the driver takes them: one pointer per parameter, to its value.
+pub struct Args {
+    values: Vec<[u8; 8]>,
+}
+
+impl Args {
+    pub fn new() -> Args {
+        Args { values: Vec::with_capacity(12) }
+    }
+    pub fn ptr(mut self, p: *const c_void) -> Args {
+        self.values.push((p as u64).to_ne_bytes());
+        self
+    }
+    pub fn i32(mut self, v: i32) -> Args {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&v.to_ne_bytes());
+        self.values.push(b);
+        self
+    }
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args::new()
+    }
+}
+
+/// Launches `f` on `stream` with a grid of `grid` blocks of `block` threads.
+/// `shared` bytes of dynamic shared memory.
+pub fn launch(
+    f: CuFunction,
+    grid: (u32, u32),
+    block: (u32, u32),
+    shared: u32,
+    stream: *mut c_void,
+    args: &Args,
+) -> Result<()> {
+    let d = driver()?;
+    let mut ptrs: Vec<*mut c_void> = args.values.iter().map(|v| v.as_ptr().cast_mut().cast()).collect();
+    // SAFETY: `f` is a live function of the current context; `ptrs` points at one value per
+    // kernel parameter, laid out as the kernel declares them (pointers 8 bytes, ints 4 bytes
+    // at the start of their slot), alive for the call, which copies them.
+    d.check(
+        unsafe {
+            (d.cuLaunchKernel)(
+                f,
+                grid.0,
+                grid.1,
+                1,
+                block.0,
+                block.1,
+                1,
+                shared,
+                stream,
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        },
+        || format!("launching a QINS kernel (grid {grid:?}, block {block:?})"),
+    )
+}

@@ -1,0 +1,259 @@
+//! CUDA kernel of `com.qins.QinsMatMul` for ORT's CUDA execution provider.
+//!
+//! Dispatch on the rows `M` of the activations (after flattening the leading dims):
+//! - `M <= GEMV_MAX_M` (token generation, 4: on an H100 the decode + cuBLAS path below was
+//!   faster from M = 16 on, docs/BENCHMARKS.md): `kernels/qins_matmul.cu`, which multiplies on the
+//!   codes (LUT lookups in registers, weights read once, nothing decoded to memory), one
+//!   launch per tile of up to 8 activation rows run side by side on the grid's y axis;
+//! - larger `M` (prefill): the weight is decoded into scratch from ORT's CUDA allocator by
+//!   `kernels/qins_decode.cu` and multiplied by cuBLAS (`cublasGemmEx`, f32 accumulation)
+//!   on ORT's own handle. Where ORT provides no cuBLAS handle, the code-domain kernel runs
+//!   for every `M`.
+//!
+//! Everything is launched on the node's stream, with no host synchronisation and no
+//! allocation outside ORT's allocator, so a session with `enable_cuda_graph` can capture it.
+
+use std::ffi::{c_void, CStr};
+
+use qins::codec::Format;
+
+use super::cublas::{cublas, R_16F, R_32F};
+use super::qins_decode::decode;
+use super::{launch, modules_for, Args, Image};
+use crate::ops::qins_matmul::{Act, Node};
+use crate::ops::Kernel;
+use crate::ort_api::{Error, KernelCtx, KernelInfo, Result};
+
+/// Largest `M` for the code-domain kernel by default; above it the weight is decoded for
+/// cuBLAS. `QINS_CUDA_GEMV_MAX_M` overrides it (read once), which is how
+/// `scripts/gpu/bench_matmul.py` measures both paths.
+pub const GEMV_MAX_M: usize = 4;
+
+fn gemv_max_m() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("QINS_CUDA_GEMV_MAX_M").ok().and_then(|v| v.parse().ok()).unwrap_or(GEMV_MAX_M))
+}
+/// Warps per block of the code-domain kernel (`WPB` in kernels/qins_matmul.cu); 1, 2 or 4 of
+/// them per output channel.
+const WARPS_PER_BLOCK: usize = 4;
+const THREADS: u32 = 32 * WARPS_PER_BLOCK as u32;
+
+/// ORT's CUDA resource ids (`cuda_resource.h`, version 3).
+const CUDA_RESOURCE_VERSION: i32 = 3;
+const CUBLAS_HANDLE: i32 = 10002;
+
+fn gemv_name(format: Format, act: Act, mt: usize) -> &'static CStr {
+    macro_rules! pick {
+        ($($f:ident $a:ident $m:literal => $n:literal),* $(,)?) => {
+            match (format, act, mt) {
+                $((Format::$f, Act::$a, $m) => $n,)*
+                _ => unreachable!("row tile {mt}"),
+            }
+        };
+    }
+    pick! {
+        Q8 F16 1 => c"qins_gemv_q8_f16_m1", Q8 F16 2 => c"qins_gemv_q8_f16_m2",
+        Q8 F16 4 => c"qins_gemv_q8_f16_m4", Q8 F16 8 => c"qins_gemv_q8_f16_m8",
+        Q8 F32 1 => c"qins_gemv_q8_f32_m1", Q8 F32 2 => c"qins_gemv_q8_f32_m2",
+        Q8 F32 4 => c"qins_gemv_q8_f32_m4", Q8 F32 8 => c"qins_gemv_q8_f32_m8",
+        Q6 F16 1 => c"qins_gemv_q6_f16_m1", Q6 F16 2 => c"qins_gemv_q6_f16_m2",
+        Q6 F16 4 => c"qins_gemv_q6_f16_m4", Q6 F16 8 => c"qins_gemv_q6_f16_m8",
+        Q6 F32 1 => c"qins_gemv_q6_f32_m1", Q6 F32 2 => c"qins_gemv_q6_f32_m2",
+        Q6 F32 4 => c"qins_gemv_q6_f32_m4", Q6 F32 8 => c"qins_gemv_q6_f32_m8",
+        Q4 F16 1 => c"qins_gemv_q4_f16_m1", Q4 F16 2 => c"qins_gemv_q4_f16_m2",
+        Q4 F16 4 => c"qins_gemv_q4_f16_m4", Q4 F16 8 => c"qins_gemv_q4_f16_m8",
+        Q4 F32 1 => c"qins_gemv_q4_f32_m1", Q4 F32 2 => c"qins_gemv_q4_f32_m2",
+        Q4 F32 4 => c"qins_gemv_q4_f32_m4", Q4 F32 8 => c"qins_gemv_q4_f32_m8",
+        F32 F16 1 => c"qins_gemv_q32_f16_m1", F32 F16 2 => c"qins_gemv_q32_f16_m2",
+        F32 F16 4 => c"qins_gemv_q32_f16_m4", F32 F16 8 => c"qins_gemv_q32_f16_m8",
+        F32 F32 1 => c"qins_gemv_q32_f32_m1", F32 F32 2 => c"qins_gemv_q32_f32_m2",
+        F32 F32 4 => c"qins_gemv_q32_f32_m4", F32 F32 8 => c"qins_gemv_q32_f32_m8",
+    }
+}
+
+/// Row tile of the code-domain kernel for `m` rows: the smallest compiled one that covers
+/// them, 8 past that (more tiles then run side by side).
+fn row_tile(m: usize) -> usize {
+    match m {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
+/// Device buffers of one run.
+pub struct Buffers {
+    pub a: *const c_void,
+    pub codes: *const c_void,
+    pub scales: *const c_void,
+    pub y: *mut c_void,
+}
+
+/// The code-domain kernel over all `m` rows.
+///
+/// # Safety
+/// The buffers are device memory of the node's layout and `m` rows, on the current context.
+pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usize, b: &Buffers) -> Result<()> {
+    let l = &node.layout;
+    let mt = row_tile(m);
+    let f = mods.function(Image::Matmul, gemv_name(l.format, node.act, mt))?;
+    let vec_a = l.k.is_multiple_of(8) && (b.a as usize).is_multiple_of(16);
+    let chunk = chunk_len(l.format);
+    let cpg_shift = if l.group.is_multiple_of(chunk) && (l.group / chunk).is_power_of_two() {
+        (l.group / chunk).trailing_zeros() as i32
+    } else {
+        -1
+    };
+    // Warps per output channel: one, unless a row is so long that a warp would loop over more
+    // than 16 chunks a thread. Measured on an H100 (scripts/gpu/probe.py): two warps a row
+    // made q8 at K = 3072 20% slower, so Phi-3.5's shapes all run one warp a row.
+    let wpr = match l.k.div_ceil(chunk) {
+        0..=512 => 1,
+        513..=1024 => 2,
+        _ => 4,
+    };
+    let channels = WARPS_PER_BLOCK / wpr;
+    let blocks = l.n.div_ceil(channels) as u64 * m.div_ceil(mt) as u64;
+    let blocks = u32::try_from(blocks).map_err(|_| Error::invalid(format!("M={m} is too large for one launch")))?;
+    let args = Args::new()
+        .ptr(b.a)
+        .ptr(b.codes)
+        .ptr(b.scales)
+        .ptr(b.y)
+        .i32(i32::try_from(m).map_err(|_| Error::invalid(format!("M={m} is too large")))?)
+        .i32(l.k as i32)
+        .i32(l.n as i32)
+        .i32(l.group as i32)
+        .i32(l.row_bytes() as i32)
+        .i32(l.groups() as i32)
+        .i32(vec_a as i32)
+        .i32(cpg_shift)
+        .i32(wpr as i32);
+    launch(f, (blocks, 1), (THREADS, 1), 0, stream, &args)
+}
+
+/// Codes per thread per load in the kernels (their `Fmt<BITS>::CH`).
+fn chunk_len(format: Format) -> usize {
+    match format {
+        Format::Q8 | Format::Q6 => 16,
+        Format::Q4 => 32,
+        Format::F32 => 4,
+    }
+}
+
+/// The ORT kernel object: one per QinsMatMul node on the CUDA EP.
+struct CudaQinsMatMul {
+    node: Node,
+}
+
+pub(crate) fn create(info: &KernelInfo, act: Act) -> Result<Box<dyn Kernel>> {
+    let node = Node::from_info(info, act)?;
+    // The kernels take K, N and byte offsets as 32-bit ints.
+    let l = &node.layout;
+    let widest = (l.n as u128) * (l.row_bytes().max(4 * l.k) as u128);
+    if l.k > i32::MAX as usize || l.n > i32::MAX as usize || widest > i64::MAX as u128 {
+        return Err(Error::invalid(format!("{}: too large for the CUDA kernels", node.describe())));
+    }
+    Ok(Box::new(CudaQinsMatMul { node }))
+}
+
+impl Kernel for CudaQinsMatMul {
+    fn compute(&self, ctx: &KernelCtx) -> Result<()> {
+        self.run(ctx).map_err(|e| e.context(self.node.describe()))
+    }
+}
+
+impl CudaQinsMatMul {
+    fn run(&self, ctx: &KernelCtx) -> Result<()> {
+        let node = &self.node;
+        let inputs = ctx.input_count()?;
+        if inputs != 3 {
+            return Err(Error::invalid(format!("expected 3 inputs (A, codes, scales), got {inputs}")));
+        }
+        let (a, codes, scales) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?);
+        let shape = node.check(inputs, &a.info, &codes.info, &scales.info)?;
+        let y = ctx.output(0, &shape.out_shape)?;
+        if shape.m == 0 {
+            return Ok(());
+        }
+        let (a_ptr, y_ptr) = match node.act {
+            Act::F32 => (a.raw::<f32>()?, y.raw::<f32>()?),
+            Act::F16 => (a.raw::<half::f16>()?, y.raw::<half::f16>()?),
+        };
+        let (codes_ptr, scales_ptr) = match node.layout.format {
+            Format::F32 => (codes.raw::<f32>()?, scales.raw::<f32>()?),
+            _ => (codes.raw::<u8>()?, scales.raw::<half::f16>()?),
+        };
+        let stream = ctx.gpu_stream()?;
+        let (mods, device) = modules_for(a_ptr)?;
+        let b = Buffers { a: a_ptr, codes: codes_ptr, scales: scales_ptr, y: y_ptr };
+        let l = &node.layout;
+        let handle = if shape.m > gemv_max_m() {
+            ctx.resource(CUDA_RESOURCE_VERSION, CUBLAS_HANDLE)?
+        } else {
+            std::ptr::null_mut()
+        };
+        if handle.is_null() {
+            // SAFETY: the buffers were checked against the layout by `node.check`.
+            return unsafe { gemv(&mods, stream, node, shape.m, &b) };
+        }
+        let blas = cublas()?;
+        let (elem, dtype, f16) = match node.act {
+            Act::F16 => (2, R_16F, true),
+            Act::F32 => (4, R_32F, false),
+        };
+        let w = ctx.scratch(c"Cuda", device, l.n * l.k * elem)?;
+        // SAFETY: `w` holds N x K elements; the other buffers were checked against the layout.
+        unsafe {
+            decode(&mods, stream, l, f16, codes_ptr, scales_ptr, w.ptr)?;
+            blas.gemm_rowmajor_abt(handle, stream, dtype, shape.m, l.n, l.k, a_ptr, w.ptr, y_ptr)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::images;
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Every entry point the launchers can ask for is in the embedded module (a renamed or
+    /// dropped instantiation in kernels/*.cu would otherwise fail only on a GPU).
+    #[test]
+    fn every_launched_kernel_is_embedded() {
+        if !crate::cuda::built_with_kernels() {
+            eprintln!("built without CUDA kernels: nothing to check");
+            return;
+        }
+        for format in Format::ALL {
+            for act in [Act::F16, Act::F32] {
+                for m in [1, 2, 3, 4, 5, 8, 16] {
+                    let name = gemv_name(format, act, row_tile(m));
+                    assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
+                }
+            }
+            for f16 in [true, false] {
+                let name = super::super::qins_decode::kernel_name(format, f16);
+                assert!(contains(images::QINS_DECODE, name.to_bytes()), "{name:?} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_lengths_match_the_kernels() {
+        // Fmt<BITS>::CH in kernels/qins_common.cuh.
+        assert_eq!([8, 6, 4, 32].map(|b| chunk_len(Format::from_bits(b).unwrap())), [16, 16, 32, 4]);
+    }
+
+    #[test]
+    fn row_tiles_cover_m() {
+        for m in 1..=64 {
+            let t = row_tile(m);
+            assert!(t == 8 || t >= m, "m={m} tile {t}");
+        }
+    }
+}

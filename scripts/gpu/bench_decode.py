@@ -1,0 +1,81 @@
+"""The standalone decode kernel (codes -> f16 [N, K], kernels/qins_decode.cu) against the plain
+elementwise decode in the same file, on Phi-3.5-mini weight shapes, with CUDA events (CuPy).
+
+Each timing: a CUDA graph of 20 launches replayed 10 times (median), rotating over enough weight copies (>= 256 MB) that
+every launch reads its codes from HBM; bandwidth counts codes + scales read and f16 written.
+argv: FATBIN_DIR OUT_JSON [--quick]  (quick: one shape, for compute-sanitizer)
+"""
+import json, os, statistics, sys
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import random_weight, row_bytes  # noqa: E402
+
+FAT, OUT = sys.argv[1], sys.argv[2]
+mod = cp.RawModule(path=os.path.join(FAT, "qins_decode.fatbin"))
+
+
+def lut(bits):
+    # docs/FORMAT.md: z_m = 1 - m (1 - 1/2) / (M - 1), u_m = (1 - z_m) / z_m, code = sign << (bits-1) | m.
+    M = 1 << (bits - 1)
+    m = np.arange(M, dtype=np.float64)
+    z = 1 - m * 0.5 / (M - 1)
+    u = (1 - z) / z
+    return np.concatenate([u, -u]).astype(np.float32)
+
+
+for bits in (8, 6, 4):
+    g = mod.get_global(f"qins_lut{bits}")
+    t = lut(bits)
+    g.copy_from_host(t.ctypes.data, t.nbytes)
+
+rng = np.random.default_rng(0)
+
+
+def bench(kernel, args_of, grid, block, copies):
+    for i in range(3):
+        kernel(grid, block, args_of(i % copies))
+    # 20 launches captured in a CUDA graph and its replays timed: launches from Python
+    # between two events would time CuPy's launch overhead.
+    st = cp.cuda.Stream(non_blocking=True)
+    with st:
+        st.begin_capture()
+        for i in range(20):
+            kernel(grid, block, args_of(i % copies))
+        graph = st.end_capture()
+        graph.launch(st)
+        st.synchronize()
+        ts = []
+        for rep in range(10):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(st); graph.launch(st); b.record(st); b.synchronize()
+            ts.append(cp.cuda.get_elapsed_time(a, b) * 1e-3 / 20)
+    return statistics.median(ts)
+
+
+rows = []
+QUICK = "--quick" in sys.argv
+for k, n in [(200, 37)] if QUICK else [(3072, 3072), (3072, 8192), (8192, 3072)]:
+    for bits, ch in [(8, 16), (6, 16), (4, 32)]:
+        g = 30 if QUICK else 128
+        c_np, s_np = random_weight(rng, bits, k, n, g)
+        moved = c_np.nbytes + s_np.nbytes + 2 * n * k
+        copies = 2 if QUICK else max(2, int(np.ceil(256e6 / moved)))
+        cs = [cp.asarray(c_np) for _ in range(copies)]
+        ss = [cp.asarray(s_np) for _ in range(copies)]
+        out = cp.empty((n, k), dtype=cp.float16)
+        out_naive = cp.empty((n, k), dtype=cp.float16)
+        rb, groups = row_bytes(bits, k), -(-k // g)
+        ints = (np.int32(k), np.int32(n), np.int32(g), np.int32(rb), np.int32(groups))
+        vec = mod.get_function(f"qins_decode_q{bits}_f16")
+        naive = mod.get_function(f"qins_decode_naive_q{bits}")
+        t_vec = bench(vec, lambda i: (cs[i], ss[i], out) + ints, (-(-n // 8),), (32, 8), copies)
+        t_naive = bench(naive, lambda i: (cs[i], ss[i], out_naive) + ints, (-(-k // 256), n), (256,), copies)
+        diff = float(cp.abs(out.astype(cp.float32) - out_naive.astype(cp.float32)).max())
+        for name, t in [("decode (chunked, LUT)", t_vec), ("naive elementwise", t_naive)]:
+            rows.append(dict(K=k, N=n, bits=bits, kernel=name, us=t * 1e6, gbps=moved / t / 1e9))
+            print(f"{k}x{n} q{bits} {name:<22} {t * 1e6:8.2f} us {moved / t / 1e9:7.0f} GB/s", flush=True)
+        print(f"   max |vec - naive| = {diff:.3g} (the naive one evaluates D(z) in f32 instead of the table)", flush=True)
+        del cs, ss
+json.dump(dict(rows=rows), open(OUT, "w"), indent=1)

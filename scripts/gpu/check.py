@@ -1,0 +1,149 @@
+"""GPU parity of QinsMatMul: the CUDA kernels against the library's CPU kernel, in ONNX Runtime.
+
+Run on the GPU machine with ORT GPU staged (scripts/gpu/run.sh). For every case: fresh random
+data (the seed is printed), the CUDA output buffer poisoned with NaN before the run, and the
+normalised error |y_cuda - y_cpu|^2 / |y_cpu|^2 checked against a tolerance derived from the
+activation type:
+  f16: 16 u^2 with u = 2^-11 (the f16 unit roundoff; the prefill path also rounds decoded
+       weights to f16 before cuBLAS, the code-domain path rounds only the output);
+  f32: 16 u^2 with u = 2^-24 times K (accumulation order), except that the prefill path runs
+       on ORT's cuBLAS handle, whose TF32 setting it inherits: 16 (2^-11)^2 there.
+Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs.
+argv: LIB [--quick] [--max-m M] [--json PATH]
+"""
+import json, os, sys, time
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import qins_model, random_weight  # noqa: E402
+
+LIB = sys.argv[1]
+QUICK = "--quick" in sys.argv
+JSON = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
+# --max-m 4: the code-domain kernel only (racecheck cannot follow cuBLAS's kernels).
+MAX_M = int(sys.argv[sys.argv.index("--max-m") + 1]) if "--max-m" in sys.argv else 1 << 30
+seed = int(time.time() * 1000) % (2**31)
+print(f"seed {seed}, onnxruntime {ort.__version__}", flush=True)
+rng = np.random.default_rng(seed)
+
+GEMV_MAX_M = 16
+
+
+def session(model, cuda, graph=False):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(LIB)
+    so.log_severity_level = 3
+    if cuda:
+        opts = {"device_id": 0}
+        if graph:
+            opts["enable_cuda_graph"] = "1"
+        prov = [("CUDAExecutionProvider", opts)]
+    else:
+        prov = ["CPUExecutionProvider"]
+    return ort.InferenceSession(model.SerializeToString(), so, providers=prov)
+
+
+def tolerance(act, k, m):
+    if act == "f16":
+        return 16 * 2.0**-22
+    if m > GEMV_MAX_M:
+        return 16 * 2.0**-22
+    return 16 * 2.0**-48 * k
+
+
+def run_case(bits, act, k, n, g, ms):
+    codes, scales = random_weight(rng, bits, k, n, g)
+    model = qins_model(k, n, bits, g, act)
+    cpu, gpu = session(model, False), session(model, True)
+    assert "CUDAExecutionProvider" in gpu.get_providers()
+    dt = np.float16 if act == "f16" else np.float32
+    out = []
+    for m in ms:
+        a = rng.standard_normal((m, k)).astype(dt)
+        feeds = {"A": a, "codes_0": codes, "scales_0": scales}
+        ref = cpu.run(None, feeds)[0].astype(np.float64)
+        io = gpu.io_binding()
+        for name, v in feeds.items():
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0))
+        y = ort.OrtValue.ortvalue_from_numpy(np.full((m, n), np.nan, dtype=dt), "cuda", 0)
+        io.bind_ortvalue_output("Y_0", y)
+        gpu.run_with_iobinding(io)
+        got = y.numpy().astype(np.float64)
+        finite = bool(np.isfinite(got).all())
+        nmse = float(((got - ref) ** 2).sum() / max((ref**2).sum(), 1e-30)) if finite else float("inf")
+        tol = tolerance(act, k, m)
+        ok = finite and nmse <= tol
+        out.append(dict(bits=bits, act=act, K=k, N=n, G=g, M=m, nmse=nmse, tol=tol, ok=ok,
+                        path="gemv" if m <= GEMV_MAX_M else "decode+cublas"))
+        print(f"{'ok  ' if ok else 'FAIL'} q{bits:<2} {act} K={k:<5} N={n:<5} G={g:<5} M={m:<5} nmse {nmse:.2e} (tol {tol:.1e})",
+              flush=True)
+    return out
+
+
+def graph_case():
+    """Replays of a captured graph must follow new inputs (nothing baked in at capture)."""
+    k, n, g, bits = 512, 384, 128, 4
+    codes, scales = random_weight(rng, bits, k, n, g)
+    model = qins_model(k, n, bits, g, "f16")
+    cpu, gpu = session(model, False), session(model, True, graph=True)
+    a_dev = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, k), np.float16), "cuda", 0)
+    c_dev = ort.OrtValue.ortvalue_from_numpy(codes, "cuda", 0)
+    s_dev = ort.OrtValue.ortvalue_from_numpy(scales, "cuda", 0)
+    y_dev = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, n), np.float16), "cuda", 0)
+    io = gpu.io_binding()
+    io.bind_ortvalue_input("A", a_dev)
+    io.bind_ortvalue_input("codes_0", c_dev)
+    io.bind_ortvalue_input("scales_0", s_dev)
+    io.bind_ortvalue_output("Y_0", y_dev)
+    worst = 0.0
+    for i in range(6):
+        a = rng.standard_normal((1, k)).astype(np.float16)
+        a_dev.update_inplace(a)
+        gpu.run_with_iobinding(io)
+        ref = cpu.run(None, {"A": a, "codes_0": codes, "scales_0": scales})[0].astype(np.float64)
+        got = y_dev.numpy().astype(np.float64)
+        worst = max(worst, float(((got - ref) ** 2).sum() / (ref**2).sum()))
+    ok = worst <= tolerance("f16", k, 1)
+    print(f"{'ok  ' if ok else 'FAIL'} CUDA graph: 6 runs (graph captured after warm-up) with new inputs, worst nmse {worst:.2e}",
+          flush=True)
+    return [dict(case="cuda_graph", nmse=worst, ok=ok)]
+
+
+def bad_input_case():
+    """A wrong input shape on the CUDA EP is an ORT error, not a crash."""
+    model = qins_model(200, 37, 8, 64, "f32", free_k=True)
+    gpu = session(model, True)
+    codes, scales = random_weight(rng, 8, 200, 37, 64)
+    try:
+        gpu.run(None, {"A": np.zeros((3, 199), np.float32), "codes_0": codes, "scales_0": scales})
+        ok, msg = False, "no error"
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0][:200]
+        ok = "K=200" in msg
+    print(f"{'ok  ' if ok else 'FAIL'} wrong A shape on CUDA is refused: {msg}", flush=True)
+    return [dict(case="bad_input", ok=ok, msg=msg)]
+
+
+if QUICK:
+    shapes = [(200, 37, 32), (200, 37, 30), (3072, 3072, 128)]
+    ms = [1, 3, 16, 17, 300]
+else:
+    shapes = [(64, 8, 64), (200, 37, 32), (200, 37, 30), (1000, 129, 1000), (520, 999, 64), (3072, 3072, 128),
+              (3072, 8192, 32), (8192, 3072, 128)]
+    ms = [1, 2, 3, 4, 5, 8, 11, 16, 17, 64, 512, 2048]
+results = []
+for bits in (8, 6, 4, 32):
+    for act in ("f16", "f32"):
+        for k, n, g in shapes:
+            if bits == 32:
+                g = k
+            mm = [m for m in ms if m * k * n <= 2048 * 3072 * 3072 and m <= MAX_M]
+            results += run_case(bits, act, k, n, g, mm)
+results += graph_case()
+results += bad_input_case()
+fails = [r for r in results if not r["ok"]]
+print(f"{len(results) - len(fails)} passed, {len(fails)} failed (seed {seed})")
+if JSON:
+    json.dump(dict(seed=seed, results=results), open(JSON, "w"), indent=1)
+sys.exit(1 if fails else 0)

@@ -1,0 +1,74 @@
+"""Shared by the GPU scripts: QinsMatMul test data and single-node models.
+
+Codes are random bytes and scales random positive values: every code is a valid QINS code,
+so this exercises every table entry; the kernels are checked against the library's own CPU
+kernel, which the Rust tests hold to the codec (`qins::codec::decode_row`).
+"""
+import numpy as np
+from onnx import TensorProto, helper
+
+K_ALIGN = 64
+
+
+def row_bytes(bits, k):
+    kp = -(-k // K_ALIGN) * K_ALIGN
+    return kp * bits // 8
+
+
+def random_weight(rng, bits, k, n, g):
+    """(codes, scales) as the op takes them, for a layout with K=k, N=n, group g."""
+    groups = -(-k // g)
+    if bits == 32:
+        # As the encoder writes them (docs/FORMAT.md): s = 2^(e-23) below the row's absmax 2^e.
+        w = rng.standard_normal((n, k)) * 0.02
+        e = np.floor(np.log2(np.abs(w).max(axis=1, keepdims=True)))
+        scales = np.exp2(e - 23).astype(np.float32)
+        z = (np.sign(w) / (1.0 + np.abs(w) / scales)).astype(np.float32)
+        z[z == 0] = 1.0
+        return z, scales
+    rb = row_bytes(bits, k)
+    codes = rng.integers(0, 256, size=(n, rb), dtype=np.uint8)
+    # Padding codes (past K) are 0 in every encoded row, as docs/FORMAT.md requires.
+    kp_codes = np.zeros((n, rb), dtype=np.uint8)
+    if bits == 8:
+        kp_codes[:, :k] = codes[:, :k]
+    elif bits == 4:
+        full = k // 2
+        kp_codes[:, :full] = codes[:, :full]
+        if k % 2:
+            kp_codes[:, full] = codes[:, full] & 0x0F
+    else:
+        bits_total = 6 * k
+        full = bits_total // 8
+        kp_codes[:, :full] = codes[:, :full]
+        rem = bits_total % 8
+        if rem:
+            kp_codes[:, full] = codes[:, full] & ((1 << rem) - 1)
+    scales = rng.uniform(0.005, 0.05, size=(n, groups)).astype(np.float16)
+    return kp_codes, scales
+
+
+def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=False):
+    """A model of `count` QinsMatMul nodes on one input A. Weights are initializers when given
+    (a list of (codes, scales)), else graph inputs codes_i / scales_i."""
+    t = TensorProto.FLOAT16 if act == "f16" else TensorProto.FLOAT
+    lead = [f"d{i}" for i in range(batch_dims)]
+    # free_k: A's last dim left symbolic, so that ORT lets a wrong K reach the op.
+    inputs = [helper.make_tensor_value_info("A", t, lead + ["k" if free_k else k])]
+    outputs, nodes, inits = [], [], []
+    for i in range(count):
+        c, s = f"codes_{i}", f"scales_{i}"
+        if weights is None:
+            ct = TensorProto.FLOAT if bits == 32 else TensorProto.UINT8
+            st = TensorProto.FLOAT if bits == 32 else TensorProto.FLOAT16
+            cs = [n, k] if bits == 32 else [n, row_bytes(bits, k)]
+            inputs += [helper.make_tensor_value_info(c, ct, cs), helper.make_tensor_value_info(s, st, [n, -(-k // g)])]
+        else:
+            from onnx import numpy_helper
+            inits += [numpy_helper.from_array(weights[i][0], c), numpy_helper.from_array(weights[i][1], s)]
+        nodes.append(helper.make_node("QinsMatMul", ["A", c, s], [f"Y_{i}"], domain="com.qins", name=f"q{i}",
+                                      K=k, N=n, bits=bits, group_size=g))
+        outputs.append(helper.make_tensor_value_info(f"Y_{i}", t, lead + [n]))
+    graph = helper.make_graph(nodes, "qins", inputs, outputs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.qins", 1)],
+                             ir_version=10)

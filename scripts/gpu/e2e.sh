@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# End to end on the GPU machine: full-size Phi-3.5-mini (random weights, real shapes) built by
+# the public onnxruntime-genai builder (fp16, MatMulNBits int8 and int4), rewritten by `qins
+# rewrite` (q8 g128, q4 g32), and timed by `qins-bench generate --device cuda` (the generation
+# engine: IOBinding, KV cache on the GPU), all models in one run.
+#   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite bench   (after run.sh unpacked ORT GPU)
+# Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
+# the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
+# (../shared/data/phi3-tokenizer.json).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+E=$PWD/.e2e
+W=/tmp/p35
+export PYTHONPATH=/tmp/genai:/tmp/ortgpu${PYTHONPATH:+:$PYTHONPATH}
+export ORT_DYLIB_PATH=/tmp/ortgpu/onnxruntime/capi/libonnxruntime.so.1.31.1
+export LD_LIBRARY_PATH=/tmp/ortgpu/onnxruntime/capi${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export QINS_PROVIDER_LIB=$E/libqins_provider.so
+[ -d /tmp/genai/onnxruntime_genai ] || python3 -m pip install -q --no-deps --target /tmp/genai "$E"/onnxruntime_genai-*.whl
+for step in "$@"; do
+  case $step in
+    hf) python3 "$E/device-phi35.py" hf "$E/fx" 2>&1 | tail -3 ;;
+    build-*) python3 "$E/device-phi35.py" build "$E/fx" "${step#build-}" 2>&1 | tail -5; du -sh $W/onnx-* ;;
+    rewrite)
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8 --bits 8 --group 128 --force -q --report "$OUT/rewrite-q8.json" 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4 --bits 4 --group 32 --force -q --report "$OUT/rewrite-q4.json" 2>&1 | tail -3
+      du -sh $W/qins-* ;;
+    bench)
+      "$E/qins-bench" generate $W/onnx-fp16 $W/onnx-int8 $W/onnx-int4 $W/qins-q8 $W/qins-q4 --device cuda \
+        --prefill 128,1024 --decode-prompt 128 --new-tokens 128 --reps 3 --json "$OUT/e2e.json" 2>&1 | tail -12 ;;
+  esac
+done

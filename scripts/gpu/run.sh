@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), in the repository root, after the ORT GPU parts were
+# staged (../shared/tools/stage-ort-gpu.sh) and with .gpuart/ carried (scripts/gpu/stage.sh):
+#   bash scripts/gpu/run.sh check|sanitize|bench|all
+# Writes logs and JSON under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+source .og5/unpack.sh || exit 1
+LIB=$PWD/.gpuart/libqins_provider.so
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader 
+python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+for step in "$@"; do
+  case $step in
+    check) python3 scripts/gpu/check.py "$LIB" --json "$OUT/check.json" 2>&1 | grep -v "^ok \|plugin EP" ;;
+    sanitize)
+      # memcheck over both paths; racecheck over the code-domain kernel and the decode kernel
+      # alone (under racecheck cuBLAS's own kernels stop the tool with an internal error).
+      compute-sanitizer --tool memcheck --kernel-name kns=qins --print-limit 20 --error-exitcode 3 \
+        python3 scripts/gpu/check.py "$LIB" --quick > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
+      echo "memcheck (check.py --quick): rc $r $(grep -E 'ERROR SUMMARY' /tmp/s.log | tail -1)"
+      compute-sanitizer --tool racecheck --kernel-name kns=qins --print-limit 20 --error-exitcode 3 \
+        python3 scripts/gpu/check.py "$LIB" --quick --max-m 4 > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
+      echo "racecheck (check.py --quick --max-m 4): rc $r $(grep -E 'RACECHECK SUMMARY' /tmp/s.log | tail -1)"
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 3 \
+          python3 scripts/gpu/bench_decode.py .gpuart /tmp/decode-quick.json --quick > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
+        echo "$tool (bench_decode.py --quick): rc $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1)"
+      done ;;
+    bench) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" 2>&1 | grep -v "plugin EP" | tail -60 ;;
+    bench-cublas) QINS_CUDA_GEMV_MAX_M=0 python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul_cublas.json" --qins-only 2>&1 | grep -v "plugin EP" | tail -20 ;;
+    bench-quick) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" --quick 2>&1 | grep -v "plugin EP" | tail -40 ;;
+    probe) python3 scripts/gpu/probe.py .gpuart "$OUT/probe.json" 2>&1 ;;
+    ncu) ncu --kernel-name regex:qins_gemv_q8_f16_m1 --launch-skip 30 --launch-count 1 --section SpeedOfLight \
+           --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+           python3 scripts/gpu/probe.py .gpuart 2>&1 | grep -v "^direct" | tail -90 ;;
+    decode) python3 scripts/gpu/bench_decode.py .gpuart "$OUT/bench_decode.json" 2>&1 ;;
+  esac
+done

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Here, before device calls: the custom-op library (stripped) and the kernels' fat binaries
+# into .gpuart/ (ignored), the folder the GPU scripts are carried with.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -p qins-provider
+rm -rf .gpuart && mkdir -p .gpuart
+strip -o .gpuart/libqins_provider.so target/release/libqins_provider.so
+out=$(ls -td target/release/build/qins-provider-*/out | head -1)
+cp "$out"/*.fatbin .gpuart/
+grep -qx "/.gpuart/" .git/info/exclude 2>/dev/null || echo "/.gpuart/" >> .git/info/exclude
+ls -la .gpuart
+# --e2e: also the programs and inputs of scripts/gpu/e2e.sh into .e2e/ (ignored).
+if [ "${1:-}" = --e2e ]; then
+  cargo build --release -p qins-graph-rewrite
+  rm -rf .e2e && mkdir -p .e2e/fx
+  strip -o .e2e/qins target/release/qins
+  strip -o .e2e/qins-bench target/release/qins-bench
+  cp .gpuart/libqins_provider.so .e2e/
+  cp ../shared/tools/device-phi35.py .e2e/
+  cp ../shared/data/phi3-tokenizer.json .e2e/fx/tokenizer.json
+  whl=${GENAI_WHEEL:-$(ls .gpu/whl/onnxruntime_genai-0.18.0-cp312-*.whl 2>/dev/null | head -1)}
+  if [ -z "$whl" ]; then
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 -d .e2e onnxruntime-genai==0.18.0
+  else
+    cp "$whl" .e2e/
+  fi
+  grep -qx "/.e2e/" .git/info/exclude || echo "/.e2e/" >> .git/info/exclude
+  du -sh .e2e
+fi
