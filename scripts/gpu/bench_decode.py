@@ -10,25 +10,14 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import random_weight, row_bytes  # noqa: E402
+from common import load_module, random_weight, row_bytes  # noqa: E402
 
 FAT, OUT = sys.argv[1], sys.argv[2]
-mod = cp.RawModule(path=os.path.join(FAT, "qins_decode.fatbin"))
+mod = load_module(os.path.join(FAT, "qins_decode.fatbin"))
 
 
-def lut(bits):
-    # docs/FORMAT.md: z_m = 1 - m (1 - 1/2) / (M - 1), u_m = (1 - z_m) / z_m, code = sign << (bits-1) | m.
-    M = 1 << (bits - 1)
-    m = np.arange(M, dtype=np.float64)
-    z = 1 - m * 0.5 / (M - 1)
-    u = (1 - z) / z
-    return np.concatenate([u, -u]).astype(np.float32)
 
 
-for bits in (8, 6, 4):
-    g = mod.get_global(f"qins_lut{bits}")
-    t = lut(bits)
-    g.copy_from_host(t.ctypes.data, t.nbytes)
 
 rng = np.random.default_rng(0)
 

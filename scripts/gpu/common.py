@@ -72,3 +72,24 @@ def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=F
     graph = helper.make_graph(nodes, "qins", inputs, outputs, initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.qins", 1)],
                              ir_version=10)
+
+
+def lut(bits):
+    """docs/FORMAT.md's table: z_m = 1 - m (1 - 1/2) / (M - 1), u_m = (1 - z_m) / z_m,
+    code = sign << (bits - 1) | m. (The library copies qins::codec's own; for benchmarks the
+    formula is enough.)"""
+    M = 1 << (bits - 1)
+    m = np.arange(M, dtype=np.float64)
+    z = 1 - m * 0.5 / (M - 1)
+    u = (1 - z) / z
+    return np.concatenate([u, -u]).astype(np.float32)
+
+
+def load_module(path):
+    """A fat binary of the library's kernels, loaded with CuPy, its tables filled."""
+    import cupy as cp
+    mod = cp.RawModule(path=path)
+    for bits in (8, 6, 4):
+        t = lut(bits)
+        mod.get_global(f"qins_lut{bits}").copy_from_host(t.ctypes.data, t.nbytes)
+    return mod

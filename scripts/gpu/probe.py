@@ -8,23 +8,14 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import random_weight, row_bytes  # noqa: E402
+from common import load_module, random_weight, row_bytes  # noqa: E402
 
 FAT = sys.argv[1]
-mm = cp.RawModule(path=os.path.join(FAT, "qins_matmul.fatbin"))
+mm = load_module(os.path.join(FAT, "qins_matmul.fatbin"))
 
 
-def lut(bits):
-    M = 1 << (bits - 1)
-    m = np.arange(M, dtype=np.float64)
-    z = 1 - m * 0.5 / (M - 1)
-    u = (1 - z) / z
-    return np.concatenate([u, -u]).astype(np.float32)
 
 
-for bits in (8, 6, 4):
-    t = lut(bits)
-    mm.get_global(f"qins_lut{bits}").copy_from_host(t.ctypes.data, t.nbytes)
 rng = np.random.default_rng(1)
 rows = []
 for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:

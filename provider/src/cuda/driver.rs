@@ -147,9 +147,12 @@ impl Driver {
     }
 
     /// Copies `values` into the module's `__constant__` array `name`, whose size must match.
-    pub fn write_global(&self, m: CuModule, name: &CStr, values: &[f32]) -> Result<()> {
+    ///
+    /// # Safety
+    /// `m` is a live module of the current context.
+    pub unsafe fn write_global(&self, m: CuModule, name: &CStr, values: &[f32]) -> Result<()> {
         let (mut p, mut size) = (0 as CuDevicePtr, 0usize);
-        // SAFETY: live module, NUL-terminated name, valid out pointers.
+        // SAFETY: live module (the caller's contract), NUL-terminated name, valid out pointers.
         self.check(unsafe { (self.cuModuleGetGlobal_v2)(&mut p, &mut size, m, name.as_ptr()) }, || {
             format!("kernel table {name:?}")
         })?;

@@ -121,7 +121,8 @@ fn load_all(d: &Driver, _ctx: CuContext) -> Result<Loaded> {
     for image in [Image::Matmul, Image::Decode] {
         let m = d.load_module(image.bytes())?;
         for (sym, format) in [(c"qins_lut8", Format::Q8), (c"qins_lut6", Format::Q6), (c"qins_lut4", Format::Q4)] {
-            d.write_global(m, sym, format.lut())?;
+            // SAFETY: `m` was just loaded in the current context.
+            unsafe { d.write_global(m, sym, format.lut()) }?;
         }
         modules.insert(image, m);
     }
@@ -155,9 +156,14 @@ impl Default for Args {
     }
 }
 
-/// Launches `f` on `stream` with a grid of `grid` blocks of `block` threads.
-/// `shared` bytes of dynamic shared memory.
-pub fn launch(
+/// Launches `f` on `stream` with a grid of `grid` blocks of `block` threads and `shared`
+/// bytes of dynamic shared memory.
+///
+/// # Safety
+/// `f` is a function of the current context's modules, `stream` a stream of that context (or
+/// null), and `args` matches the kernel's parameters, with every pointer in it valid for
+/// what the kernel reads and writes.
+pub unsafe fn launch(
     f: CuFunction,
     grid: (u32, u32),
     block: (u32, u32),
@@ -167,9 +173,9 @@ pub fn launch(
 ) -> Result<()> {
     let d = driver()?;
     let mut ptrs: Vec<*mut c_void> = args.values.iter().map(|v| v.as_ptr().cast_mut().cast()).collect();
-    // SAFETY: `f` is a live function of the current context; `ptrs` points at one value per
-    // kernel parameter, laid out as the kernel declares them (pointers 8 bytes, ints 4 bytes
-    // at the start of their slot), alive for the call, which copies them.
+    // SAFETY: per the caller's contract; `ptrs` points at one value per kernel parameter, laid
+    // out as the kernel declares them (pointers 8 bytes, ints 4 bytes at the start of their
+    // slot), alive for the call, which copies them.
     d.check(
         unsafe {
             (d.cuLaunchKernel)(

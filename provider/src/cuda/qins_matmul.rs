@@ -130,7 +130,8 @@ pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: us
         .i32(vec_a as i32)
         .i32(cpg_shift)
         .i32(wpr as i32);
-    launch(f, (blocks, 1), (THREADS, 1), 0, stream, &args)
+    // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
+    unsafe { launch(f, (blocks, 1), (THREADS, 1), 0, stream, &args) }
 }
 
 /// Codes per thread per load in the kernels (their `Fmt<BITS>::CH`).

@@ -164,35 +164,47 @@ const F16_IO: &[T] = &[
     T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
 ];
 
-/// The CPU registrations: one per activation type, same name and domain. ORT merges the type
-/// constraints of same-named ops and picks the kernel by `A`'s type. `codes` and `scales` are
-/// declared as any type because their type depends on the `bits` attribute; [`check_inputs`]
-/// enforces it at run time.
-pub(crate) fn cpu_ops() -> Vec<OpSpec> {
-    let spec =
-        |inputs: &'static [T], outputs: &'static [T], create: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>| {
-            OpSpec { name: OP_NAME, ep: CPU_EP, inputs, outputs, since_version: OPSET, end_version: OPSET, create }
-        };
-    vec![
-        spec(F32_IO, &F32_IO[..1], |info| crate::cpu::qins_matmul::create(info, Act::F32)),
-        spec(F16_IO, &F16_IO[..1], |info| crate::cpu::qins_matmul::create(info, Act::F16)),
-    ]
+/// One registration per activation type, same name and domain, for execution provider `ep`.
+/// ORT merges the type constraints of same-named ops and picks the kernel by `A`'s type.
+/// `codes` and `scales` are declared as any type because their type depends on the `bits`
+/// attribute; [`check_inputs`] enforces it at run time.
+fn ops_for(
+    ep: &'static CStr,
+    f32: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>,
+    f16: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>,
+) -> Vec<OpSpec> {
+    let spec = |io: &'static [T], create| OpSpec {
+        name: OP_NAME,
+        ep,
+        inputs: io,
+        outputs: &io[..1],
+        since_version: OPSET,
+        end_version: OPSET,
+        create,
+    };
+    vec![spec(F32_IO, f32), spec(F16_IO, f16)]
 }
 
-/// The CUDA registrations, the same pair as [`cpu_ops`]; ORT picks them for nodes it places on
-/// its CUDA execution provider. Only in builds that carry the kernels.
+/// The CPU registrations.
+pub(crate) fn cpu_ops() -> Vec<OpSpec> {
+    ops_for(
+        CPU_EP,
+        |info| crate::cpu::qins_matmul::create(info, Act::F32),
+        |info| crate::cpu::qins_matmul::create(info, Act::F16),
+    )
+}
+
+/// The CUDA registrations, the same pair; ORT picks them for nodes it places on its CUDA
+/// execution provider. Only in builds that carry the kernels.
 pub(crate) fn cuda_ops() -> Vec<OpSpec> {
     if !crate::cuda::built_with_kernels() {
         return Vec::new();
     }
-    let spec =
-        |inputs: &'static [T], outputs: &'static [T], create: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>| {
-            OpSpec { name: OP_NAME, ep: CUDA_EP, inputs, outputs, since_version: OPSET, end_version: OPSET, create }
-        };
-    vec![
-        spec(F32_IO, &F32_IO[..1], |info| crate::cuda::qins_matmul::create(info, Act::F32)),
-        spec(F16_IO, &F16_IO[..1], |info| crate::cuda::qins_matmul::create(info, Act::F16)),
-    ]
+    ops_for(
+        CUDA_EP,
+        |info| crate::cuda::qins_matmul::create(info, Act::F32),
+        |info| crate::cuda::qins_matmul::create(info, Act::F16),
+    )
 }
 
 #[cfg(test)]
