@@ -113,6 +113,13 @@ impl CausalLm {
         if let Device::Cuda(id) = opts.device {
             let cuda = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
             b = b.with_execution_providers([cuda]).map_err(|e| anyhow!("CUDA execution provider: {e}"))?;
+        } else {
+            // No CPU arena and no memory patterns: the parity suite keeps ten sessions open, and
+            // after an 8k-token prefill each arena kept gigabytes (the full suite was OOM-killed
+            // at 22 GB on a 24 GB machine). Buffers are then freed after every run.
+            let cpu = ort::ep::CPU::default().with_arena_allocator(false).build();
+            b = b.with_execution_providers([cpu]).map_err(|e| anyhow!("CPU execution provider: {e}"))?;
+            b = b.with_memory_pattern(false).map_err(|e| anyhow!("memory pattern: {e}"))?;
         }
         if opts.threads > 0 {
             b = b.with_intra_threads(opts.threads).map_err(|e| anyhow!("intra-op threads: {e}"))?;

@@ -391,9 +391,21 @@ fn run_suite(
     let mut cands =
         models.iter().map(|m| Ok((m.display().to_string(), CausalLm::open(m, opts)?))).collect::<Result<Vec<_>>>()?;
     let t0 = std::time::Instant::now();
-    let res = suite::run(reference, &mut r, &mut cands, &text, &cfg, &sel, &mut |msg| {
-        eprintln!("[{:>6.0}s] {msg}", t0.elapsed().as_secs_f64())
-    })?;
+    // One test at a time, the JSON rewritten after each: a full run takes hours on a small
+    // machine, and what finished must survive a crash or a kill of a later test.
+    let mut res: Vec<suite::CandidateResult> = Vec::new();
+    for letter in ["A", "B", "C", "D", "E"].into_iter().filter(|l| sel.has(l)) {
+        let one = suite::Selection::parse(letter)?;
+        let part = suite::run(reference, &mut r, &mut cands, &text, &cfg, &one, &mut |msg| {
+            eprintln!("[{:>6.0}s] {msg}", t0.elapsed().as_secs_f64())
+        })?;
+        res = if res.is_empty() { part } else { res.into_iter().zip(part).map(|(a, b)| a.merge(b)).collect() };
+        if let Some(path) = json {
+            let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": false});
+            std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+                .with_context(|| format!("write {}", path.display()))?;
+        }
+    }
     print!("{}", suite::summary(&res));
     if let Some(dir) = plots {
         std::fs::create_dir_all(dir)?;
@@ -425,7 +437,7 @@ fn run_suite(
         }
     }
     if let Some(path) = json {
-        let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res});
+        let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": true});
         std::fs::write(path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())

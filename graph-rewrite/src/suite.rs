@@ -220,6 +220,37 @@ impl Selection {
     }
 }
 
+impl Selection {
+    /// Whether test `letter` ("A" to "E") is selected.
+    pub fn has(&self, letter: &str) -> bool {
+        match letter {
+            "A" => self.a,
+            "B" => self.b,
+            "C" => self.c,
+            "D" => self.d,
+            "E" => self.e,
+            _ => false,
+        }
+    }
+}
+
+impl CandidateResult {
+    /// The union of two runs of different tests on the same candidate, bars recomputed.
+    pub fn merge(self, other: CandidateResult) -> CandidateResult {
+        let mut m = CandidateResult {
+            model: self.model,
+            a: self.a.or(other.a),
+            b: self.b.or(other.b),
+            c: self.c.or(other.c),
+            d: self.d.or(other.d),
+            e: if self.e.is_empty() { other.e } else { self.e },
+            bars: Vec::new(),
+        };
+        m.bars = bars(&m);
+        m
+    }
+}
+
 /// Runs the selected tests of the suite for every candidate against `reference`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
