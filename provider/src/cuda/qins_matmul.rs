@@ -150,10 +150,11 @@ struct CudaQinsMatMul {
 
 pub(crate) fn create(info: &KernelInfo, act: Act) -> Result<Box<dyn Kernel>> {
     let node = Node::from_info(info, act)?;
-    // The kernels take K, N and byte offsets as 32-bit ints.
+    // The kernels take K, N, the row length in bytes and the group count as 32-bit ints (and
+    // index with 64-bit products of them).
     let l = &node.layout;
-    let widest = (l.n as u128) * (l.row_bytes().max(4 * l.k) as u128);
-    if l.k > i32::MAX as usize || l.n > i32::MAX as usize || widest > i64::MAX as u128 {
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    if !(fits(l.k) && fits(l.n) && fits(l.row_bytes()) && fits(4 * l.k) && fits(l.groups())) {
         return Err(Error::invalid(format!("{}: too large for the CUDA kernels", node.describe())));
     }
     Ok(Box::new(CudaQinsMatMul { node }))
