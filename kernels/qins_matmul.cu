@@ -5,8 +5,9 @@
 //   once. codes: uint8 [N, row_bytes] (bits 4/6/8) or float z [N, K] (bits 32); scales:
 //   __half [N, groups] (float [N, 1] for bits 32), group g covering k in [gG, min(gG+G, K)).
 // - Never writes decoded weights anywhere: each chunk of codes is read once from global memory
-//   (16-byte loads, a warp reading 512 consecutive bytes of a row), looked up in the shared-
-//   memory copy of the LUT in registers, and multiplied into MT activation rows.
+//   (16-byte loads, a warp reading 512 consecutive bytes of a row), decoded in registers from
+//   a per-lane copy of the magnitude table in shared memory, and multiplied into MT
+//   activation rows.
 // - Grid: x over (channel block, row tile) pairs, row tiles fastest: `wpr` warps compute one
 //   channel for MT activation rows; a row tile past the first re-reads the weights, from L2
 //   since the tiles of one channel block run together. `cpg_shift`: see chunk_fma.
@@ -15,7 +16,6 @@
 //   path, so nothing past A[m, K-1] is read.
 // - No shared state between blocks, no atomics: safe to replay in a CUDA graph.
 #include "qins_common.cuh"
-
 
 // Loads activations k0..k0+7 of row m (zeros past K).
 template <typename T>

@@ -5,7 +5,7 @@ import json, os, sys
 doc = json.load(open(sys.argv[1]))
 rows = doc["results"]
 print("| model | bits/weight | A min cos | B match | B drift (pts) | C mean KL | C top-1 / top-10 | D PPL (ref -> model) | D dPPL | "
-      "E match 2k / 4k / 8k | E worst drift | bars failed |")
+      "E match per context | E worst drift | bars failed |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     name = os.path.basename(r["model"].rstrip("/"))
@@ -21,6 +21,6 @@ for r in rows:
         f"{d['delta']:+.3f} ({100 * d['delta_rel']:+.2f}%)" if d else "-",
         " / ".join(f"{100 * x['match_frac']:.1f}%" for x in e) if e else "-",
         f"{min(x['drift_points'] for x in e):+.1f}" if e else "-",
-        ", ".join(f"{x['test']}" for x in r["bars"] if not x["pass"]) or "none",
+        ", ".join(f"{x['test']} {x['bar'].split()[0].strip('|')}" for x in r["bars"] if not x["pass"]) or "none",
     ]
     print(f"| {name} | " + " | ".join(cells) + " |")

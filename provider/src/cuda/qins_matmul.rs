@@ -1,10 +1,11 @@
 //! CUDA kernel of `com.qins.QinsMatMul` for ORT's CUDA execution provider.
 //!
 //! Dispatch on the rows `M` of the activations (after flattening the leading dims):
-//! - `M <= GEMV_MAX_M` (token generation, 4: on an H100 the decode + cuBLAS path below was
-//!   faster from M = 16 on, docs/BENCHMARKS.md): `kernels/qins_matmul.cu`, which multiplies on the
-//!   codes (LUT lookups in registers, weights read once, nothing decoded to memory), one
-//!   launch per tile of up to 8 activation rows run side by side on the grid's y axis;
+//! - `M <= GEMV_MAX_M` (token generation): `kernels/qins_matmul.cu`, which multiplies on the
+//!   codes (table lookups in shared memory, weights read once, nothing decoded to memory),
+//!   one launch whose blocks cover tiles of up to 8 activation rows. The threshold is 4: on an
+//!   H100 this kernel beat decode + cuBLAS at M = 4 and lost at M = 16 (8 was not measured;
+//!   docs/BENCHMARKS.md);
 //! - larger `M` (prefill): the weight is decoded into scratch from ORT's CUDA allocator by
 //!   `kernels/qins_decode.cu` and multiplied by cuBLAS (`cublasGemmEx`, f32 accumulation)
 //!   on ORT's own handle. Where ORT provides no cuBLAS handle, the code-domain kernel runs
@@ -33,6 +34,7 @@ fn gemv_max_m() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("QINS_CUDA_GEMV_MAX_M").ok().and_then(|v| v.parse().ok()).unwrap_or(GEMV_MAX_M))
 }
+
 /// Warps per block of the code-domain kernel (`WPB` in kernels/qins_matmul.cu); 1, 2 or 4 of
 /// them per output channel.
 const WARPS_PER_BLOCK: usize = 4;
