@@ -65,6 +65,29 @@ __device__ __forceinline__ Chunk load_chunk(const uint8_t* __restrict__ row, int
     return r;
 }
 
+// Chunk `c` of weight row `n`, any format. bits = 32 rows are K floats with no padding:
+// 16-byte loads only where every row allows them (K % 4 == 0), and z = 1 (weight 0) past K.
+template <int BITS>
+__device__ __forceinline__ Chunk load_row_chunk(const uint8_t* __restrict__ codes, long long n, int c, int K,
+                                                int row_bytes) {
+    if constexpr (BITS == 32) {
+        const float* row = reinterpret_cast<const float*>(codes) + n * K;
+        const int k0 = c * 4;
+        Chunk r;
+        if ((K & 3) == 0) {
+            float4 v = __ldg(reinterpret_cast<const float4*>(row + k0));
+            r.w[0] = __float_as_uint(v.x), r.w[1] = __float_as_uint(v.y);
+            r.w[2] = __float_as_uint(v.z), r.w[3] = __float_as_uint(v.w);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) r.w[i] = k0 + i < K ? __float_as_uint(__ldg(row + k0 + i)) : 0x3f800000u;
+        }
+        return r;
+    } else {
+        return load_chunk<BITS>(codes + n * row_bytes, c);
+    }
+}
+
 // Code `i` (compile-time after unrolling) of a chunk of a packed format.
 template <int BITS>
 __device__ __forceinline__ uint32_t code_of(const Chunk& ch, int i) {

@@ -13,20 +13,6 @@
 //   over rows. No shared state between blocks.
 #include "qins_common.cuh"
 
-template <int BITS>
-__device__ __forceinline__ Chunk load_row_chunk(const uint8_t* __restrict__ codes, int K, int n, int row_bytes, int c) {
-    Chunk ch;
-    if constexpr (BITS == 32) {
-        const int k0 = c * 4;
-        const float* row = reinterpret_cast<const float*>(codes) + (long long)n * K;
-#pragma unroll
-        for (int i = 0; i < 4; i++) ch.w[i] = k0 + i < K ? __float_as_uint(__ldg(row + k0 + i)) : 0x3f800000u;
-    } else {
-        ch = load_chunk<BITS>(codes + (long long)n * row_bytes, c);
-    }
-    return ch;
-}
-
 template <int BITS, typename T>
 __device__ __forceinline__ void decode_chunk(const Chunk& ch, const void* __restrict__ scales, T* __restrict__ W,
                                              int K, int n, int G, int groups, const float* lut, int c) {
@@ -87,7 +73,7 @@ __device__ __forceinline__ void decode(const uint8_t* __restrict__ codes, const 
         Chunk ch[4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
-            if (c + 32 * j < nchunks) ch[j] = load_row_chunk<BITS>(codes, K, n, row_bytes, c + 32 * j);
+            if (c + 32 * j < nchunks) ch[j] = load_row_chunk<BITS>(codes, n, c + 32 * j, K, row_bytes);
 #pragma unroll
         for (int j = 0; j < 4; j++)
             if (c + 32 * j < nchunks) decode_chunk<BITS, T>(ch[j], scales, W, K, n, G, groups, lut, c + 32 * j);

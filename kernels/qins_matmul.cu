@@ -69,27 +69,6 @@ __device__ __forceinline__ const float* stage_lut_lanes(float* table) {
     return table + (threadIdx.x & 31);
 }
 
-template <int BITS>
-__device__ __forceinline__ Chunk load_any(const uint8_t* __restrict__ codes, long long n, int c, int K, int row_bytes) {
-    if constexpr (BITS == 32) {
-        // z rows are K floats with no padding: aligned 16-byte loads only where the row allows.
-        const float* row = reinterpret_cast<const float*>(codes) + n * K;
-        const int k0 = c * 4;
-        Chunk r;
-        if ((K & 3) == 0) {
-            float4 v = __ldg(reinterpret_cast<const float4*>(row + k0));
-            r.w[0] = __float_as_uint(v.x), r.w[1] = __float_as_uint(v.y);
-            r.w[2] = __float_as_uint(v.z), r.w[3] = __float_as_uint(v.w);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; i++) r.w[i] = k0 + i < K ? __float_as_uint(__ldg(row + k0 + i)) : 0x3f800000u;
-        }
-        return r;
-    } else {
-        return load_chunk<BITS>(codes + n * row_bytes, c);
-    }
-}
-
 // Chunks that straddle a group boundary (G not a multiple of the chunk, or the tail at K):
 // per-weight scales. Kept out of line so that the hot loop stays small (instruction-cache
 // misses, not bytes, limited an earlier fully unrolled version).
@@ -202,7 +181,7 @@ __device__ __forceinline__ void gemv(const T* __restrict__ A, const uint8_t* __r
             Chunk ch[UNROLL];
 #pragma unroll
             for (int j = 0; j < UNROLL; j++)
-                if (c + stride * j < nchunks) ch[j] = load_any<BITS>(codes, n, c + stride * j, K, row_bytes);
+                if (c + stride * j < nchunks) ch[j] = load_row_chunk<BITS>(codes, n, c + stride * j, K, row_bytes);
 #pragma unroll
             for (int j = 0; j < UNROLL; j++)
                 if (c + stride * j < nchunks)

@@ -5,12 +5,12 @@ Each timing: a CUDA graph of 20 launches replayed 10 times (median), rotating ov
 every launch reads its codes from HBM; bandwidth counts codes + scales read and f16 written.
 argv: FATBIN_DIR OUT_JSON [--quick]  (quick: one shape, for compute-sanitizer)
 """
-import json, os, statistics, sys
+import json, os, sys
 import cupy as cp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import load_module, random_weight, row_bytes  # noqa: E402
+from common import graph_time, load_module, random_weight, row_bytes  # noqa: E402
 
 FAT, OUT = sys.argv[1], sys.argv[2]
 mod = load_module(os.path.join(FAT, "qins_decode.fatbin"))
@@ -25,22 +25,7 @@ rng = np.random.default_rng(0)
 def bench(kernel, args_of, grid, block, copies):
     for i in range(3):
         kernel(grid, block, args_of(i % copies))
-    # 20 launches captured in a CUDA graph and its replays timed: launches from Python
-    # between two events would time CuPy's launch overhead.
-    st = cp.cuda.Stream(non_blocking=True)
-    with st:
-        st.begin_capture()
-        for i in range(20):
-            kernel(grid, block, args_of(i % copies))
-        graph = st.end_capture()
-        graph.launch(st)
-        st.synchronize()
-        ts = []
-        for rep in range(10):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record(st); graph.launch(st); b.record(st); b.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(a, b) * 1e-3 / 20)
-    return statistics.median(ts)
+    return graph_time(lambda i: kernel(grid, block, args_of(i % copies)), reps=10)
 
 
 rows = []

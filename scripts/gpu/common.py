@@ -93,3 +93,28 @@ def load_module(path):
         t = lut(bits)
         mod.get_global(f"qins_lut{bits}").copy_from_host(t.ctypes.data, t.nbytes)
     return mod
+
+
+def graph_time(launch, reps, launches=20):
+    """Median seconds per call of launch(i) (one kernel launch, i = 0 .. launches-1), from
+    `reps` replays of a CUDA graph of `launches` calls timed with events: launches from
+    Python between two events would time CuPy's launch overhead instead."""
+    import statistics
+    import cupy as cp
+    st = cp.cuda.Stream(non_blocking=True)
+    with st:
+        st.begin_capture()
+        for i in range(launches):
+            launch(i)
+        graph = st.end_capture()
+        graph.launch(st)
+        st.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(st)
+            graph.launch(st)
+            b.record(st)
+            b.synchronize()
+            ts.append(cp.cuda.get_elapsed_time(a, b) * 1e-3 / launches)
+    return statistics.median(ts)

@@ -3,12 +3,12 @@ with CuPy, CUDA events around replays of a CUDA graph of 20 launches (median of 
 (>= 256 MB) so that every launch reads from HBM. Cross-checks bench_matmul.py's numbers,
 which go through ORT's CUDA graphs. argv: FATBIN_DIR [OUT_JSON]
 """
-import json, os, statistics, sys
+import json, os, sys
 import cupy as cp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import load_module, random_weight, row_bytes  # noqa: E402
+from common import graph_time, load_module, random_weight, row_bytes  # noqa: E402
 
 FAT = sys.argv[1]
 mm = load_module(os.path.join(FAT, "qins_matmul.fatbin"))
@@ -39,25 +39,7 @@ for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
                     np.int32(-(-k // g)), np.int32(1), np.int32(cpg), np.int32(wpr))
             for i in range(20):
                 f((blocks,), (128,), (a, cs[i % copies], ss[i % copies], y) + ints)
-            # 20 launches captured in a CUDA graph, and the graph's replays timed with events:
-            # launches from Python between two events would time CuPy's launch overhead.
-            st = cp.cuda.Stream(non_blocking=True)
-            with st:
-                st.begin_capture()
-                for i in range(20):
-                    f((blocks,), (128,), (a, cs[i % copies], ss[i % copies], y) + ints)
-                graph = st.end_capture()
-                graph.launch(st)
-                st.synchronize()
-                ts = []
-                for rep in range(15):
-                    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                    e0.record(st)
-                    graph.launch(st)
-                    e1.record(st)
-                    e1.synchronize()
-                    ts.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / 20)
-            t = statistics.median(ts)
+            t = graph_time(lambda i: f((blocks,), (128,), (a, cs[i % copies], ss[i % copies], y) + ints), reps=15)
             moved = wbytes + 2 * m * (k + n)
             rows.append(dict(K=k, N=n, M=m, bits=bits, us=t * 1e6, gbps=moved / t / 1e9))
             print(f"direct {k}x{n} q{bits} M={m:<3} {t * 1e6:8.2f} us {moved / t / 1e9:7.0f} GB/s", flush=True)
