@@ -229,3 +229,279 @@ QINS_GEMV_ALL(8)
 QINS_GEMV_ALL(6)
 QINS_GEMV_ALL(4)
 QINS_GEMV_ALL(32)
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant for f16 activations and packed codes (bits 8/6/4): `qins_gemv_tc_*`.
+//
+// Contract (in addition to the file's)
+// - A is f16, K % 8 == 0 and A 16-byte aligned; G % CH == 0 with G / CH a power of two
+//   (`cpg_shift`), or one group per row (`cpg_shift` = 30). The host checks and otherwise runs
+//   the kernel above. `cside` (G a multiple of 4 CH, or one group a row): the scale multiplies
+//   the f32 partial sum of each 4-chunk step instead of every f16 weight pair.
+// - A block of W warps computes 16 output channels for MT (8 or 16) activation rows; grid
+//   (ceil(N / 16), ceil(M / MT)). The warps split K and add their partial sums through shared
+//   memory, so no atomics and no state between launches.
+// - Why: the kernel above spends ~13 instructions a weight (extract, look up, sign, convert,
+//   FMA per row). Here a code costs a byte permute and one shared-memory lookup that yields
+//   the f16 value with its sign (a q4 byte yields both of its weights), and the products
+//   are one mma.sync per 16 x 16 weights, whatever M up to 16. The order of k inside an mma
+//   does not matter, so each lane feeds the mma the codes it loaded, in load order, and loads
+//   the activations at the same k.
+// - The f16 weight is round_f16(LUT[code]) times the scale (in f16 when !cside, in f32 on the
+//   partial sum when cside); accumulation is f32 in the tensor cores.
+
+// Table entries per code (bits 8/6) or per byte (bits 4): 32-bit words, entry e of lane l at
+// byte e * 256 + 4 l of dynamic shared memory (bytes 128..255 of each row unused). One copy
+// per lane, so that 32 random lookups never share a bank; the 256-byte stride makes the
+// address of a byte-aligned code one byte permute: [4 l, code, 0, 0].
+// The host launches with TcTable<BITS>::BYTES of dynamic shared memory.
+template <int BITS>
+struct TcTable {
+    static constexpr int ENTRIES = BITS == 6 ? 64 : 256;
+    static constexpr int BYTES = ENTRIES * 256;
+};
+extern __shared__ __align__(16) uint32_t tc_smem[];
+
+// Built with 16-byte stores, four lanes' copies at once: one word a thread was a quarter of
+// the kernel's instructions at Phi-3.5's shapes.
+template <int BITS>
+__device__ __forceinline__ void stage_tc_table() {
+    const float* lut = Fmt<BITS>::lut();
+    for (int i = threadIdx.x; i < TcTable<BITS>::ENTRIES * 8; i += blockDim.x) {
+        const int e = i >> 3;
+        uint32_t lo, hi;
+        if constexpr (BITS == 4) {
+            // Byte e holds two codes: the low nibble is the earlier k.
+            lo = __half_as_ushort(__float2half_rn(lut[e & 15]));
+            hi = __half_as_ushort(__float2half_rn(lut[e >> 4]));
+        } else {
+            lo = hi = __half_as_ushort(__float2half_rn(lut[e]));
+        }
+        const uint32_t v = lo | (hi << 16);
+        reinterpret_cast<uint4*>(tc_smem)[e * 16 + (i & 7)] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+}
+
+// Word at byte `off` of the table at shared address `base` (uniform, so the add folds into
+// the load): through a generic pointer the compiler re-added the block's window base and
+// re-masked the offset on every lookup.
+__device__ __forceinline__ uint32_t tc_lookup(uint32_t base, uint32_t off) {
+    uint32_t v;
+    asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + off));
+    return v;
+}
+
+// Table address of byte I of w: [lane4.b0, byte I, 0, 0] plus `base` (the table's shared
+// address), which the compiler can fold into the load.
+template <int I>
+__device__ __forceinline__ uint32_t byte_addr(uint32_t w, uint32_t lane4) {
+    return __byte_perm(w, lane4, 0x5504 | (I << 4));
+}
+
+template <bool SCALE>
+__device__ __forceinline__ uint32_t scaled(uint32_t a, __half2 s) {
+    if constexpr (SCALE) {
+        __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), s);
+        return *reinterpret_cast<uint32_t*>(&r);
+    } else {
+        return a;
+    }
+}
+
+// The A-fragment words of mma step `s` of one row's chunk: (codes 4s, 4s+1) and
+// (codes 4s+2, 4s+3) as f16 pairs, times `sc` unless the scale is applied to the sum.
+template <int BITS, bool SCALE>
+__device__ __forceinline__ void tc_pairs(const Chunk& ch, int s, uint32_t tbase, uint32_t lane4, __half2 sc,
+                                         uint32_t& p01, uint32_t& p23) {
+    if constexpr (BITS == 8) {
+        const uint32_t w = ch.w[s];
+        const uint32_t v0 = tc_lookup(tbase, byte_addr<0>(w, lane4)), v1 = tc_lookup(tbase, byte_addr<1>(w, lane4));
+        const uint32_t v2 = tc_lookup(tbase, byte_addr<2>(w, lane4)), v3 = tc_lookup(tbase, byte_addr<3>(w, lane4));
+        p01 = scaled<SCALE>(__byte_perm(v0, v1, 0x5410), sc);
+        p23 = scaled<SCALE>(__byte_perm(v2, v3, 0x5410), sc);
+    } else if constexpr (BITS == 4) {
+        const uint32_t w = ch.w[s >> 1];
+        if (s & 1) {
+            p01 = scaled<SCALE>(tc_lookup(tbase, byte_addr<2>(w, lane4)), sc);
+            p23 = scaled<SCALE>(tc_lookup(tbase, byte_addr<3>(w, lane4)), sc);
+        } else {
+            p01 = scaled<SCALE>(tc_lookup(tbase, byte_addr<0>(w, lane4)), sc);
+            p23 = scaled<SCALE>(tc_lookup(tbase, byte_addr<1>(w, lane4)), sc);
+        }
+    } else {
+        uint32_t v[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) v[i] = tc_lookup(tbase, (code_of<6>(ch, 4 * s + i) << 8) | lane4);
+        p01 = scaled<SCALE>(__byte_perm(v[0], v[1], 0x5410), sc);
+        p23 = scaled<SCALE>(__byte_perm(v[2], v[3], 0x5410), sc);
+    }
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Lane l = 4 g + q of every warp: A rows (channels) g and g + 8 of the block's 16, B column
+// (activation row) g of each 8-row half of the tile, and chunk q of every 4-chunk step of K.
+// mma step s of a chunk covers its codes 4s .. 4s+3.
+template <int BITS, int MT, int W, int U, bool CSIDE>
+__device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint8_t* __restrict__ codes,
+                                        const __half* __restrict__ scales, __half* __restrict__ Y, int M, int K,
+                                        int N, int row_bytes, int groups, int cpg_shift) {
+    constexpr int CH = Fmt<BITS>::CH;
+    constexpr int STEPS = CH / 4;
+    constexpr int HALVES = MT / 8;
+    // The table is dead once the products are done: the cross-warp sums reuse its memory.
+    static_assert(W * 16 * (MT + 1) * 4 <= TcTable<BITS>::BYTES, "sums do not fit the table's memory");
+    auto red = reinterpret_cast<float (*)[16][MT + 1]>(tc_smem);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+    const uint32_t lane4 = 4 * lane;
+    const uint32_t tbase = static_cast<uint32_t>(__cvta_generic_to_shared(tc_smem));
+    const int n0 = blockIdx.x * 16, m0 = blockIdx.y * MT;
+    const long long rows[2] = {min(n0 + g, N - 1), min(n0 + g + 8, N - 1)};
+    const __half* a_rows[HALVES];
+    bool a_ok[HALVES];
+#pragma unroll
+    for (int h = 0; h < HALVES; h++) {
+        const int m = m0 + 8 * h + g;
+        a_ok[h] = m < M;
+        a_rows[h] = A + (long long)min(m, M - 1) * K;
+    }
+    // Two accumulators per half, alternating between mma steps, so that consecutive mmas do
+    // not wait on each other.
+    float d[2][HALVES][4];
+#pragma unroll
+    for (int p = 0; p < 2; p++)
+#pragma unroll
+        for (int h = 0; h < HALVES; h++) d[p][h][0] = d[p][h][1] = d[p][h][2] = d[p][h][3] = 0.0f;
+
+    const int nchunks = (K + CH - 1) / CH;
+    const int steps_k = (nchunks + 3) / 4;
+    auto load_round = [&](int it, Chunk (&ch)[U][2]) {
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            const int c = (it + W * j) * 4 + q;
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                if (c < nchunks) {
+                    ch[j][r] = load_chunk<BITS>(codes + rows[r] * row_bytes, c);
+                } else {
+                    ch[j][r].w[0] = ch[j][r].w[1] = ch[j][r].w[2] = ch[j][r].w[3] = 0;
+                }
+            }
+        }
+    };
+    // The first round's weights are requested before the table is built, so that building it
+    // overlaps their trip from memory.
+    Chunk ch[U][2];
+    load_round(warp, ch);
+    stage_tc_table<BITS>();
+    for (int it = warp; it < steps_k; it += W * U) {
+        if (it != warp) load_round(it, ch);
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            // Warp-uniform: no work past the last 4-chunk step (K split unevenly over warps).
+            if (it + W * j >= steps_k) break;
+            const int c = (it + W * j) * 4 + q;
+            // Every lane of the warp must join the mma, so lanes past K run on zeros.
+            const bool live = c < nchunks;
+            // cside: the scale multiplies sums over all four lanes' chunks, so every lane takes
+            // the step's group (lanes past K included); otherwise its own chunk's.
+            const int grp = CSIDE ? ((it + W * j) * 4) >> cpg_shift : live ? (c >> cpg_shift) : 0;
+            const __half s0 = __ldg(scales + rows[0] * groups + grp);
+            const __half s1 = __ldg(scales + rows[1] * groups + grp);
+            const __half2 s0h = __half2half2(s0), s1h = __half2half2(s1);
+            const int k0 = c * CH;
+            float t[2][HALVES][4];
+            if constexpr (CSIDE) {
+#pragma unroll
+                for (int p = 0; p < 2; p++)
+#pragma unroll
+                    for (int h = 0; h < HALVES; h++) t[p][h][0] = t[p][h][1] = t[p][h][2] = t[p][h][3] = 0.0f;
+            }
+#pragma unroll
+            for (int s2 = 0; s2 < STEPS; s2 += 2) {
+                // Eight activations (two mma steps) per 16-byte load; K % 8 == 0, so they are all
+                // inside K or all past it.
+                uint4 b[HALVES];
+#pragma unroll
+                for (int h = 0; h < HALVES; h++) {
+                    b[h] = make_uint4(0, 0, 0, 0);
+                    if (live && a_ok[h] && k0 + 4 * s2 < K) b[h] = __ldg(reinterpret_cast<const uint4*>(a_rows[h] + k0 + 4 * s2));
+                }
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int s = s2 + e;
+                    uint32_t a0, a1, a2, a3;
+                    tc_pairs<BITS, !CSIDE>(ch[j][0], s, tbase, lane4, s0h, a0, a2);
+                    tc_pairs<BITS, !CSIDE>(ch[j][1], s, tbase, lane4, s1h, a1, a3);
+#pragma unroll
+                    for (int h = 0; h < HALVES; h++) {
+                        const uint32_t b0 = e ? b[h].z : b[h].x, b1 = e ? b[h].w : b[h].y;
+                        if constexpr (CSIDE) {
+                            mma_16816(t[e][h], a0, a1, a2, a3, b0, b1);
+                        } else {
+                            mma_16816(d[e][h], a0, a1, a2, a3, b0, b1);
+                        }
+                    }
+                }
+            }
+            if constexpr (CSIDE) {
+                const float f0 = __half2float(s0), f1 = __half2float(s1);
+#pragma unroll
+                for (int h = 0; h < HALVES; h++) {
+                    d[j & 1][h][0] = fmaf(t[0][h][0] + t[1][h][0], f0, d[j & 1][h][0]);
+                    d[j & 1][h][1] = fmaf(t[0][h][1] + t[1][h][1], f0, d[j & 1][h][1]);
+                    d[j & 1][h][2] = fmaf(t[0][h][2] + t[1][h][2], f1, d[j & 1][h][2]);
+                    d[j & 1][h][3] = fmaf(t[0][h][3] + t[1][h][3], f1, d[j & 1][h][3]);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    // d[.][h]: (channel g, rows 2q, 2q+1) and (channel g + 8, same rows) of half h.
+#pragma unroll
+    for (int h = 0; h < HALVES; h++) {
+        red[warp][g][8 * h + 2 * q] = d[0][h][0] + d[1][h][0];
+        red[warp][g][8 * h + 2 * q + 1] = d[0][h][1] + d[1][h][1];
+        red[warp][g + 8][8 * h + 2 * q] = d[0][h][2] + d[1][h][2];
+        red[warp][g + 8][8 * h + 2 * q + 1] = d[0][h][3] + d[1][h][3];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 16 * MT; i += blockDim.x) {
+        const int c = i / MT, m = i % MT;
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < W; w++) v += red[w][c][m];
+        if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * N + n0 + c] = __float2half_rn(v);
+    }
+}
+
+// Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_cs]. Measured on an H100 at Phi-3.5's
+// shapes (scripts/gpu/probe.py): for M <= 8, 16 warps (registers capped at 64 for two blocks
+// a multiprocessor) beat 8 warps by 0-10%, and 4 chunks in flight a lane no better than 2;
+// MT = 16 needs more registers, so 8 warps.
+#define QINS_GEMV_TC(BITS, MT, W, U, MINB, CS, SUF)                                                          \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                                  \
+        qins_gemv_tc_q##BITS##_m##MT##_w##W##_u##U##SUF(const __half* A, const uint8_t* codes,                 \
+                                                        const __half* scales, __half* Y, int M, int K, int N,  \
+                                                        int row_bytes, int groups, int cpg_shift) {            \
+        gemv_tc<BITS, MT, W, U, CS>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);               \
+    }
+#define QINS_GEMV_TC_ALL(BITS)                   \
+    QINS_GEMV_TC(BITS, 8, 16, 2, 2, false, )     \
+    QINS_GEMV_TC(BITS, 8, 16, 2, 2, true, _cs)   \
+    QINS_GEMV_TC(BITS, 16, 8, 2, 2, false, )     \
+    QINS_GEMV_TC(BITS, 16, 8, 2, 2, true, _cs)
+
+QINS_GEMV_TC_ALL(8)
+QINS_GEMV_TC_ALL(6)
+QINS_GEMV_TC_ALL(4)

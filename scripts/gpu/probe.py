@@ -17,14 +17,19 @@ mm = load_module(os.path.join(FAT, "qins_matmul.fatbin"))
 
 
 rng = np.random.default_rng(1)
+# Device-to-device copy bandwidth (read + write bytes), the yardstick of docs/BENCHMARKS.md.
+src, dst = cp.empty(1 << 29, dtype=cp.uint8), cp.empty(1 << 29, dtype=cp.uint8)
+t_copy = graph_time(lambda i: cp.copyto(dst, src), reps=10, launches=5)
+copy_gbps = 2 * src.nbytes / t_copy / 1e9
+print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+del src, dst
 rows = []
 for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
-    for bits in (8, 4):
-        g = 128
+    for bits, g in ((8, 128), (6, 128), (4, 128), (4, 32)):
         c_np, s_np = random_weight(rng, bits, k, n, g)
         wbytes = c_np.nbytes + s_np.nbytes
         copies = max(2, int(np.ceil(256e6 / wbytes)))
-        cs = [cp.asarray(c_np) for _ in range(copies)]
+        cs_ = [cp.asarray(c_np) for _ in range(copies)]
         ss = [cp.asarray(s_np) for _ in range(copies)]
         for m, mt in [(1, 1), (4, 4), (16, 8)]:
             a = cp.asarray(rng.standard_normal((m, k)).astype(np.float16))
@@ -38,11 +43,35 @@ for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
             ints = (np.int32(m), np.int32(k), np.int32(n), np.int32(g), np.int32(row_bytes(bits, k)),
                     np.int32(-(-k // g)), np.int32(1), np.int32(cpg), np.int32(wpr))
             for i in range(20):
-                f((blocks,), (128,), (a, cs[i % copies], ss[i % copies], y) + ints)
-            t = graph_time(lambda i: f((blocks,), (128,), (a, cs[i % copies], ss[i % copies], y) + ints), reps=15)
+                f((blocks,), (128,), (a, cs_[i % copies], ss[i % copies], y) + ints)
+            t = graph_time(lambda i: f((blocks,), (128,), (a, cs_[i % copies], ss[i % copies], y) + ints), reps=15)
             moved = wbytes + 2 * m * (k + n)
-            rows.append(dict(K=k, N=n, M=m, bits=bits, us=t * 1e6, gbps=moved / t / 1e9))
-            print(f"direct {k}x{n} q{bits} M={m:<3} {t * 1e6:8.2f} us {moved / t / 1e9:7.0f} GB/s", flush=True)
-        del cs, ss
+            rows.append(dict(K=k, N=n, M=m, bits=bits, G=g, kernel="gemv", us=t * 1e6, gbps=moved / t / 1e9))
+            print(f"direct {k}x{n} q{bits} g{g} M={m:<3} {'gemv':<28} {t * 1e6:8.2f} us {moved / t / 1e9:7.0f} GB/s", flush=True)
+            # The tensor-core kernel (what the library runs for f16 activations): its variants.
+            mtc = 16 if m > 8 else 8
+            cs_ok = g % (4 * ch) == 0
+            wu = ((16, 2),) if mtc == 8 else ((8, 2),)
+            variants = [(w, u, cs) for w, u in wu for cs in ((False, True) if cs_ok else (False,))]
+            for w, u, cs in variants:
+                name = f"qins_gemv_tc_q{bits}_m{mtc}_w{w}_u{u}" + ("_cs" if cs else "")
+                ftc = mm.get_function(name)
+                smem = (64 if bits == 6 else 256) * 256  # TcTable<BITS>::BYTES
+                ftc.max_dynamic_shared_size_bytes = smem
+                tints = (np.int32(m), np.int32(k), np.int32(n), np.int32(row_bytes(bits, k)),
+                         np.int32(-(-k // g)), np.int32(cpg))
+                grid = (-(-n // 16), -(-m // mtc))
+                y_ref = cp.zeros((m, n), dtype=cp.float16)
+                f((blocks,), (128,), (a, cs_[0], ss[0], y_ref) + ints)
+                y.fill(cp.nan)
+                ftc(grid, (32 * w,), (a, cs_[0], ss[0], y) + tints, shared_mem=smem)
+                yr, yt = y_ref.astype(cp.float64), y.astype(cp.float64)
+                nmse = float(((yt - yr) ** 2).sum() / (yr ** 2).sum())
+                ttc = graph_time(lambda i: ftc(grid, (32 * w,), (a, cs_[i % copies], ss[i % copies], y) + tints, shared_mem=smem), reps=15)
+                rows.append(dict(K=k, N=n, M=m, bits=bits, G=g, kernel=name, us=ttc * 1e6, gbps=moved / ttc / 1e9,
+                                 nmse_vs_gemv=nmse))
+                print(f"direct {k}x{n} q{bits} g{g} M={m:<3} {name:<28} {ttc * 1e6:8.2f} us {moved / ttc / 1e9:7.0f} GB/s"
+                      f"  nmse vs gemv {nmse:.1e}", flush=True)
+        del cs_, ss
 if len(sys.argv) > 2:
-    json.dump(dict(rows=rows), open(sys.argv[2], "w"), indent=1)
+    json.dump(dict(copy_gbps=copy_gbps, rows=rows), open(sys.argv[2], "w"), indent=1)

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/../.."
 cargo build --release -p qins-provider
 rm -rf .gpuart && mkdir -p .gpuart
 strip -o .gpuart/libqins_provider.so target/release/libqins_provider.so
-out=$(ls -td target/release/build/qins-provider-*/out | head -1)
+# The newest fat binaries: a rebuilt out/ keeps its directory mtime.
+out=$(dirname "$(ls -t target/release/build/qins-provider-*/out/qins_matmul.fatbin | head -1)")
 cp "$out"/*.fatbin .gpuart/
 grep -qx "/.gpuart/" .git/info/exclude 2>/dev/null || echo "/.gpuart/" >> .git/info/exclude
 ls -la .gpuart

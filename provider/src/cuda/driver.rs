@@ -54,6 +54,7 @@ driver_fns! {
     cuModuleGetFunction: fn(*mut CuFunction, CuModule, *const c_char);
     cuModuleGetGlobal_v2: fn(*mut CuDevicePtr, *mut usize, CuModule, *const c_char);
     cuMemcpyHtoD_v2: fn(CuDevicePtr, *const c_void, usize);
+    cuFuncSetAttribute: fn(CuFunction, c_int, c_int);
     cuLaunchKernel: fn(CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void, *mut *mut c_void, *mut *mut c_void);
 }
 

@@ -63,6 +63,9 @@ pub struct Loaded {
     functions: Mutex<HashMap<&'static CStr, CuFunction>>,
 }
 
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+const MAX_DYNAMIC_SHARED: i32 = 8;
+
 // SAFETY: CUDA module and function handles may be used from any thread that has their
 // context current; the map of functions is behind a mutex.
 unsafe impl Send for Loaded {}
@@ -72,6 +75,12 @@ unsafe impl Sync for Loaded {}
 impl Loaded {
     /// The kernel `name` (an `extern "C"` entry point of `image`).
     pub fn function(&self, image: Image, name: &'static CStr) -> Result<CuFunction> {
+        self.function_with_smem(image, name, 0)
+    }
+
+    /// As [`Loaded::function`], allowed `shared` bytes of dynamic shared memory (set once,
+    /// when the function is first looked up: above 48 KiB a launch needs the opt-in).
+    pub fn function_with_smem(&self, image: Image, name: &'static CStr, shared: u32) -> Result<CuFunction> {
         let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(&func) = f.get(name) {
             return Ok(func);
@@ -83,6 +92,13 @@ impl Loaded {
         d.check(unsafe { (d.cuModuleGetFunction)(&mut func, module, name.as_ptr()) }, || {
             format!("kernel {name:?} not found in the embedded CUDA module")
         })?;
+        if shared > 48 * 1024 {
+            let bytes = i32::try_from(shared).map_err(|_| Error::fail("shared memory size"))?;
+            // SAFETY: a function of a live module of the current context.
+            d.check(unsafe { (d.cuFuncSetAttribute)(func, MAX_DYNAMIC_SHARED, bytes) }, || {
+                format!("kernel {name:?}: {shared} bytes of shared memory")
+            })?;
+        }
         f.insert(name, func);
         Ok(func)
     }

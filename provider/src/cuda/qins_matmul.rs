@@ -1,14 +1,15 @@
 //! CUDA kernel of `com.qins.QinsMatMul` for ORT's CUDA execution provider.
 //!
 //! Dispatch on the rows `M` of the activations (after flattening the leading dims):
-//! - `M <= GEMV_MAX_M` (token generation): `kernels/qins_matmul.cu`, which multiplies on the
-//!   codes (table lookups in shared memory, weights read once, nothing decoded to memory),
-//!   one launch whose blocks cover tiles of up to 8 activation rows. The threshold is 4: on an
-//!   H100 this kernel beat decode + cuBLAS at M = 4 and lost at M = 16 (8 was not measured;
-//!   docs/BENCHMARKS.md);
+//! - small `M` (token generation): `kernels/qins_matmul.cu`, which multiplies on the codes
+//!   (table lookups in shared memory, weights read once, nothing decoded to memory). With f16
+//!   activations and a layout it takes (packed codes, K % 8 == 0, groups a power-of-two
+//!   multiple of the chunk, or one group a row) that is the tensor-core kernel `gemv_tc`,
+//!   used up to `TC_MAX_M` = 16 rows; otherwise the CUDA-core kernel, up to `GEMV_MAX_M` = 4
+//!   (on an H100 it beat decode + cuBLAS at M = 4 and lost at M = 16; docs/BENCHMARKS.md);
 //! - larger `M` (prefill): the weight is decoded into scratch from ORT's CUDA allocator by
 //!   `kernels/qins_decode.cu` and multiplied by cuBLAS (`cublasGemmEx`, f32 accumulation)
-//!   on ORT's own handle. Where ORT provides no cuBLAS handle, the code-domain kernel runs
+//!   on ORT's own handle. Where ORT provides no cuBLAS handle, the code-domain kernels run
 //!   for every `M`.
 //!
 //! Everything is launched on the node's stream, with no host synchronisation and no
@@ -29,10 +30,13 @@ use crate::ort_api::{Error, KernelCtx, KernelInfo, Result};
 /// cuBLAS. `QINS_CUDA_GEMV_MAX_M` overrides it (read once), which is how
 /// `scripts/gpu/bench_matmul.py` measures both paths.
 pub const GEMV_MAX_M: usize = 4;
+/// The same for the tensor-core kernel, whose cost hardly grows with `M` up to 16.
+pub const TC_MAX_M: usize = 16;
 
-fn gemv_max_m() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("QINS_CUDA_GEMV_MAX_M").ok().and_then(|v| v.parse().ok()).unwrap_or(GEMV_MAX_M))
+fn gemv_max_m(tc: bool) -> usize {
+    static V: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let v = *V.get_or_init(|| std::env::var("QINS_CUDA_GEMV_MAX_M").ok().and_then(|v| v.parse().ok()));
+    v.unwrap_or(if tc { TC_MAX_M } else { GEMV_MAX_M })
 }
 
 /// Warps per block of the code-domain kernel (`WPB` in kernels/qins_matmul.cu); 1, 2 or 4 of
@@ -92,11 +96,101 @@ pub struct Buffers {
     pub y: *mut c_void,
 }
 
-/// The code-domain kernel over all `m` rows.
+/// The tensor-core kernel for `m` rows: 16 warps over 8 rows, or 8 warps over 16 rows;
+/// `cside` where a 4-chunk step never straddles a group (see kernels/qins_matmul.cu).
+fn tc_name(format: Format, m: usize, cside: bool) -> Option<&'static CStr> {
+    Some(match (format, m > 8, cside) {
+        (Format::Q8, false, false) => c"qins_gemv_tc_q8_m8_w16_u2",
+        (Format::Q8, false, true) => c"qins_gemv_tc_q8_m8_w16_u2_cs",
+        (Format::Q8, true, false) => c"qins_gemv_tc_q8_m16_w8_u2",
+        (Format::Q8, true, true) => c"qins_gemv_tc_q8_m16_w8_u2_cs",
+        (Format::Q6, false, false) => c"qins_gemv_tc_q6_m8_w16_u2",
+        (Format::Q6, false, true) => c"qins_gemv_tc_q6_m8_w16_u2_cs",
+        (Format::Q6, true, false) => c"qins_gemv_tc_q6_m16_w8_u2",
+        (Format::Q6, true, true) => c"qins_gemv_tc_q6_m16_w8_u2_cs",
+        (Format::Q4, false, false) => c"qins_gemv_tc_q4_m8_w16_u2",
+        (Format::Q4, false, true) => c"qins_gemv_tc_q4_m8_w16_u2_cs",
+        (Format::Q4, true, false) => c"qins_gemv_tc_q4_m16_w8_u2",
+        (Format::Q4, true, true) => c"qins_gemv_tc_q4_m16_w8_u2_cs",
+        (Format::F32, _, _) => return None,
+    })
+}
+
+/// Dynamic shared memory of the tensor-core kernel: its table (`TcTable<BITS>::BYTES`).
+fn tc_smem(format: Format) -> u32 {
+    match format {
+        Format::Q6 => 64 * 256,
+        _ => 256 * 256,
+    }
+}
+
+/// `cpg_shift` of the tensor-core kernel: log2 of the chunks a group, 30 (every chunk in
+/// group 0) for one group a row, None where a chunk can straddle groups.
+fn tc_cpg_shift(l: &qins::codec::Layout) -> Option<i32> {
+    let chunk = chunk_len(l.format);
+    if l.groups() == 1 {
+        Some(30)
+    } else if l.group.is_multiple_of(chunk) && (l.group / chunk).is_power_of_two() {
+        Some((l.group / chunk).trailing_zeros() as i32)
+    } else {
+        None
+    }
+}
+
+fn tc_applies(node: &Node, a: *const c_void) -> bool {
+    let l = &node.layout;
+    node.act == Act::F16
+        && l.format != Format::F32
+        && tc_cpg_shift(l).is_some()
+        && l.k.is_multiple_of(8)
+        && (a as usize).is_multiple_of(16)
+}
+
+/// The tensor-core kernel (f16 activations, packed codes, K % 8 == 0, A 16-byte aligned, no
+/// chunk across groups); false where it does not apply.
+///
+/// # Safety
+/// As [`gemv`].
+unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usize, b: &Buffers) -> Result<bool> {
+    let l = &node.layout;
+    let Some(cpg_shift) = tc_cpg_shift(l).filter(|_| tc_applies(node, b.a)) else {
+        return Ok(false);
+    };
+    // A 4-chunk step inside one group: the scale can go on the step's f32 sum.
+    let cside = cpg_shift >= 2;
+    let Some(name) = tc_name(l.format, m, cside) else {
+        return Ok(false);
+    };
+    let (mt, threads) = if m > 8 { (16, 256) } else { (8, 512) };
+    let smem = tc_smem(l.format);
+    let f = mods.function_with_smem(Image::Matmul, name, smem)?;
+    let grid_y = u32::try_from(m.div_ceil(mt)).ok().filter(|&y| y <= 65535);
+    let grid_y = grid_y.ok_or_else(|| Error::invalid(format!("M={m} is too large for one launch")))?;
+    let args = Args::new()
+        .ptr(b.a)
+        .ptr(b.codes)
+        .ptr(b.scales)
+        .ptr(b.y)
+        .i32(m as i32)
+        .i32(l.k as i32)
+        .i32(l.n as i32)
+        .i32(l.row_bytes() as i32)
+        .i32(l.groups() as i32)
+        .i32(cpg_shift);
+    // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
+    unsafe { launch(f, (l.n.div_ceil(16) as u32, grid_y), (threads, 1), smem, stream, &args)? };
+    Ok(true)
+}
+
+/// The code-domain kernel over all `m` rows: the tensor-core one where it applies.
 ///
 /// # Safety
 /// The buffers are device memory of the node's layout and `m` rows, on the current context.
 pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usize, b: &Buffers) -> Result<()> {
+    // SAFETY: as promised by the caller.
+    if unsafe { gemv_tc(mods, stream, node, m, b)? } {
+        return Ok(());
+    }
     let l = &node.layout;
     let mt = row_tile(m);
     let f = mods.function(Image::Matmul, gemv_name(l.format, node.act, mt))?;
@@ -193,7 +287,8 @@ impl CudaQinsMatMul {
         let (mods, device) = modules_for(a_ptr)?;
         let b = Buffers { a: a_ptr, codes: codes_ptr, scales: scales_ptr, y: y_ptr };
         let l = &node.layout;
-        let handle = if shape.m > gemv_max_m() {
+        let tc = tc_applies(node, a_ptr);
+        let handle = if shape.m > gemv_max_m(tc) {
             ctx.resource(CUDA_RESOURCE_VERSION, CUBLAS_HANDLE)?
         } else {
             std::ptr::null_mut()
@@ -237,6 +332,11 @@ mod tests {
             for act in [Act::F16, Act::F32] {
                 for m in [1, 2, 3, 4, 5, 8, 16] {
                     let name = gemv_name(format, act, row_tile(m));
+                    assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
+                }
+            }
+            for (m, cside) in [(1, false), (1, true), (9, false), (9, true)] {
+                if let Some(name) = tc_name(format, m, cside) {
                     assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
                 }
             }
