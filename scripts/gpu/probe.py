@@ -24,14 +24,18 @@ copy_gbps = 2 * src.nbytes / t_copy / 1e9
 print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
 del src, dst
 rows = []
+# PROBE_ONLY=KxN[,bits] restricts the sweep (for profiling one kernel under ncu).
+only = os.environ.get("PROBE_ONLY", "")
 for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
     for bits, g in ((8, 128), (6, 128), (4, 128), (4, 32)):
+        if only and (f"{k}x{n}" != only.split(",")[0] or ("," in only and str(bits) != only.split(",")[1])):
+            continue
         c_np, s_np = random_weight(rng, bits, k, n, g)
         wbytes = c_np.nbytes + s_np.nbytes
         copies = max(2, int(np.ceil(256e6 / wbytes)))
         cs_ = [cp.asarray(c_np) for _ in range(copies)]
         ss = [cp.asarray(s_np) for _ in range(copies)]
-        for m, mt in [(1, 1), (4, 4), (16, 8)]:
+        for m, mt in ([(1, 1)] if only else [(1, 1), (4, 4), (16, 8)]):
             a = cp.asarray(rng.standard_normal((m, k)).astype(np.float16))
             y = cp.empty((m, n), dtype=cp.float16)
             f = mm.get_function(f"qins_gemv_q{bits}_f16_m{mt}")
