@@ -244,9 +244,9 @@ QINS_GEMV_ALL(32)
 // - Why: the kernel above spends ~13 instructions a weight (extract, look up, sign, convert,
 //   FMA per row). Here a code costs a byte permute and one shared-memory lookup that yields
 //   the f16 value with its sign (a q4 byte yields both of its weights), and the products
-//   are one mma.sync per 16 x 16 weights, whatever M up to 16. The order of k inside an mma
-//   does not matter, so each lane feeds the mma the codes it loaded, in load order, and loads
-//   the activations at the same k.
+//   are one mma.sync per 16 x 16 weights for up to 8 rows (two for 16). The order of k
+//   inside an mma does not matter, so each lane feeds the mma the codes it loaded, in load
+//   order, and loads the activations at the same k.
 // - The f16 weight is round_f16(LUT[code]) times the scale (in f16 when !cside, in f32 on the
 //   partial sum when cside); accumulation is f32 in the tensor cores.
 

@@ -29,8 +29,8 @@ print(f"seed {seed}, onnxruntime {ort.__version__}", flush=True)
 rng = np.random.default_rng(seed)
 
 # The library's dispatch (provider/src/cuda/qins_matmul.rs): the tensor-core kernel up to
-# M = 16 where it applies, the CUDA-core kernel up to M = 4 elsewhere, decode + cuBLAS above.
-TC_MAX_M, GEMV_MAX_M = 16, 4
+# M = 64 where it applies, the CUDA-core kernel up to M = 4 elsewhere, decode + cuBLAS above.
+TC_MAX_M, GEMV_MAX_M = 64, 4
 
 
 def path_of(bits, act, k, g, m):

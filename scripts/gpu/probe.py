@@ -35,7 +35,9 @@ for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
         copies = max(2, int(np.ceil(256e6 / wbytes)))
         cs_ = [cp.asarray(c_np) for _ in range(copies)]
         ss = [cp.asarray(s_np) for _ in range(copies)]
-        for m, mt in ([(1, 1)] if only else [(1, 1), (4, 4), (16, 8)]):
+        # PROBE_M=32,64,...: also time the tensor-core kernel over several 16-row tiles.
+        extra_m = [(int(v), 8) for v in os.environ.get("PROBE_M", "").split(",") if v]
+        for m, mt in ([(1, 1)] if only else [(1, 1), (4, 4), (16, 8)]) + extra_m:
             a = cp.asarray(rng.standard_normal((m, k)).astype(np.float16))
             y = cp.empty((m, n), dtype=cp.float16)
             f = mm.get_function(f"qins_gemv_q{bits}_f16_m{mt}")

@@ -5,7 +5,7 @@
 //!   (table lookups in shared memory, weights read once, nothing decoded to memory). With f16
 //!   activations and a layout it takes (packed codes, K % 8 == 0, groups a power-of-two
 //!   multiple of the chunk, or one group a row) that is the tensor-core kernel `gemv_tc`,
-//!   used up to `TC_MAX_M` = 16 rows; otherwise the CUDA-core kernel, up to `GEMV_MAX_M` = 4
+//!   used up to `TC_MAX_M` = 64 rows; otherwise the CUDA-core kernel, up to `GEMV_MAX_M` = 4
 //!   (on an H100 it beat decode + cuBLAS at M = 4 and lost at M = 16; docs/BENCHMARKS.md);
 //! - larger `M` (prefill): the weight is decoded into scratch from ORT's CUDA allocator by
 //!   `kernels/qins_decode.cu` and multiplied by cuBLAS (`cublasGemmEx`, f32 accumulation)
@@ -30,8 +30,10 @@ use crate::ort_api::{Error, KernelCtx, KernelInfo, Result};
 /// cuBLAS. `QINS_CUDA_GEMV_MAX_M` overrides it (read once), which is how
 /// `scripts/gpu/bench_matmul.py` measures both paths.
 pub const GEMV_MAX_M: usize = 4;
-/// The same for the tensor-core kernel, whose cost hardly grows with `M` up to 16.
-pub const TC_MAX_M: usize = 16;
+/// The same for the tensor-core kernel: one launch covers 16 rows at about the cost of one
+/// and more rows in tiles of 16; on an H100 it beat decode + cuBLAS up to M = 64 (by 1.1-2.5x
+/// at 64) and lost at 128 (docs/BENCHMARKS.md).
+pub const TC_MAX_M: usize = 64;
 
 fn gemv_max_m(tc: bool) -> usize {
     static V: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
