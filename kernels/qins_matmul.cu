@@ -242,8 +242,8 @@ QINS_GEMV_ALL(32)
 //   (ceil(N / 16), ceil(M / MT)). The warps split K and add their partial sums through shared
 //   memory, so no atomics and no state between launches.
 // - Why: the kernel above spends ~13 instructions a weight (extract, look up, sign, convert,
-//   FMA per row). Here a code costs a byte permute and one shared-memory lookup that yields
-//   the f16 value with its sign (a q4 byte yields both of its weights), and the products
+//   FMA per row). Here a code costs a byte permute, an add and one shared-memory lookup that
+//   yields the f16 value with its sign (a q4 byte yields both of its weights), and the products
 //   are one mma.sync per 16 x 16 weights for up to 8 rows (two for 16). The order of k
 //   inside an mma does not matter, so each lane feeds the mma the codes it loaded, in load
 //   order, and loads the activations at the same k.
@@ -262,8 +262,8 @@ struct TcTable {
 };
 extern __shared__ __align__(16) uint32_t tc_smem[];
 
-// Built with 16-byte stores, four lanes' copies at once: one word a thread was a quarter of
-// the kernel's instructions at Phi-3.5's shapes.
+// Built with 16-byte stores, four lanes' copies at once: one word a thread was about a fifth
+// of the kernel's instructions at Phi-3.5's shapes.
 template <int BITS>
 __device__ __forceinline__ void stage_tc_table() {
     const float* lut = Fmt<BITS>::lut();
@@ -283,17 +283,16 @@ __device__ __forceinline__ void stage_tc_table() {
     __syncthreads();
 }
 
-// Word at byte `off` of the table at shared address `base` (uniform, so the add folds into
-// the load): through a generic pointer the compiler re-added the block's window base and
-// re-masked the offset on every lookup.
+// Word at byte `off` of the table at shared address `base`: through a generic pointer the
+// compiler also re-masked the offset on every lookup. The add stays (ptxas does not fold the
+// base into the load's offset); a variant with the base as an immediate ran no faster.
 __device__ __forceinline__ uint32_t tc_lookup(uint32_t base, uint32_t off) {
     uint32_t v;
     asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + off));
     return v;
 }
 
-// Table address of byte I of w: [lane4.b0, byte I, 0, 0] plus `base` (the table's shared
-// address), which the compiler can fold into the load.
+// Offset of byte I of w in the table: [lane4.b0, byte I, 0, 0], lane4 = 4 * lane.
 template <int I>
 __device__ __forceinline__ uint32_t byte_addr(uint32_t w, uint32_t lane4) {
     return __byte_perm(w, lane4, 0x5504 | (I << 4));

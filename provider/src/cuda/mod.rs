@@ -78,8 +78,9 @@ impl Loaded {
         self.function_with_smem(image, name, 0)
     }
 
-    /// As [`Loaded::function`], allowed `shared` bytes of dynamic shared memory (set once,
-    /// when the function is first looked up: above 48 KiB a launch needs the opt-in).
+    /// As [`Loaded::function`], allowed `shared` bytes of dynamic shared memory (above 48 KiB
+    /// a launch needs the opt-in). Set when the function is first looked up, so a kernel that
+    /// needs it must always be looked up through here.
     pub fn function_with_smem(&self, image: Image, name: &'static CStr, shared: u32) -> Result<CuFunction> {
         let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(&func) = f.get(name) {

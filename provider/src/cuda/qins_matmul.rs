@@ -155,7 +155,10 @@ fn tc_applies(node: &Node, a: *const c_void) -> bool {
 /// As [`gemv`].
 unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usize, b: &Buffers) -> Result<bool> {
     let l = &node.layout;
-    let Some(cpg_shift) = tc_cpg_shift(l).filter(|_| tc_applies(node, b.a)) else {
+    if !tc_applies(node, b.a) {
+        return Ok(false);
+    }
+    let Some(cpg_shift) = tc_cpg_shift(l) else {
         return Ok(false);
     };
     // A 4-chunk step inside one group: the scale can go on the step's f32 sum.
