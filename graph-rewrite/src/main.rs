@@ -393,6 +393,14 @@ fn run_suite(
     let t0 = std::time::Instant::now();
     // One test at a time, the JSON rewritten after each: a full run takes hours on a small
     // machine, and what finished must survive a crash or a kill of a later test.
+    let save = |res: &[suite::CandidateResult], complete: bool| -> Result<()> {
+        if let Some(path) = json {
+            let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": complete});
+            std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+                .with_context(|| format!("write {}", path.display()))?;
+        }
+        Ok(())
+    };
     let mut res: Vec<suite::CandidateResult> = Vec::new();
     for letter in ["A", "B", "C", "D", "E"].into_iter().filter(|l| sel.has(l)) {
         let one = suite::Selection::parse(letter)?;
@@ -400,11 +408,7 @@ fn run_suite(
             eprintln!("[{:>6.0}s] {msg}", t0.elapsed().as_secs_f64())
         })?;
         res = if res.is_empty() { part } else { res.into_iter().zip(part).map(|(a, b)| a.merge(b)).collect() };
-        if let Some(path) = json {
-            let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": false});
-            std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
-                .with_context(|| format!("write {}", path.display()))?;
-        }
+        save(&res, false)?;
     }
     print!("{}", suite::summary(&res));
     if let Some(dir) = plots {
@@ -436,11 +440,7 @@ fn run_suite(
             }
         }
     }
-    if let Some(path) = json {
-        let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": true});
-        std::fs::write(path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
-    }
-    Ok(())
+    save(&res, true)
 }
 
 fn print_inspect(m: &Model, p: &plan::Plan) {

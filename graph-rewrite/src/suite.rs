@@ -218,9 +218,7 @@ impl Selection {
         ensure!(s.chars().all(|c| "ABCDE,".contains(c)), "tests are letters A to E, e.g. --tests A,B,D");
         Ok(sel)
     }
-}
 
-impl Selection {
     /// Whether test `letter` ("A" to "E") is selected.
     pub fn has(&self, letter: &str) -> bool {
         match letter {
