@@ -15,6 +15,8 @@
 //   read 8 at a time; otherwise one by one. Chunks that run past K always take the checked
 //   path, so nothing past A[m, K-1] is read.
 // - No shared state between blocks, no atomics: safe to replay in a CUDA graph.
+#include <type_traits>
+
 #include "qins_common.cuh"
 
 // Loads activations k0..k0+7 of row m (zeros past K).
@@ -262,13 +264,13 @@ struct TcTable {
 };
 extern __shared__ __align__(16) uint32_t tc_smem[];
 
-// Built with 16-byte stores, four lanes' copies at once: one word a thread was about a fifth
-// of the kernel's instructions at Phi-3.5's shapes.
+// One thread an entry: one conversion, then the row's eight 16-byte pieces (four lanes'
+// copies each), started at piece e % 8 so that the 8 lanes of a store phase hit distinct
+// banks. (Converting per piece, as first written, was about a tenth of the kernel.)
 template <int BITS>
 __device__ __forceinline__ void stage_tc_table() {
     const float* lut = Fmt<BITS>::lut();
-    for (int i = threadIdx.x; i < TcTable<BITS>::ENTRIES * 8; i += blockDim.x) {
-        const int e = i >> 3;
+    for (int e = threadIdx.x; e < TcTable<BITS>::ENTRIES; e += blockDim.x) {
         uint32_t lo, hi;
         if constexpr (BITS == 4) {
             // Byte e holds two codes: the low nibble is the earlier k.
@@ -278,7 +280,9 @@ __device__ __forceinline__ void stage_tc_table() {
             lo = hi = __half_as_ushort(__float2half_rn(lut[e]));
         }
         const uint32_t v = lo | (hi << 16);
-        reinterpret_cast<uint4*>(tc_smem)[e * 16 + (i & 7)] = make_uint4(v, v, v, v);
+        uint4* row = reinterpret_cast<uint4*>(tc_smem) + e * 16;
+#pragma unroll
+        for (int i = 0; i < 8; i++) row[(i + e) & 7] = make_uint4(v, v, v, v);
     }
     __syncthreads();
 }
@@ -349,14 +353,18 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 // Lane l = 4 g + q of every warp: A rows (channels) g and g + 8 of the block's 16, B column
 // (activation row) g of each 8-row half of the tile, and chunk q of every 4-chunk step of K.
 // mma step s of a chunk covers its codes 4s .. 4s+3.
+// Rounds: warp w takes the 4-chunk steps w, w + W, ..., U of them at a time, loaded before
+// any is multiplied. A step wholly inside K (every Phi-3.5 step) runs with no checks and
+// addresses are a pointer per row plus compile-time offsets: index arithmetic redone per load
+// had been a fifth of the loop.
 template <int BITS, int MT, int W, int U, bool CSIDE>
 __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint8_t* __restrict__ codes,
-                                        const __half* __restrict__ scales, __half* __restrict__ Y, int M, int K,
-                                        int N, int row_bytes, int groups, int cpg_shift) {
+                                         const __half* __restrict__ scales, __half* __restrict__ Y, int M, int K,
+                                         int N, int row_bytes, int groups, int cpg_shift) {
     constexpr int CH = Fmt<BITS>::CH;
+    constexpr int CB = CH * BITS / 8;  // bytes a chunk
     constexpr int STEPS = CH / 4;
     constexpr int HALVES = MT / 8;
-    // The table is dead once the products are done: the cross-warp sums reuse its memory.
     static_assert(W * 16 * (MT + 1) * 4 <= TcTable<BITS>::BYTES, "sums do not fit the table's memory");
     auto red = reinterpret_cast<float (*)[16][MT + 1]>(tc_smem);
 
@@ -366,13 +374,14 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     const uint32_t tbase = static_cast<uint32_t>(__cvta_generic_to_shared(tc_smem));
     const int n0 = blockIdx.x * 16, m0 = blockIdx.y * MT;
     const long long rows[2] = {min(n0 + g, N - 1), min(n0 + g + 8, N - 1)};
-    const __half* a_rows[HALVES];
+    const uint8_t* rp[2] = {codes + rows[0] * row_bytes + q * CB, codes + rows[1] * row_bytes + q * CB};
+    const __half* sp[2] = {scales + rows[0] * groups, scales + rows[1] * groups};
+    const uint4* ap[HALVES];
     bool a_ok[HALVES];
 #pragma unroll
     for (int h = 0; h < HALVES; h++) {
-        const int m = m0 + 8 * h + g;
-        a_ok[h] = m < M;
-        a_rows[h] = A + (long long)min(m, M - 1) * K;
+        a_ok[h] = m0 + 8 * h + g < M;
+        ap[h] = reinterpret_cast<const uint4*>(A + (long long)min(m0 + 8 * h + g, M - 1) * K + q * CH);
     }
     // Two accumulators per half, alternating between mma steps, so that consecutive mmas do
     // not wait on each other.
@@ -384,89 +393,99 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
 
     const int nchunks = (K + CH - 1) / CH;
     const int steps_k = (nchunks + 3) / 4;
-    auto load_round = [&](int it, Chunk (&ch)[U][2]) {
+    // A step (4 chunks of every lane) is FULL when all of it lies inside K: then nothing in
+    // it is checked. Only the last step of a row whose K is not a multiple of 4 chunks is not.
+    auto step_full = [&](int st) { return (st + 1) * 4 * CH <= K; };
+    Chunk ch[U][2];
+    auto load_round = [&](int it) {
 #pragma unroll
         for (int j = 0; j < U; j++) {
-            const int c = (it + W * j) * 4 + q;
+            const int st = it + W * j;
+            if (st >= steps_k) break;
+            const bool full = step_full(st);
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                if (c < nchunks) {
-                    ch[j][r] = load_chunk<BITS>(codes + rows[r] * row_bytes, c);
+                // Every lane of the warp must join the mma, so chunks past K are zeros.
+                if (full || st * 4 + q < nchunks) {
+                    ch[j][r] = load_chunk<BITS>(rp[r] + st * 4 * CB, 0);
                 } else {
                     ch[j][r].w[0] = ch[j][r].w[1] = ch[j][r].w[2] = ch[j][r].w[3] = 0;
                 }
             }
         }
     };
-    // The first round's weights are requested before the table is built, so that building it
-    // overlaps their trip from memory.
-    Chunk ch[U][2];
-    load_round(warp, ch);
-    stage_tc_table<BITS>();
-    for (int it = warp; it < steps_k; it += W * U) {
-        if (it != warp) load_round(it, ch);
+    auto step = [&](int j, int st, auto full_tag) {
+        constexpr bool FULL = decltype(full_tag)::value;
+        const int c = st * 4 + q;
+        const int left = K - c * CH;
+        // cside: the scale multiplies sums over all four lanes' chunks, so every lane takes the
+        // step's group (lanes past K included); otherwise its own chunk's.
+        const int grp = CSIDE ? (4 * st) >> cpg_shift : (FULL || c < nchunks) ? (c >> cpg_shift) : 0;
+        const __half s0 = __ldg(sp[0] + grp), s1 = __ldg(sp[1] + grp);
+        const __half2 s0h = __half2half2(s0), s1h = __half2half2(s1);
+        [[maybe_unused]] float t[2][HALVES][4];
+        if constexpr (CSIDE) {
 #pragma unroll
-        for (int j = 0; j < U; j++) {
-            // Warp-uniform: no work past the last 4-chunk step (K split unevenly over warps).
-            if (it + W * j >= steps_k) break;
-            const int c = (it + W * j) * 4 + q;
-            // Every lane of the warp must join the mma, so lanes past K run on zeros.
-            const bool live = c < nchunks;
-            // cside: the scale multiplies sums over all four lanes' chunks, so every lane takes
-            // the step's group (lanes past K included); otherwise its own chunk's.
-            const int grp = CSIDE ? ((it + W * j) * 4) >> cpg_shift : live ? (c >> cpg_shift) : 0;
-            const __half s0 = __ldg(scales + rows[0] * groups + grp);
-            const __half s1 = __ldg(scales + rows[1] * groups + grp);
-            const __half2 s0h = __half2half2(s0), s1h = __half2half2(s1);
-            const int k0 = c * CH;
-            float t[2][HALVES][4];
-            if constexpr (CSIDE) {
+            for (int p = 0; p < 2; p++)
 #pragma unroll
-                for (int p = 0; p < 2; p++)
+                for (int h = 0; h < HALVES; h++) t[p][h][0] = t[p][h][1] = t[p][h][2] = t[p][h][3] = 0.0f;
+        }
 #pragma unroll
-                    for (int h = 0; h < HALVES; h++) t[p][h][0] = t[p][h][1] = t[p][h][2] = t[p][h][3] = 0.0f;
+        for (int s2 = 0; s2 < STEPS; s2 += 2) {
+            // Eight activations (two mma steps) per 16-byte load; K % 8 == 0, so they are all
+            // inside K or all past it.
+            uint4 b[HALVES];
+#pragma unroll
+            for (int h = 0; h < HALVES; h++) {
+                b[h] = make_uint4(0, 0, 0, 0);
+                if (a_ok[h] && (FULL || 4 * s2 < left)) b[h] = __ldg(ap[h] + (st * 4 * CH + 4 * s2) / 8);
             }
 #pragma unroll
-            for (int s2 = 0; s2 < STEPS; s2 += 2) {
-                // Eight activations (two mma steps) per 16-byte load; K % 8 == 0, so they are all
-                // inside K or all past it.
-                uint4 b[HALVES];
+            for (int e = 0; e < 2; e++) {
+                const int s = s2 + e;
+                uint32_t a0, a1, a2, a3;
+                tc_pairs<BITS, !CSIDE>(ch[j][0], s, tbase, lane4, s0h, a0, a2);
+                tc_pairs<BITS, !CSIDE>(ch[j][1], s, tbase, lane4, s1h, a1, a3);
 #pragma unroll
                 for (int h = 0; h < HALVES; h++) {
-                    b[h] = make_uint4(0, 0, 0, 0);
-                    if (live && a_ok[h] && k0 + 4 * s2 < K) b[h] = __ldg(reinterpret_cast<const uint4*>(a_rows[h] + k0 + 4 * s2));
-                }
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int s = s2 + e;
-                    uint32_t a0, a1, a2, a3;
-                    tc_pairs<BITS, !CSIDE>(ch[j][0], s, tbase, lane4, s0h, a0, a2);
-                    tc_pairs<BITS, !CSIDE>(ch[j][1], s, tbase, lane4, s1h, a1, a3);
-#pragma unroll
-                    for (int h = 0; h < HALVES; h++) {
-                        const uint32_t b0 = e ? b[h].z : b[h].x, b1 = e ? b[h].w : b[h].y;
-                        if constexpr (CSIDE) {
-                            mma_16816(t[e][h], a0, a1, a2, a3, b0, b1);
-                        } else {
-                            mma_16816(d[e][h], a0, a1, a2, a3, b0, b1);
-                        }
+                    const uint32_t b0 = e ? b[h].z : b[h].x, b1 = e ? b[h].w : b[h].y;
+                    if constexpr (CSIDE) {
+                        mma_16816(t[e][h], a0, a1, a2, a3, b0, b1);
+                    } else {
+                        mma_16816(d[e][h], a0, a1, a2, a3, b0, b1);
                     }
                 }
             }
-            if constexpr (CSIDE) {
-                const float f0 = __half2float(s0), f1 = __half2float(s1);
+        }
+        if constexpr (CSIDE) {
+            const float f0 = __half2float(s0), f1 = __half2float(s1);
 #pragma unroll
-                for (int h = 0; h < HALVES; h++) {
-                    d[j & 1][h][0] = fmaf(t[0][h][0] + t[1][h][0], f0, d[j & 1][h][0]);
-                    d[j & 1][h][1] = fmaf(t[0][h][1] + t[1][h][1], f0, d[j & 1][h][1]);
-                    d[j & 1][h][2] = fmaf(t[0][h][2] + t[1][h][2], f1, d[j & 1][h][2]);
-                    d[j & 1][h][3] = fmaf(t[0][h][3] + t[1][h][3], f1, d[j & 1][h][3]);
-                }
+            for (int h = 0; h < HALVES; h++) {
+                d[j & 1][h][0] = fmaf(t[0][h][0] + t[1][h][0], f0, d[j & 1][h][0]);
+                d[j & 1][h][1] = fmaf(t[0][h][1] + t[1][h][1], f0, d[j & 1][h][1]);
+                d[j & 1][h][2] = fmaf(t[0][h][2] + t[1][h][2], f1, d[j & 1][h][2]);
+                d[j & 1][h][3] = fmaf(t[0][h][3] + t[1][h][3], f1, d[j & 1][h][3]);
+            }
+        }
+    };
+    // The first round's weights are requested before the table is built, so that building it
+    // overlaps their trip from memory.
+    load_round(warp);
+    stage_tc_table<BITS>();
+    for (int it = warp; it < steps_k; it += W * U) {
+        if (it != warp) load_round(it);
+#pragma unroll
+        for (int j = 0; j < U; j++) {
+            const int st = it + W * j;
+            if (st >= steps_k) break;
+            if (step_full(st)) {
+                step(j, st, std::true_type{});
+            } else {
+                step(j, st, std::false_type{});
             }
         }
     }
     __syncthreads();
-    // d[.][h]: (channel g, rows 2q, 2q+1) and (channel g + 8, same rows) of half h.
 #pragma unroll
     for (int h = 0; h < HALVES; h++) {
         red[warp][g][8 * h + 2 * q] = d[0][h][0] + d[1][h][0];
@@ -483,6 +502,7 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
         if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * N + n0 + c] = __float2half_rn(v);
     }
 }
+
 
 // Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_cs]. Measured on an H100 at Phi-3.5's
 // shapes (scripts/gpu/probe.py): for M <= 8, 16 warps (registers capped at 64 for two blocks

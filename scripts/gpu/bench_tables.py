@@ -1,9 +1,27 @@
 """Markdown tables of docs/BENCHMARKS.md from the JSON of scripts/gpu/bench_matmul.py (and,
-optionally, its decode + cuBLAS run). argv: BENCH_JSON [CUBLAS_JSON]"""
+optionally, its decode + cuBLAS run), or from that of scripts/gpu/probe.py (direct kernel
+times). argv: BENCH_JSON [CUBLAS_JSON] | PROBE_JSON"""
 import json
 import sys
 
 d = json.load(open(sys.argv[1]))
+if d["rows"] and "kernel" in d["rows"][0]:
+    # probe.py: the CUDA-core kernel against the best tensor-core variant, M <= 16.
+    by = {}
+    for r in d["rows"]:
+        by.setdefault((r["K"], r["N"], r["bits"], r["G"], r["M"]), []).append(r)
+    print(f"device-to-device copy in the same run: {d['copy_gbps']:.0f} GB/s\n")
+    print("| K x N | format | M | CUDA-core kernel (us) | tensor-core kernel (us, GB/s) | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for (k, n, bits, g, m), rs in by.items():
+        core = [r for r in rs if r["kernel"] == "gemv"]
+        tc = [r for r in rs if r["kernel"].startswith("qins_gemv_tc_")]
+        if m > 16 or not core or not tc:
+            continue
+        best = min(tc, key=lambda r: r["us"])
+        print(f"| {k}x{n} | q{bits} g{g} | {m} | {core[0]['us']:.1f} | {best['us']:.1f}, {best['gbps']:.0f} | "
+              f"{core[0]['us'] / best['us']:.2f}x |")
+    sys.exit(0)
 cub = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else None
 copy = d["copy_gbps"]
 rows = {(r["K"], r["N"], r["M"], r["variant"]): r for r in d["rows"]}

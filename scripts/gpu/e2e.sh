@@ -3,7 +3,7 @@
 # the public onnxruntime-genai builder (fp16, MatMulNBits int8 and int4), rewritten by `qins
 # rewrite` (q8 g128, q4 g32), and timed by `qins-bench generate --device cuda` (the generation
 # engine: IOBinding, KV cache on the GPU), all models in one run.
-#   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite bench   (after run.sh unpacked ORT GPU)
+#   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] bench   (after run.sh unpacked ORT GPU)
 # Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
 # the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
 # (../shared/data/phi3-tokenizer.json).
@@ -25,8 +25,24 @@ for step in "$@"; do
       "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8 --bits 8 --group 128 --force -q --report "$OUT/rewrite-q8.json" 2>&1 | tail -3
       "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4 --bits 4 --group 32 --force -q --report "$OUT/rewrite-q4.json" 2>&1 | tail -3
       du -sh $W/qins-* ;;
+    rewrite-all)
+      # MatMulNBits' coverage instead of the default one: the whole qkv projection too (and
+      # lm_head where the builder's int4 model quantized it), for a comparison at equal bytes.
+      extra=$(python3 -c "import onnx; m = onnx.load('$W/onnx-int4/model.onnx', load_external_data=False); \
+        print('--include lm_head' if any('lm_head' in n.name for n in m.graph.node if n.op_type == 'MatMulNBits') else '')")
+      echo "MatMulNBits int4 coverage: $(python3 -c "import onnx, collections; m = onnx.load('$W/onnx-int4/model.onnx', load_external_data=False); \
+        print(dict(collections.Counter(n.name.split('/')[-2] for n in m.graph.node if n.op_type == 'MatMulNBits')))")"
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-all --bits 4 --group 32 --include qkv_proj $extra --force -q \
+        --report "$OUT/rewrite-q4-all.json" 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8-all --bits 8 --group 128 --include qkv_proj $extra --force -q \
+        --report "$OUT/rewrite-q8-all.json" 2>&1 | tail -3
+      du -sh $W/qins-*-all ;;
     bench)
-      "$E/qins-bench" generate $W/onnx-fp16 $W/onnx-int8 $W/onnx-int4 $W/qins-q8 $W/qins-q4 --device cuda \
-        --prefill 128,1024 --decode-prompt 128 --new-tokens 128 --reps 3 --json "$OUT/e2e.json" 2>&1 | tail -12 ;;
+      models=""
+      for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-all qins-q4-all; do
+        [ -d $W/$m ] && models="$models $W/$m"
+      done
+      "$E/qins-bench" generate $models --device cuda \
+        --prefill 128,1024 --decode-prompt 128 --new-tokens 128 --reps 3 --json "$OUT/e2e.json" 2>&1 | tail -14 ;;
   esac
 done

@@ -37,7 +37,7 @@ for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
         ss = [cp.asarray(s_np) for _ in range(copies)]
         # PROBE_M=32,64,...: also time the tensor-core kernel over several 16-row tiles.
         extra_m = [(int(v), 8) for v in os.environ.get("PROBE_M", "").split(",") if v]
-        for m, mt in ([(1, 1)] if only else [(1, 1), (4, 4), (16, 8)]) + extra_m:
+        for m, mt in ([(1, 1)] if only else [(1, 1), (4, 4), (8, 8), (16, 8)]) + extra_m:
             a = cp.asarray(rng.standard_normal((m, k)).astype(np.float16))
             y = cp.empty((m, n), dtype=cp.float16)
             f = mm.get_function(f"qins_gemv_q{bits}_f16_m{mt}")
