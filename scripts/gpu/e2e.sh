@@ -3,7 +3,7 @@
 # the public onnxruntime-genai builder (fp16, MatMulNBits int8 and int4), rewritten by `qins
 # rewrite` (q8 g128, q4 g32), and timed by `qins-bench generate --device cuda` (the generation
 # engine: IOBinding, KV cache on the GPU), all models in one run.
-#   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] bench   (after run.sh unpacked ORT GPU)
+#   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] bench [graph]   (after run.sh unpacked ORT GPU)
 # Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
 # the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
 # (../shared/data/phi3-tokenizer.json).
@@ -37,6 +37,13 @@ for step in "$@"; do
       "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8-all --bits 8 --group 128 --include qkv_proj $extra --force -q \
         --report "$OUT/rewrite-q8-all.json" 2>&1 | tail -3
       du -sh $W/qins-*-all ;;
+    graph)
+      # The decode step replayed from a CUDA graph (Python prototype; the engine has no graph yet).
+      models=""
+      for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-all qins-q4-all; do
+        [ -d $W/$m ] && models="$models $W/$m"
+      done
+      python3 scripts/gpu/graph_decode.py $models --json "$OUT/graph-decode.json" 2>&1 | grep -v "^\s*$" | tail -20 ;;
     bench)
       models=""
       for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-all qins-q4-all; do
