@@ -8,8 +8,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
 use ort::environment::Environment;
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{Session, SessionInputValue};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
 use ort::value::{Tensor, TensorElementType, ValueType};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,9 @@ pub struct EngineOptions {
     pub provider_lib: Option<PathBuf>,
     /// Intra-op threads (0: ONNX Runtime's default).
     pub threads: usize,
+    /// CUDA only: replay each decode step from a CUDA graph (`generate`), with a shared
+    /// past/present buffer of this many positions (0: off). See [`CausalLm::generate`].
+    pub cuda_graph_len: usize,
 }
 
 /// A causal LM with the genai builder's inputs (`input_ids`, `attention_mask`,
@@ -98,6 +101,19 @@ pub struct CausalLm {
     has_positions: bool,
     pub path: PathBuf,
     device: Device,
+    /// Positions of the static KV buffer when decode steps replay a CUDA graph.
+    graph_len: usize,
+    /// The graph's buffers, kept for the session's life: a captured graph replays at the
+    /// addresses it was captured with.
+    graph: Option<GraphState>,
+}
+
+/// Device buffers of CUDA-graph decoding (see [`CausalLm::generate`]).
+struct GraphState {
+    kv: Vec<ort::value::DynValue>,
+    /// The decode step's binding and inputs, made after the first prompt (the logits'
+    /// width is known then).
+    step: Option<(IoBinding, Tensor<i64>, Tensor<i64>, DevLogits)>,
 }
 
 impl CausalLm {
@@ -110,8 +126,14 @@ impl CausalLm {
         if let Some(lib) = &lib {
             b = b.with_operator_library(lib).map_err(|e| anyhow!("register {}: {e}", lib.display()))?;
         }
+        let mut folded = None;
         if let Device::Cuda(id) = opts.device {
-            let cuda = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+            let graph = opts.cuda_graph_len > 0;
+            if graph {
+                // ORT's CUDA EP captures no graph with control flow in it.
+                folded = FoldedModel::create(&onnx, opts.cuda_graph_len)?;
+            }
+            let cuda = ort::ep::CUDA::default().with_device_id(id).with_cuda_graph(graph).build().error_on_failure();
             b = b.with_execution_providers([cuda]).map_err(|e| anyhow!("CUDA execution provider: {e}"))?;
         } else {
             // No CPU arena and no memory patterns: the parity suite keeps ten sessions open, and
@@ -124,7 +146,17 @@ impl CausalLm {
         if opts.threads > 0 {
             b = b.with_intra_threads(opts.threads).map_err(|e| anyhow!("intra-op threads: {e}"))?;
         }
-        let session = b.commit_from_file(&onnx).map_err(|e| {
+        if opts.cuda_graph_len > 0 && opts.device == Device::Cpu {
+            bail!("CUDA graphs need --device cuda");
+        }
+        let session = match &folded {
+            Some(f) => b
+                .with_config_entry("session.model_external_initializers_file_folder_path", f.data_dir.to_string_lossy())
+                .map_err(|e| anyhow!("session options: {e}"))?
+                .commit_from_memory(&f.bytes),
+            None => b.commit_from_file(&onnx),
+        }
+        .map_err(|e| {
             let hint = if lib.is_none() { " (no QINS custom-op library was found; set QINS_PROVIDER_LIB)" } else { "" };
             anyhow!("load {}: {e}{hint}", onnx.display())
         })?;
@@ -164,6 +196,8 @@ impl CausalLm {
             has_positions: names.iter().any(|n| n == "position_ids"),
             path: onnx,
             device: opts.device,
+            graph_len: opts.cuda_graph_len,
+            graph: None,
         })
     }
 
@@ -274,25 +308,271 @@ impl CausalLm {
         stop: &[i64],
         record: bool,
     ) -> Result<Generation> {
-        let mut cache = self.empty_cache()?;
-        let (mut logits, vocab) = self.extend(&mut cache, prompt, false)?;
-        let mut rng = Rng::new(match sampling {
-            Sampling::Sample { seed, .. } => *seed,
-            Sampling::Greedy => 0,
-        });
-        let mut out = Generation { tokens: Vec::with_capacity(new), logits: Vec::new(), vocab };
-        for step in 0..new {
-            let tok = sampling.pick(&logits, &mut rng);
-            if record {
-                out.logits.push(std::mem::take(&mut logits));
-            }
-            out.tokens.push(tok);
-            if stop.contains(&tok) || step + 1 == new {
-                break;
-            }
-            logits = self.extend(&mut cache, &[tok], false)?.0;
+        if self.graph_len > 0 {
+            return self.generate_graph(prompt, new, sampling, stop, record);
         }
-        Ok(out)
+        let mut cache = self.empty_cache()?;
+        let (logits, vocab) = self.extend(&mut cache, prompt, false)?;
+        sample_loop(logits, vocab, new, sampling, stop, record, |tok, _| Ok(self.extend(&mut cache, &[tok], false)?.0))
+    }
+
+    /// `generate` with every decode step replayed from a CUDA graph, as onnxruntime-genai
+    /// does it: one buffer per layer's keys and values of `graph_len` positions, bound as
+    /// both past and present (GroupQueryAttention writes the new position in place, from the
+    /// mask's count), and input_ids, a `[1, graph_len]` attention mask and the logits at
+    /// fixed device addresses, rewritten in place between steps. The prompt runs in the same
+    /// session with capture off for that run. Greedy tokens match `extend`'s until logits
+    /// tie within rounding (docs/BENCHMARKS.md).
+    fn generate_graph(
+        &mut self,
+        prompt: &[i64],
+        new: usize,
+        sampling: &Sampling,
+        stop: &[i64],
+        record: bool,
+    ) -> Result<Generation> {
+        let Device::Cuda(id) = self.device else { bail!("CUDA graphs need a CUDA device") };
+        let max = self.graph_len;
+        // The last token is picked, never run: prompt + new - 1 positions are written.
+        if prompt.is_empty() || prompt.len() + new.max(1) - 1 > max {
+            bail!("prompt of {} plus {new} new tokens does not fit the graph's {max} positions", prompt.len());
+        }
+        if self.has_positions || !self.has_mask {
+            bail!(
+                "{}: CUDA-graph decoding takes the genai layout with attention_mask and no position_ids",
+                self.path.display()
+            );
+        }
+        let gpu = MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?;
+        let alloc = Allocator::new(&self.session, gpu)?;
+        if self.graph.is_none() {
+            let shape = [1usize, self.kv_heads, max, self.head_dim];
+            let mut kv: Vec<ort::value::DynValue> = Vec::with_capacity(2 * self.layers);
+            for _ in 0..2 * self.layers {
+                kv.push(if self.cache_f16 {
+                    Tensor::<f16>::new(&alloc, shape)?.into_dyn()
+                } else {
+                    Tensor::<f32>::new(&alloc, shape)?.into_dyn()
+                });
+            }
+            self.graph = Some(GraphState { kv, step: None });
+        }
+        let logits_f16 = self.logits_f16()?;
+        let kv_name = |prefix: &str, i: usize| {
+            format!("{prefix}.{}.{}", i / 2, if i.is_multiple_of(2) { "key" } else { "value" })
+        };
+        let bind_kv = |b: &mut IoBinding, kv: &mut [ort::value::DynValue]| -> Result<()> {
+            for (i, v) in kv.iter_mut().enumerate() {
+                b.bind_input(kv_name("past_key_values", i), &*v)?;
+                b.bind_output(kv_name("present", i), &mut *v)?;
+            }
+            Ok(())
+        };
+        let st = self.graph.as_mut().expect("made above");
+        let mut mask = vec![0i64; max];
+        mask[..prompt.len()].fill(1);
+
+        // The prompt: host inputs, logits to the host, no capture.
+        let (logits, vocab) = {
+            let mut b = self.session.create_binding()?;
+            b.bind_input("input_ids", &Tensor::from_array(([1usize, prompt.len()], prompt.to_vec()))?)?;
+            b.bind_input("attention_mask", &Tensor::from_array(([1usize, max], mask.clone()))?)?;
+            bind_kv(&mut b, &mut st.kv)?;
+            let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::CPUOutput)?;
+            b.bind_output_to_device("logits", &cpu)?;
+            let mut ro = RunOptions::new()?;
+            ro.set("gpu_graph_id", "-1")?;
+            let out = self.session.run_binding_with_options(&b, &ro)?;
+            last_row(&out["logits"], prompt.len())?
+        };
+
+        // Decode: device inputs and output at fixed addresses, bound once.
+        if st.step.is_none() {
+            let ids = Tensor::<i64>::new(&alloc, [1usize, 1])?;
+            let mask_dev = Tensor::<i64>::new(&alloc, [1usize, max])?;
+            let mut logits_dev = if logits_f16 {
+                DevLogits::F16(Tensor::<f16>::new(&alloc, [1usize, 1, vocab])?)
+            } else {
+                DevLogits::F32(Tensor::<f32>::new(&alloc, [1usize, 1, vocab])?)
+            };
+            let mut b = self.session.create_binding()?;
+            b.bind_input("input_ids", &ids)?;
+            b.bind_input("attention_mask", &mask_dev)?;
+            bind_kv(&mut b, &mut st.kv)?;
+            match &mut logits_dev {
+                DevLogits::F16(t) => b.bind_output("logits", t)?,
+                DevLogits::F32(t) => b.bind_output("logits", t)?,
+            }
+            st.step = Some((b, ids, mask_dev, logits_dev));
+        }
+        let (b, ids_dev, mask_dev, logits_dev) = st.step.as_mut().expect("made above");
+
+        let session = &mut self.session;
+        sample_loop(logits, vocab, new, sampling, stop, record, |tok, step| {
+            mask[prompt.len() + step] = 1;
+            // Synchronous copies: the graph's replay must see them.
+            Tensor::from_array(([1usize, 1], vec![tok]))?.copy_into(&mut *ids_dev)?;
+            Tensor::from_array(([1usize, max], mask.clone()))?.copy_into(&mut *mask_dev)?;
+            session.run_binding(b)?;
+            logits_dev.to_host(vocab)
+        })
+    }
+
+    fn logits_f16(&self) -> Result<bool> {
+        let o = self
+            .session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "logits")
+            .ok_or_else(|| anyhow!("model has no logits output"))?;
+        Ok(matches!(o.dtype(), ValueType::Tensor { ty: TensorElementType::Float16, .. }))
+    }
+}
+
+/// Picks `new` tokens, the first from `logits` (the prompt's last row), each next from
+/// `step(token, index)`, which runs the model on the token just picked; stops early at a
+/// token of `stop`. `decode_s` is the time spent after the first pick.
+#[allow(clippy::too_many_arguments)]
+fn sample_loop(
+    mut logits: Vec<f32>,
+    vocab: usize,
+    new: usize,
+    sampling: &Sampling,
+    stop: &[i64],
+    record: bool,
+    mut step: impl FnMut(i64, usize) -> Result<Vec<f32>>,
+) -> Result<Generation> {
+    let mut rng = Rng::new(match sampling {
+        Sampling::Sample { seed, .. } => *seed,
+        Sampling::Greedy => 0,
+    });
+    let mut out = Generation { tokens: Vec::with_capacity(new), logits: Vec::new(), vocab, decode_s: 0.0 };
+    let t = std::time::Instant::now();
+    for i in 0..new {
+        let tok = sampling.pick(&logits, &mut rng);
+        if record {
+            out.logits.push(std::mem::take(&mut logits));
+        }
+        out.tokens.push(tok);
+        if stop.contains(&tok) || i + 1 == new {
+            break;
+        }
+        logits = step(tok, i)?;
+    }
+    out.decode_s = t.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// The last of `n` rows of a `[1, n, vocab]` logits value, as f32.
+fn last_row(v: &ort::value::DynValue, n: usize) -> Result<(Vec<f32>, usize)> {
+    let rows = |shape: &[i64]| -> Result<usize> {
+        let vocab = *shape.last().ok_or_else(|| anyhow!("logits without a shape"))? as usize;
+        if shape.iter().product::<i64>() as usize != n * vocab {
+            bail!("logits have shape {shape:?}, expected [1, {n}, vocab]");
+        }
+        Ok(vocab)
+    };
+    match v.try_extract_tensor::<f32>() {
+        Ok((shape, d)) => {
+            let vocab = rows(shape)?;
+            Ok((d[(n - 1) * vocab..].to_vec(), vocab))
+        }
+        Err(_) => {
+            let (shape, d) = v.try_extract_tensor::<f16>()?;
+            let vocab = rows(shape)?;
+            Ok((d[(n - 1) * vocab..].iter().map(|x| x.to_f32()).collect(), vocab))
+        }
+    }
+}
+
+/// The decode step's logits `[1, 1, vocab]` at a fixed device address.
+enum DevLogits {
+    F16(Tensor<f16>),
+    F32(Tensor<f32>),
+}
+
+impl DevLogits {
+    fn to_host(&self, vocab: usize) -> Result<Vec<f32>> {
+        let host = Allocator::default();
+        Ok(match self {
+            DevLogits::F32(t) => {
+                let mut h = Tensor::<f32>::new(&host, [1usize, 1, vocab])?;
+                t.copy_into(&mut h)?;
+                h.try_extract_tensor::<f32>()?.1.to_vec()
+            }
+            DevLogits::F16(t) => {
+                let mut h = Tensor::<f16>::new(&host, [1usize, 1, vocab])?;
+                t.copy_into(&mut h)?;
+                h.try_extract_tensor::<f16>()?.1.iter().map(|x| x.to_f32()).collect()
+            }
+        })
+    }
+}
+
+/// A model whose LongRoPE `If` (the builder's choice of the short or the long rotary
+/// caches by mask length) is folded to its short branch, kept in memory: ONNX Runtime loads
+/// it from these bytes with the original folder for its external data (it refuses external
+/// data reached through links out of a model's folder, and the folder may be read-only).
+/// Exact while the mask stays within the original context, which `create` checks against
+/// the graph-capture length.
+pub struct FoldedModel {
+    /// The folded model's protobuf.
+    pub bytes: Vec<u8>,
+    /// The original model's folder, where its external data files are.
+    pub data_dir: PathBuf,
+}
+
+impl FoldedModel {
+    /// `None` when the model has no `If` to fold.
+    pub fn create(onnx: &Path, max_len: usize) -> Result<Option<FoldedModel>> {
+        use prost::Message;
+        use qins::onnx::proto::ModelProto;
+        let bytes = std::fs::read(onnx).with_context(|| format!("read {}", onnx.display()))?;
+        let mut model = ModelProto::decode(&bytes[..]).with_context(|| format!("decode {}", onnx.display()))?;
+        let graph = model.graph.as_mut().ok_or_else(|| anyhow!("{}: no graph", onnx.display()))?;
+        let ifs: Vec<usize> = (0..graph.node.len()).filter(|&i| graph.node[i].op_type() == "If").collect();
+        let &[at] = ifs.as_slice() else {
+            if ifs.is_empty() {
+                return Ok(None);
+            }
+            bail!("{}: {} If nodes; CUDA graphs need a model without control flow", onnx.display(), ifs.len());
+        };
+        let node = graph.node[at].clone();
+        // The builder's condition: Greater(mask length, /model/constants/INT64/<original context>).
+        let cond = node.input.first().cloned().unwrap_or_default();
+        let limit = graph
+            .node
+            .iter()
+            .find(|n| n.op_type() == "Greater" && n.output.first() == Some(&cond))
+            .and_then(|n| n.input.get(1))
+            .and_then(|c| c.rsplit('/').next()?.parse::<usize>().ok())
+            .ok_or_else(|| anyhow!("{}: the If is not the builder's LongRoPE cache choice", onnx.display()))?;
+        if max_len > limit {
+            bail!("CUDA-graph length {max_len} is past the original context {limit}: the long rotary caches would be needed");
+        }
+        let branch = node
+            .attribute
+            .iter()
+            .find(|a| a.name() == "else_branch")
+            .and_then(|a| a.g.as_ref())
+            .ok_or_else(|| anyhow!("{}: If without an else branch", onnx.display()))?;
+        if branch.node.len() != node.output.len() || branch.node.iter().any(|n| n.op_type() != "Constant") {
+            bail!("{}: the If's short branch is not just constants", onnx.display());
+        }
+        let consts: Vec<_> = branch
+            .node
+            .iter()
+            .zip(&node.output)
+            .map(|(c, name)| {
+                let mut c = c.clone();
+                c.output = vec![name.clone()];
+                c
+            })
+            .collect();
+        graph.node.splice(at..at + 1, consts);
+
+        let data_dir = onnx.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(Some(FoldedModel { bytes: model.encode_to_vec(), data_dir }))
     }
 }
 
@@ -363,6 +643,8 @@ pub struct Generation {
     /// Logits before each generated token (when recorded).
     pub logits: Vec<Vec<f32>>,
     pub vocab: usize,
+    /// Seconds spent on the tokens after the first (each one step of the model).
+    pub decode_s: f64,
 }
 
 /// A small seeded generator (SplitMix64), so sampled runs repeat exactly.

@@ -134,6 +134,10 @@ enum Cmd {
         seed: u64,
         #[arg(long, default_value = "cpu")]
         device: Device,
+        /// With --device cuda: replay each decode step from a CUDA graph (static KV buffer,
+        /// onnxruntime-genai builder models within their original context).
+        #[arg(long)]
+        cuda_graph: bool,
         #[arg(long)]
         ort_lib: Option<PathBuf>,
         #[arg(long)]
@@ -288,7 +292,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
             use qins_graph_rewrite::parity;
-            let opts = EngineOptions { ort_lib, provider_lib, threads, device };
+            let opts = EngineOptions { ort_lib, provider_lib, threads, device, ..Default::default() };
             if suite != SuiteKind::Quick {
                 return run_suite(&reference, &models, &text, suite, &tests, plots.as_deref(), json.as_deref(), &opts);
             }
@@ -315,7 +319,19 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("write {}", path.display()))?;
             }
         }
-        Cmd::Generate { model, prompt, chat, max_tokens, temperature, top_p, seed, device, ort_lib, provider_lib } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            device,
+            cuda_graph,
+            ort_lib,
+            provider_lib,
+        } => {
             use qins_graph_rewrite::engine::{CausalLm, EngineOptions, Sampling};
             let tok_path = model.join("tokenizer.json");
             let tok = tokenizers::Tokenizer::from_file(&tok_path)
@@ -329,7 +345,8 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|&i| i as i64)
                 .collect();
-            let opts = EngineOptions { ort_lib, provider_lib, device, ..Default::default() };
+            let graph_len = if cuda_graph { (ids.len() + max_tokens).next_multiple_of(256) } else { 0 };
+            let opts = EngineOptions { ort_lib, provider_lib, device, cuda_graph_len: graph_len, ..Default::default() };
             let mut lm = CausalLm::open(&model, &opts)?;
             let sampling =
                 if temperature > 0.0 { Sampling::Sample { temperature, top_p, seed } } else { Sampling::Greedy };

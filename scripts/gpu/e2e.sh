@@ -50,6 +50,6 @@ for step in "$@"; do
         [ -d $W/$m ] && models="$models $W/$m"
       done
       "$E/qins-bench" generate $models --device cuda \
-        --prefill 128,1024 --decode-prompt 128 --new-tokens 128 --reps 3 --json "$OUT/e2e.json" 2>&1 | tail -14 ;;
+        --prefill 128,1024 --decode-prompt 128 --new-tokens 128 --reps 3 --cuda-graph --json "$OUT/e2e.json" 2>&1 | tail -14 ;;
   esac
 done

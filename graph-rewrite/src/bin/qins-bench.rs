@@ -44,6 +44,9 @@ struct GenerateArgs {
     new_tokens: usize,
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Also time decode with each step replayed from a CUDA graph (--device cuda).
+    #[arg(long)]
+    cuda_graph: bool,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -180,6 +183,24 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
         let ms = median(per_token);
         row["decode_ms_per_token"] = ms.into();
         row["decode_tokens_per_s"] = (1e3 / ms).into();
+        if a.cuda_graph {
+            drop(lm);
+            let len = (a.decode_prompt + a.new_tokens).next_multiple_of(256);
+            let mut lm = CausalLm::open(m, &EngineOptions { cuda_graph_len: len, ..opts.clone() })?;
+            let mut per_token = Vec::new();
+            let mut tokens = Vec::new();
+            for _ in 0..a.reps + 1 {
+                let g = lm.generate(&ids[..a.decode_prompt], a.new_tokens + 1, &Sampling::Greedy, &[], false)?;
+                per_token.push(g.decode_s * 1e3 / a.new_tokens as f64);
+                tokens = g.tokens;
+            }
+            // The first run includes the graph's capture.
+            per_token.remove(0);
+            let ms = median(per_token);
+            row["graph_decode_ms_per_token"] = ms.into();
+            row["graph_decode_tokens_per_s"] = (1e3 / ms).into();
+            row["graph_tokens_head"] = serde_json::json!(tokens.iter().take(16).collect::<Vec<_>>());
+        }
         eprintln!("{row}");
         rows.push(row);
     }
@@ -191,17 +212,29 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
     for n in &a.prefill {
         print!(" {:>12}", format!("prefill {n}"));
     }
-    println!(" {:>10} {:>8}", "ms/token", "tok/s");
+    print!(" {:>10} {:>8}", "ms/token", "tok/s");
+    println!(
+        "{}",
+        if a.cuda_graph { format!(" {:>15} {:>11}", "graph ms/token", "graph tok/s") } else { String::new() }
+    );
     for r in &rows {
         print!("{:<44}", qins_graph_rewrite::report::short(r["model"].as_str().unwrap_or(""), 44));
         for n in &a.prefill {
             print!(" {:>12.2}", r[format!("prefill_{n}_ms")].as_f64().unwrap_or(0.0));
         }
-        println!(
+        print!(
             " {:>10.3} {:>8.1}",
             r["decode_ms_per_token"].as_f64().unwrap_or(0.0),
             r["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
         );
+        if a.cuda_graph {
+            print!(
+                " {:>15.3} {:>11.1}",
+                r["graph_decode_ms_per_token"].as_f64().unwrap_or(0.0),
+                r["graph_decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!();
     }
     if let Some(p) = a.json {
         std::fs::write(
