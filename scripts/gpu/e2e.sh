@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End to end on the GPU machine: full-size Phi-3.5-mini (random weights, real shapes) built by
 # the public onnxruntime-genai builder (fp16, MatMulNBits int8 and int4), rewritten by `qins
-# rewrite` (q8 g128, q4 g32), and timed by `qins-bench generate --device cuda` (the generation
-# engine: IOBinding, KV cache on the GPU), all models in one run.
+# rewrite` (q8 g128, q4 g32; `rewrite-all`: also at MatMulNBits' coverage), and timed by
+# `qins-bench generate --device cuda --cuda-graph` (the generation engine, KV cache on the GPU:
+# its IOBinding loop, then its CUDA-graph loop), all models in one run. `graph`: the Python
+# prototype of the graph loop (scripts/gpu/graph_decode.py), as a cross-check.
 #   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] bench [graph]   (after run.sh unpacked ORT GPU)
 # Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
 # the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
