@@ -241,9 +241,6 @@ impl CausalLm {
             inputs.push(("position_ids".into(), Tensor::from_array(([1usize, n], pos))?.into()));
         }
         let past = std::mem::take(&mut cache.values);
-        let kv_name = |prefix: &str, i: usize| {
-            format!("{prefix}.{}.{}", i / 2, if i.is_multiple_of(2) { "key" } else { "value" })
-        };
         // The outputs of a bound run borrow the binding, so it must outlive them.
         let binding;
         let mut out = if let Device::Cuda(id) = self.device {
@@ -276,26 +273,7 @@ impl CausalLm {
             cache.values.push(out.remove(&name).ok_or_else(|| anyhow!("model has no output {name}"))?);
         }
         cache.len = total;
-        let logits = &out["logits"];
-        let rows = |shape: &[i64]| -> Result<usize> {
-            let vocab = *shape.last().ok_or_else(|| anyhow!("logits without a shape"))? as usize;
-            if shape.iter().product::<i64>() as usize != n * vocab {
-                bail!("logits have shape {shape:?}, expected [1, {n}, vocab]");
-            }
-            Ok(vocab)
-        };
-        let take = |vocab: usize| if all { 0..n * vocab } else { (n - 1) * vocab..n * vocab };
-        match logits.try_extract_tensor::<f32>() {
-            Ok((shape, d)) => {
-                let vocab = rows(shape)?;
-                Ok((d[take(vocab)].to_vec(), vocab))
-            }
-            Err(_) => {
-                let (shape, d) = logits.try_extract_tensor::<f16>()?;
-                let vocab = rows(shape)?;
-                Ok((d[take(vocab)].iter().map(|v| v.to_f32()).collect(), vocab))
-            }
-        }
+        logits_rows(&out["logits"], n, all)
     }
 
     /// Generates `new` tokens after `prompt`. Returns the tokens and, when `record`, the
@@ -358,9 +336,6 @@ impl CausalLm {
             self.graph = Some(GraphState { kv, step: None });
         }
         let logits_f16 = self.logits_f16()?;
-        let kv_name = |prefix: &str, i: usize| {
-            format!("{prefix}.{}.{}", i / 2, if i.is_multiple_of(2) { "key" } else { "value" })
-        };
         let bind_kv = |b: &mut IoBinding, kv: &mut [ort::value::DynValue]| -> Result<()> {
             for (i, v) in kv.iter_mut().enumerate() {
                 b.bind_input(kv_name("past_key_values", i), &*v)?;
@@ -383,7 +358,7 @@ impl CausalLm {
             let mut ro = RunOptions::new()?;
             ro.set("gpu_graph_id", "-1")?;
             let out = self.session.run_binding_with_options(&b, &ro)?;
-            last_row(&out["logits"], prompt.len())?
+            logits_rows(&out["logits"], prompt.len(), false)?
         };
 
         // Decode: device inputs and output at fixed addresses, bound once.
@@ -463,8 +438,8 @@ fn sample_loop(
     Ok(out)
 }
 
-/// The last of `n` rows of a `[1, n, vocab]` logits value, as f32.
-fn last_row(v: &ort::value::DynValue, n: usize) -> Result<(Vec<f32>, usize)> {
+/// Rows of a `[1, n, vocab]` logits value (f32 or f16) as f32: all `n` (`all`) or the last.
+fn logits_rows(v: &ort::value::DynValue, n: usize, all: bool) -> Result<(Vec<f32>, usize)> {
     let rows = |shape: &[i64]| -> Result<usize> {
         let vocab = *shape.last().ok_or_else(|| anyhow!("logits without a shape"))? as usize;
         if shape.iter().product::<i64>() as usize != n * vocab {
@@ -472,17 +447,23 @@ fn last_row(v: &ort::value::DynValue, n: usize) -> Result<(Vec<f32>, usize)> {
         }
         Ok(vocab)
     };
+    let take = |vocab: usize| if all { 0..n * vocab } else { (n - 1) * vocab..n * vocab };
     match v.try_extract_tensor::<f32>() {
         Ok((shape, d)) => {
             let vocab = rows(shape)?;
-            Ok((d[(n - 1) * vocab..].to_vec(), vocab))
+            Ok((d[take(vocab)].to_vec(), vocab))
         }
         Err(_) => {
             let (shape, d) = v.try_extract_tensor::<f16>()?;
             let vocab = rows(shape)?;
-            Ok((d[(n - 1) * vocab..].iter().map(|x| x.to_f32()).collect(), vocab))
+            Ok((d[take(vocab)].iter().map(|x| x.to_f32()).collect(), vocab))
         }
     }
+}
+
+/// Input or output name of cache value `i` of `[k0, v0, k1, v1, ...]`: `{prefix}.{layer}.key|value`.
+fn kv_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}.{}.{}", i / 2, if i.is_multiple_of(2) { "key" } else { "value" })
 }
 
 /// The decode step's logits `[1, 1, vocab]` at a fixed device address.
