@@ -240,9 +240,10 @@ QINS_GEMV_ALL(32)
 //   (`cpg_shift`), or one group per row (`cpg_shift` = 30). The host checks and otherwise runs
 //   the kernel above. `cside` (G a multiple of 4 CH, or one group a row): the scale multiplies
 //   the f32 partial sum of each 4-chunk step instead of every f16 weight pair.
-// - A block of W warps computes 16 output channels for MT (8 or 16) activation rows; grid
-//   (ceil(N / 16), ceil(M / MT)). The warps split K and add their partial sums through shared
-//   memory, so no atomics and no state between launches.
+// - A block of W warps computes 16 T output channels (T tiles of 16) for MT (8 or 16)
+//   activation rows; grid (ceil(N / 16 T), ceil(M / MT)). The warps split K and add their
+//   partial sums through shared memory, so no atomics and no state between launches.
+//   SC_CHUNK kernels take M = 1 only.
 // - Why: the kernel above spends ~13 instructions a weight (extract, look up, sign, convert,
 //   FMA per row). Here a code costs a byte permute, an add and one shared-memory lookup that
 //   yields the f16 value with its sign (a q4 byte yields both of its weights), and the products
@@ -256,7 +257,9 @@ QINS_GEMV_ALL(32)
 // byte e * 256 + 4 l of dynamic shared memory (bytes 128..255 of each row unused). One copy
 // per lane, so that 32 random lookups never share a bank; the 256-byte stride makes the
 // address of a byte-aligned code one byte permute: [4 l, code, 0, 0].
-// The host launches with TcTable<BITS>::BYTES of dynamic shared memory.
+// The host launches with the larger of TcTable<BITS>::BYTES and the cross-warp sums'
+// W * 16 T * (MT + 1) floats of dynamic shared memory (the sums reuse the table's memory at
+// the end): `tc_smem` in the launcher.
 template <int BITS>
 struct TcTable {
     static constexpr int ENTRIES = BITS == 6 ? 64 : 256;
@@ -358,7 +361,12 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 // addresses are a pointer per row plus compile-time offsets (5.4 instead of 6.4 instructions
 // a code in the step's SASS; the executed total stayed about the same, as set-up grew, and
 // the kernel ran 4-7% faster at M = 1 on q8 and q4 g32: docs/BENCHMARKS.md).
-template <int BITS, int MT, int W, int U, bool CSIDE>
+// Where the group scale is applied: SC_WEIGHT on each f16 weight pair; SC_STEP on the f32 sum
+// of a 4-chunk step (G a multiple of 4 chunks, or one group a row); SC_CHUNK (M = 1 only) on
+// the f32 sum of each lane's chunk, which the mma keeps apart in its own output column.
+constexpr int SC_WEIGHT = 0, SC_STEP = 1, SC_CHUNK = 2;
+
+template <int BITS, int MT, int W, int U, int SC, int T>
 __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint8_t* __restrict__ codes,
                                          const __half* __restrict__ scales, __half* __restrict__ Y, int M, int K,
                                          int N, int row_bytes, int groups, int cpg_shift) {
@@ -366,38 +374,54 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     constexpr int CB = CH * BITS / 8;  // bytes a chunk
     constexpr int STEPS = CH / 4;
     constexpr int HALVES = MT / 8;
-    static_assert(W * 16 * (MT + 1) * 4 <= TcTable<BITS>::BYTES, "sums do not fit the table's memory");
-    auto red = reinterpret_cast<float (*)[16][MT + 1]>(tc_smem);
+    constexpr int R = 2 * T;  // weight rows a lane streams: g and g + 8 of each 16-channel tile
+    constexpr bool CSIDE = SC != SC_WEIGHT;  // the scale multiplies f32 sums, not f16 weights
+    static_assert(SC != SC_CHUNK || MT == 8, "one activation row, spread over the mma's columns");
+    auto red = reinterpret_cast<float (*)[16 * T][MT + 1]>(tc_smem);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, q = lane & 3;
     const uint32_t lane4 = 4 * lane;
     const uint32_t tbase = static_cast<uint32_t>(__cvta_generic_to_shared(tc_smem));
-    const int n0 = blockIdx.x * 16, m0 = blockIdx.y * MT;
-    const long long rows[2] = {min(n0 + g, N - 1), min(n0 + g + 8, N - 1)};
-    const uint8_t* rp[2] = {codes + rows[0] * row_bytes + q * CB, codes + rows[1] * row_bytes + q * CB};
-    const __half* sp[2] = {scales + rows[0] * groups, scales + rows[1] * groups};
+    const int n0 = blockIdx.x * 16 * T, m0 = blockIdx.y * MT;
+    const uint8_t* rp[R];
+    const __half* sp[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const long long row = min(n0 + 16 * (r >> 1) + g + 8 * (r & 1), N - 1);
+        rp[r] = codes + row * row_bytes + q * CB;
+        sp[r] = scales + row * groups;
+    }
     const uint4* ap[HALVES];
     bool a_ok[HALVES];
 #pragma unroll
     for (int h = 0; h < HALVES; h++) {
-        a_ok[h] = m0 + 8 * h + g < M;
-        ap[h] = reinterpret_cast<const uint4*>(A + (long long)min(m0 + 8 * h + g, M - 1) * K + q * CH);
+        if constexpr (SC == SC_CHUNK) {
+            // Column 2q of the mma gets row 0's activations at the k of quad q's chunks only, so
+            // that column holds the sum over one chunk of each weight row: one group.
+            a_ok[h] = g == 2 * q;
+            ap[h] = reinterpret_cast<const uint4*>(A + q * CH);
+        } else {
+            a_ok[h] = m0 + 8 * h + g < M;
+            ap[h] = reinterpret_cast<const uint4*>(A + (long long)min(m0 + 8 * h + g, M - 1) * K + q * CH);
+        }
     }
-    // Two accumulators per half, alternating between mma steps, so that consecutive mmas do
-    // not wait on each other.
-    float d[2][HALVES][4];
+    // Two accumulators per tile and half, alternating between mma steps, so that consecutive
+    // mmas do not wait on each other.
+    float d[2][T][HALVES][4];
 #pragma unroll
     for (int p = 0; p < 2; p++)
 #pragma unroll
-        for (int h = 0; h < HALVES; h++) d[p][h][0] = d[p][h][1] = d[p][h][2] = d[p][h][3] = 0.0f;
+        for (int t = 0; t < T; t++)
+#pragma unroll
+            for (int h = 0; h < HALVES; h++) d[p][t][h][0] = d[p][t][h][1] = d[p][t][h][2] = d[p][t][h][3] = 0.0f;
 
     const int nchunks = (K + CH - 1) / CH;
     const int steps_k = (nchunks + 3) / 4;
     // A step (4 chunks of every lane) is FULL when all of it lies inside K: then nothing in
     // it is checked. Only the last step of a row whose K is not a multiple of 4 chunks is not.
     auto step_full = [&](int st) { return (st + 1) * 4 * CH <= K; };
-    Chunk ch[U][2];
+    Chunk ch[U][R];
     auto load_round = [&](int it) {
 #pragma unroll
         for (int j = 0; j < U; j++) {
@@ -405,7 +429,7 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
             if (st >= steps_k) break;
             const bool full = step_full(st);
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
+            for (int r = 0; r < R; r++) {
                 // Every lane of the warp must join the mma, so chunks past K are zeros.
                 if (full || st * 4 + q < nchunks) {
                     ch[j][r] = load_chunk<BITS>(rp[r] + st * 4 * CB, 0);
@@ -419,17 +443,25 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
         constexpr bool FULL = decltype(full_tag)::value;
         const int c = st * 4 + q;
         const int left = K - c * CH;
-        // cside: the scale multiplies sums over all four lanes' chunks, so every lane takes the
+        // SC_STEP: the scale multiplies sums over all four lanes' chunks, so every lane takes the
         // step's group (lanes past K included); otherwise its own chunk's.
-        const int grp = CSIDE ? (4 * st) >> cpg_shift : (FULL || c < nchunks) ? (c >> cpg_shift) : 0;
-        const __half s0 = __ldg(sp[0] + grp), s1 = __ldg(sp[1] + grp);
-        const __half2 s0h = __half2half2(s0), s1h = __half2half2(s1);
-        [[maybe_unused]] float t[2][HALVES][4];
+        const int grp = SC == SC_STEP ? (4 * st) >> cpg_shift : (FULL || c < nchunks) ? (c >> cpg_shift) : 0;
+        __half sv[R];
+        __half2 sh[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            sv[r] = __ldg(sp[r] + grp);
+            sh[r] = __half2half2(sv[r]);
+        }
+        [[maybe_unused]] float acc[2][T][HALVES][4];
         if constexpr (CSIDE) {
 #pragma unroll
             for (int p = 0; p < 2; p++)
 #pragma unroll
-                for (int h = 0; h < HALVES; h++) t[p][h][0] = t[p][h][1] = t[p][h][2] = t[p][h][3] = 0.0f;
+                for (int t = 0; t < T; t++)
+#pragma unroll
+                    for (int h = 0; h < HALVES; h++)
+                        acc[p][t][h][0] = acc[p][t][h][1] = acc[p][t][h][2] = acc[p][t][h][3] = 0.0f;
         }
 #pragma unroll
         for (int s2 = 0; s2 < STEPS; s2 += 2) {
@@ -444,28 +476,35 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int s = s2 + e;
-                uint32_t a0, a1, a2, a3;
-                tc_pairs<BITS, !CSIDE>(ch[j][0], s, tbase, lane4, s0h, a0, a2);
-                tc_pairs<BITS, !CSIDE>(ch[j][1], s, tbase, lane4, s1h, a1, a3);
 #pragma unroll
-                for (int h = 0; h < HALVES; h++) {
-                    const uint32_t b0 = e ? b[h].z : b[h].x, b1 = e ? b[h].w : b[h].y;
-                    if constexpr (CSIDE) {
-                        mma_16816(t[e][h], a0, a1, a2, a3, b0, b1);
-                    } else {
-                        mma_16816(d[e][h], a0, a1, a2, a3, b0, b1);
+                for (int t = 0; t < T; t++) {
+                    uint32_t a0, a1, a2, a3;
+                    tc_pairs<BITS, !CSIDE>(ch[j][2 * t], s, tbase, lane4, sh[2 * t], a0, a2);
+                    tc_pairs<BITS, !CSIDE>(ch[j][2 * t + 1], s, tbase, lane4, sh[2 * t + 1], a1, a3);
+#pragma unroll
+                    for (int h = 0; h < HALVES; h++) {
+                        const uint32_t b0 = e ? b[h].z : b[h].x, b1 = e ? b[h].w : b[h].y;
+                        if constexpr (CSIDE) {
+                            mma_16816(acc[e][t][h], a0, a1, a2, a3, b0, b1);
+                        } else {
+                            mma_16816(d[e][t][h], a0, a1, a2, a3, b0, b1);
+                        }
                     }
                 }
             }
         }
         if constexpr (CSIDE) {
-            const float f0 = __half2float(s0), f1 = __half2float(s1);
 #pragma unroll
-            for (int h = 0; h < HALVES; h++) {
-                d[j & 1][h][0] = fmaf(t[0][h][0] + t[1][h][0], f0, d[j & 1][h][0]);
-                d[j & 1][h][1] = fmaf(t[0][h][1] + t[1][h][1], f0, d[j & 1][h][1]);
-                d[j & 1][h][2] = fmaf(t[0][h][2] + t[1][h][2], f1, d[j & 1][h][2]);
-                d[j & 1][h][3] = fmaf(t[0][h][3] + t[1][h][3], f1, d[j & 1][h][3]);
+            for (int t = 0; t < T; t++) {
+                const float f0 = __half2float(sv[2 * t]), f1 = __half2float(sv[2 * t + 1]);
+#pragma unroll
+                for (int h = 0; h < HALVES; h++) {
+                    float(&o)[4] = d[j & 1][t][h];
+                    o[0] = fmaf(acc[0][t][h][0] + acc[1][t][h][0], f0, o[0]);
+                    o[1] = fmaf(acc[0][t][h][1] + acc[1][t][h][1], f0, o[1]);
+                    o[2] = fmaf(acc[0][t][h][2] + acc[1][t][h][2], f1, o[2]);
+                    o[3] = fmaf(acc[0][t][h][3] + acc[1][t][h][3], f1, o[3]);
+                }
             }
         }
     };
@@ -488,40 +527,70 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     }
     __syncthreads();
 #pragma unroll
-    for (int h = 0; h < HALVES; h++) {
-        red[warp][g][8 * h + 2 * q] = d[0][h][0] + d[1][h][0];
-        red[warp][g][8 * h + 2 * q + 1] = d[0][h][1] + d[1][h][1];
-        red[warp][g + 8][8 * h + 2 * q] = d[0][h][2] + d[1][h][2];
-        red[warp][g + 8][8 * h + 2 * q + 1] = d[0][h][3] + d[1][h][3];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < 16 * MT; i += blockDim.x) {
-        const int c = i / MT, m = i % MT;
-        float v = 0.0f;
+    for (int t = 0; t < T; t++)
 #pragma unroll
-        for (int w = 0; w < W; w++) v += red[w][c][m];
-        if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * N + n0 + c] = __float2half_rn(v);
+        for (int h = 0; h < HALVES; h++) {
+            const int c = 16 * t + g, m = 8 * h + 2 * q;
+            red[warp][c][m] = d[0][t][h][0] + d[1][t][h][0];
+            red[warp][c][m + 1] = d[0][t][h][1] + d[1][t][h][1];
+            red[warp][c + 8][m] = d[0][t][h][2] + d[1][t][h][2];
+            red[warp][c + 8][m + 1] = d[0][t][h][3] + d[1][t][h][3];
+        }
+    __syncthreads();
+    if constexpr (SC == SC_CHUNK) {
+        // Columns 2q hold quad q's chunks; the odd columns are zeros.
+        for (int c = threadIdx.x; c < 16 * T; c += blockDim.x) {
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < W; w++) v += (red[w][c][0] + red[w][c][2]) + (red[w][c][4] + red[w][c][6]);
+            if (n0 + c < N) Y[n0 + c] = __float2half_rn(v);
+        }
+    } else {
+        for (int i = threadIdx.x; i < 16 * T * MT; i += blockDim.x) {
+            const int c = i / MT, m = i % MT;
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < W; w++) v += red[w][c][m];
+            if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * N + n0 + c] = __float2half_rn(v);
+        }
     }
 }
 
 
-// Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_cs]. Measured on an H100 at Phi-3.5's
-// shapes (scripts/gpu/probe.py): for M <= 8, 16 warps (registers capped at 64 for two blocks
-// a multiprocessor) beat 8 warps by 0-10%, and 4 chunks in flight a lane no better than 2;
-// MT = 16 needs more registers, so 8 warps.
-#define QINS_GEMV_TC(BITS, MT, W, U, MINB, CS, SUF)                                                          \
+// Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_t{T}][_cs|_c1] (the launcher's
+// `tc_name`), with _cs = SC_STEP, _c1 = SC_CHUNK, else SC_WEIGHT. Measured on an H100 at
+// Phi-3.5's shapes (scripts/gpu/probe.py, docs/BENCHMARKS.md):
+// - T = 1: for M <= 8, 16 warps (registers capped at 64 for two blocks a multiprocessor) beat
+//   8 warps by 0-10%, and 4 chunks in flight a lane no better than 2; MT = 16 needs more
+//   registers, so 8 warps.
+// - T > 1 (16 T channels a block) where N / 16 would leave a thin last round of blocks or
+//   many small ones: the launcher's `tc_tiles` picks T from N and the GPU's multiprocessors.
+// - SC_CHUNK at M = 1 gained another 4-5% for q4 g32 with T >= 2, nothing at T = 1.
+#define QINS_GEMV_TC(BITS, MT, W, U, T, MINB, CS, NAME)                                                     \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                                  \
-        qins_gemv_tc_q##BITS##_m##MT##_w##W##_u##U##SUF(const __half* A, const uint8_t* codes,                 \
-                                                        const __half* scales, __half* Y, int M, int K, int N,  \
-                                                        int row_bytes, int groups, int cpg_shift) {            \
-        gemv_tc<BITS, MT, W, U, CS>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);               \
+        NAME(const __half* A, const uint8_t* codes, const __half* scales, __half* Y, int M, int K, int N,      \
+             int row_bytes, int groups, int cpg_shift) {                                                        \
+        gemv_tc<BITS, MT, W, U, CS, T>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);            \
     }
-#define QINS_GEMV_TC_ALL(BITS)                   \
-    QINS_GEMV_TC(BITS, 8, 16, 2, 2, false, )     \
-    QINS_GEMV_TC(BITS, 8, 16, 2, 2, true, _cs)   \
-    QINS_GEMV_TC(BITS, 16, 8, 2, 2, false, )     \
-    QINS_GEMV_TC(BITS, 16, 8, 2, 2, true, _cs)
+#define QINS_GEMV_TC_ALL(BITS)                                                                     \
+    QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2)                \
+    QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w16_u2_cs)               \
+    QINS_GEMV_TC(BITS, 16, 8, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m16_w8_u2)                \
+    QINS_GEMV_TC(BITS, 16, 8, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m16_w8_u2_cs)               \
+    QINS_GEMV_TC(BITS, 8, 16, 1, 2, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u1_t2)             \
+    QINS_GEMV_TC(BITS, 8, 16, 1, 2, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w16_u1_t2_cs)            \
+    QINS_GEMV_TC(BITS, 8, 16, 1, 2, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w16_u1_t2_c1)
+// 3 and 4 tiles: q4 only (q8 lost with them, see the launcher's `tc_tiles`). 8 warps, as 16
+// would spill at 64 registers.
+#define QINS_GEMV_TC_WIDE(BITS)                                                                    \
+    QINS_GEMV_TC(BITS, 8, 8, 1, 3, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w8_u1_t3)               \
+    QINS_GEMV_TC(BITS, 8, 8, 1, 3, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w8_u1_t3_cs)              \
+    QINS_GEMV_TC(BITS, 8, 8, 1, 3, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u1_t3_c1)             \
+    QINS_GEMV_TC(BITS, 8, 8, 1, 4, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w8_u1_t4)               \
+    QINS_GEMV_TC(BITS, 8, 8, 1, 4, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w8_u1_t4_cs)              \
+    QINS_GEMV_TC(BITS, 8, 8, 1, 4, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u1_t4_c1)
 
 QINS_GEMV_TC_ALL(8)
 QINS_GEMV_TC_ALL(6)
 QINS_GEMV_TC_ALL(4)
+QINS_GEMV_TC_WIDE(4)

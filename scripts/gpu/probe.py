@@ -26,8 +26,14 @@ del src, dst
 rows = []
 # PROBE_ONLY=KxN[,bits] restricts the sweep (for profiling one kernel under ncu).
 only = os.environ.get("PROBE_ONLY", "")
-for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
+# PROBE_SHAPES=3072x16384,...: other shapes (Phi-3.5's fused gate_up is 3072x16384, qkv 3072x9216).
+shapes = [(3072, 3072), (3072, 8192), (8192, 3072)]
+if os.environ.get("PROBE_SHAPES"):
+    shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ["PROBE_SHAPES"].split(",")]
+for k, n in shapes:
     for bits, g in ((8, 128), (6, 128), (4, 128), (4, 32)):
+        if os.environ.get("PROBE_FMTS") and f"q{bits}g{g}" not in os.environ["PROBE_FMTS"].split(","):
+            continue
         if only and (f"{k}x{n}" != only.split(",")[0] or ("," in only and str(bits) != only.split(",")[1])):
             continue
         c_np, s_np = random_weight(rng, bits, k, n, g)
@@ -37,7 +43,10 @@ for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
         ss = [cp.asarray(s_np) for _ in range(copies)]
         # PROBE_M=32,64,...: also time the tensor-core kernel over several 16-row tiles.
         extra_m = [(int(v), 8) for v in os.environ.get("PROBE_M", "").split(",") if v]
-        for m, mt in ([(1, 1)] if only else [(1, 1), (4, 4), (8, 8), (16, 8)]) + extra_m:
+        ms = [(1, 1)] if only else [(1, 1), (4, 4), (8, 8), (16, 8)]
+        if os.environ.get("PROBE_MS"):
+            ms = [(m, mt) for m, mt in ms if str(m) in os.environ["PROBE_MS"].split(",")]
+        for m, mt in ms + extra_m:
             a = cp.asarray(rng.standard_normal((m, k)).astype(np.float16))
             y = cp.empty((m, n), dtype=cp.float16)
             f = mm.get_function(f"qins_gemv_q{bits}_f16_m{mt}")
@@ -58,15 +67,23 @@ for k, n in [(3072, 3072), (3072, 8192), (8192, 3072)]:
             mtc = 16 if m > 8 else 8
             cs_ok = g % (4 * ch) == 0
             wu = ((16, 2),) if mtc == 8 else ((8, 2),)
-            variants = [(w, u, cs) for w, u in wu for cs in ((False, True) if cs_ok else (False,))]
-            for w, u, cs in variants:
-                name = f"qins_gemv_tc_q{bits}_m{mtc}_w{w}_u{u}" + ("_cs" if cs else "")
+            variants = [(f"w{w}_u{u}", w, 1, cs) for w, u in wu for cs in ((False, True) if cs_ok else (False,))]
+            # PROBE_TC_EXTRA=w16_u1_t2,w16_u2_c1,...: more tensor-core entry points (q8 and q4, MT = 8):
+            # t<T> takes 16 T channels a block; c1 (M = 1 only) scales each chunk's sum.
+            for v in os.environ.get("PROBE_TC_EXTRA", "").split(","):
+                if not v or bits == 6 or mtc != 8 or (v.endswith("c1") and m != 1):
+                    continue
+                w_, t_ = int(v.split("_")[0][1:]), int(v.split("_t")[1][0]) if "_t" in v else 1
+                for cs in ((False,) if v.endswith("c1") else (False, True) if cs_ok else (False,)):
+                    variants.append((v, w_, t_, cs))
+            for v, w, t_, cs in variants:
+                name = f"qins_gemv_tc_q{bits}_m{mtc}_{v}" + ("_cs" if cs else "")
                 ftc = mm.get_function(name)
                 smem = (64 if bits == 6 else 256) * 256  # TcTable<BITS>::BYTES
                 ftc.max_dynamic_shared_size_bytes = smem
                 tints = (np.int32(m), np.int32(k), np.int32(n), np.int32(row_bytes(bits, k)),
                          np.int32(-(-k // g)), np.int32(cpg))
-                grid = (-(-n // 16), -(-m // mtc))
+                grid = (-(-n // (16 * t_)), -(-m // mtc))
                 y_ref = cp.zeros((m, n), dtype=cp.float16)
                 f((blocks,), (128,), (a, cs_[0], ss[0], y_ref) + ints)
                 y.fill(cp.nan)

@@ -48,6 +48,7 @@ driver_fns! {
     cuCtxGetCurrent: fn(*mut CuContext);
     cuCtxSetCurrent: fn(CuContext);
     cuCtxGetDevice: fn(*mut c_int);
+    cuDeviceGetAttribute: fn(*mut c_int, c_int, c_int);
     cuDevicePrimaryCtxRetain: fn(*mut CuContext, c_int);
     cuPointerGetAttribute: fn(*mut c_void, c_int, CuDevicePtr);
     cuModuleLoadData: fn(*mut CuModule, *const c_void);
@@ -136,6 +137,17 @@ impl Driver {
         // SAFETY: valid out pointer; a context is current.
         self.check(unsafe { (self.cuCtxGetDevice)(&mut dev) }, || "cuCtxGetDevice".into())?;
         Ok(dev)
+    }
+
+    /// Multiprocessors of `device` (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`).
+    pub fn multiprocessors(&self, device: i32) -> Result<usize> {
+        const MULTIPROCESSOR_COUNT: c_int = 16;
+        let mut n: c_int = 0;
+        // SAFETY: valid out pointer, attribute and device ordinal.
+        self.check(unsafe { (self.cuDeviceGetAttribute)(&mut n, MULTIPROCESSOR_COUNT, device) }, || {
+            "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)".into()
+        })?;
+        Ok(n.max(1) as usize)
     }
 
     pub fn load_module(&self, image: &[u8]) -> Result<CuModule> {

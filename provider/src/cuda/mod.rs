@@ -60,6 +60,8 @@ impl Image {
 /// The modules of one CUDA context and the functions looked up in them so far.
 pub struct Loaded {
     modules: HashMap<Image, CuModule>,
+    /// Multiprocessors of the context's device (launch shapes depend on it).
+    pub multiprocessors: usize,
     functions: Mutex<HashMap<&'static CStr, CuFunction>>,
 }
 
@@ -128,12 +130,12 @@ pub fn modules_for(device_ptr: *const c_void) -> Result<(Arc<Loaded>, i32)> {
     if let Some(l) = cache.get(&(ctx as usize)) {
         return Ok((l.clone(), device));
     }
-    let loaded = Arc::new(load_all(d, ctx)?);
+    let loaded = Arc::new(load_all(d, ctx, device)?);
     cache.insert(ctx as usize, loaded.clone());
     Ok((loaded, device))
 }
 
-fn load_all(d: &Driver, _ctx: CuContext) -> Result<Loaded> {
+fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {
     let mut modules = HashMap::new();
     for image in [Image::Matmul, Image::Decode] {
         let m = d.load_module(image.bytes())?;
@@ -143,7 +145,8 @@ fn load_all(d: &Driver, _ctx: CuContext) -> Result<Loaded> {
         }
         modules.insert(image, m);
     }
-    Ok(Loaded { modules, functions: Mutex::new(HashMap::new()) })
+    let multiprocessors = d.multiprocessors(device)?;
+    Ok(Loaded { modules, multiprocessors, functions: Mutex::new(HashMap::new()) })
 }
 
 /// Kernel arguments as the driver takes them: one pointer per parameter, to its value.

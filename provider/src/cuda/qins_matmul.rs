@@ -98,32 +98,99 @@ pub struct Buffers {
     pub y: *mut c_void,
 }
 
-/// The tensor-core kernel for `m` rows: 16 warps over 8 rows, or 8 warps over 16 rows;
-/// `cside` where a 4-chunk step never straddles a group (see kernels/qins_matmul.cu).
-fn tc_name(format: Format, m: usize, cside: bool) -> Option<&'static CStr> {
-    Some(match (format, m > 8, cside) {
-        (Format::Q8, false, false) => c"qins_gemv_tc_q8_m8_w16_u2",
-        (Format::Q8, false, true) => c"qins_gemv_tc_q8_m8_w16_u2_cs",
-        (Format::Q8, true, false) => c"qins_gemv_tc_q8_m16_w8_u2",
-        (Format::Q8, true, true) => c"qins_gemv_tc_q8_m16_w8_u2_cs",
-        (Format::Q6, false, false) => c"qins_gemv_tc_q6_m8_w16_u2",
-        (Format::Q6, false, true) => c"qins_gemv_tc_q6_m8_w16_u2_cs",
-        (Format::Q6, true, false) => c"qins_gemv_tc_q6_m16_w8_u2",
-        (Format::Q6, true, true) => c"qins_gemv_tc_q6_m16_w8_u2_cs",
-        (Format::Q4, false, false) => c"qins_gemv_tc_q4_m8_w16_u2",
-        (Format::Q4, false, true) => c"qins_gemv_tc_q4_m8_w16_u2_cs",
-        (Format::Q4, true, false) => c"qins_gemv_tc_q4_m16_w8_u2",
-        (Format::Q4, true, true) => c"qins_gemv_tc_q4_m16_w8_u2_cs",
-        (Format::F32, _, _) => return None,
-    })
+/// Where the tensor-core kernel applies the group scale (`SC_*` in kernels/qins_matmul.cu).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scale {
+    /// On every f16 weight pair.
+    Weight,
+    /// On the f32 sum of a 4-chunk step (the step never straddles a group).
+    Step,
+    /// On the f32 sum of each lane's chunk, kept apart in its own mma column (M = 1 only).
+    Chunk,
 }
 
-/// Dynamic shared memory of the tensor-core kernel: its table (`TcTable<BITS>::BYTES`).
-fn tc_smem(format: Format) -> u32 {
-    match format {
+/// 16-channel tiles a block of the tensor-core kernel for `m` rows and `n` channels, on a GPU
+/// that holds `slots` blocks at once (two a multiprocessor: 16 warps and 64 registers, or 8
+/// warps and a 64 KiB table beside another block's). Its time goes as the rounds of resident
+/// blocks times the work of a block, so take the tile count that minimises
+/// `ceil(blocks / slots) * tiles`, the largest on a tie (fewer tables to build, fewer
+/// cross-warp sums). Measured on an H100 (scripts/gpu/probe.py, docs/BENCHMARKS.md), q4 g32 at
+/// M = 1: 3072 channels 1 tile, 8192 2 (-12%), 9216 3 (-20%), 16384 and 32064 4 (-21%);
+/// q8 g128 gained only with 2 (8192, 16384, 32064: -3 to -10%) and lost with 3 or 4 (its
+/// blocks carry twice the bytes), so q8 and q6 stop at 2. `QINS_CUDA_TC_MAX_TILES` lowers the
+/// cap (read once; 1 gives the 16-channel blocks, for comparisons).
+fn tc_tiles(format: Format, m: usize, n: usize, slots: usize) -> usize {
+    static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let cap = *CAP.get_or_init(|| std::env::var("QINS_CUDA_TC_MAX_TILES").ok().and_then(|v| v.parse().ok()));
+    if m > 8 {
+        return 1;
+    }
+    let max = if format == Format::Q4 { 4 } else { 2 };
+    let max = cap.map_or(max, |c| c.clamp(1, max));
+    let slots = slots.max(1);
+    (1..=max).rev().min_by_key(|&t| n.div_ceil(16 * t).div_ceil(slots) * t).unwrap_or(1)
+}
+
+/// Tiles a block and the scale's place for `m` rows and `n` channels. SC_CHUNK at M = 1 gained
+/// 4-5% on q4 g32 over SC_WEIGHT with 2 or more tiles and nothing with 1 (docs/BENCHMARKS.md);
+/// a 4-chunk step inside one group lets the scale go on the step's f32 sum.
+fn tc_plan(format: Format, m: usize, n: usize, cpg_shift: i32, slots: usize) -> (usize, Scale) {
+    let t = tc_tiles(format, m, n, slots);
+    let scale = match (m, t, cpg_shift >= 2) {
+        (1, 2.., _) => Scale::Chunk,
+        (_, _, true) => Scale::Step,
+        _ => Scale::Weight,
+    };
+    (t, scale)
+}
+
+/// The tensor-core kernel and its block size (threads) for `m` rows, `t` tiles a block and the
+/// scale's place: 16 warps over 8 rows (8 warps at 4 tiles), or 8 warps over 16 rows.
+fn tc_name(format: Format, m: usize, t: usize, scale: Scale) -> Option<(&'static CStr, u32)> {
+    use Scale::{Chunk, Step, Weight};
+    let name = match (format, m > 8, t, scale) {
+        (Format::Q8, false, 1, Weight) => c"qins_gemv_tc_q8_m8_w16_u2",
+        (Format::Q8, false, 1, Step) => c"qins_gemv_tc_q8_m8_w16_u2_cs",
+        (Format::Q8, false, 2, Weight) => c"qins_gemv_tc_q8_m8_w16_u1_t2",
+        (Format::Q8, false, 2, Step) => c"qins_gemv_tc_q8_m8_w16_u1_t2_cs",
+        (Format::Q8, false, 2, Chunk) => c"qins_gemv_tc_q8_m8_w16_u1_t2_c1",
+        (Format::Q8, true, 1, Weight) => c"qins_gemv_tc_q8_m16_w8_u2",
+        (Format::Q8, true, 1, Step) => c"qins_gemv_tc_q8_m16_w8_u2_cs",
+        (Format::Q6, false, 1, Weight) => c"qins_gemv_tc_q6_m8_w16_u2",
+        (Format::Q6, false, 1, Step) => c"qins_gemv_tc_q6_m8_w16_u2_cs",
+        (Format::Q6, false, 2, Weight) => c"qins_gemv_tc_q6_m8_w16_u1_t2",
+        (Format::Q6, false, 2, Step) => c"qins_gemv_tc_q6_m8_w16_u1_t2_cs",
+        (Format::Q6, false, 2, Chunk) => c"qins_gemv_tc_q6_m8_w16_u1_t2_c1",
+        (Format::Q6, true, 1, Weight) => c"qins_gemv_tc_q6_m16_w8_u2",
+        (Format::Q6, true, 1, Step) => c"qins_gemv_tc_q6_m16_w8_u2_cs",
+        (Format::Q4, false, 1, Weight) => c"qins_gemv_tc_q4_m8_w16_u2",
+        (Format::Q4, false, 1, Step) => c"qins_gemv_tc_q4_m8_w16_u2_cs",
+        (Format::Q4, false, 2, Weight) => c"qins_gemv_tc_q4_m8_w16_u1_t2",
+        (Format::Q4, false, 2, Step) => c"qins_gemv_tc_q4_m8_w16_u1_t2_cs",
+        (Format::Q4, false, 2, Chunk) => c"qins_gemv_tc_q4_m8_w16_u1_t2_c1",
+        (Format::Q4, false, 3, Weight) => c"qins_gemv_tc_q4_m8_w8_u1_t3",
+        (Format::Q4, false, 3, Step) => c"qins_gemv_tc_q4_m8_w8_u1_t3_cs",
+        (Format::Q4, false, 3, Chunk) => c"qins_gemv_tc_q4_m8_w8_u1_t3_c1",
+        (Format::Q4, false, 4, Weight) => c"qins_gemv_tc_q4_m8_w8_u1_t4",
+        (Format::Q4, false, 4, Step) => c"qins_gemv_tc_q4_m8_w8_u1_t4_cs",
+        (Format::Q4, false, 4, Chunk) => c"qins_gemv_tc_q4_m8_w8_u1_t4_c1",
+        (Format::Q4, true, 1, Weight) => c"qins_gemv_tc_q4_m16_w8_u2",
+        (Format::Q4, true, 1, Step) => c"qins_gemv_tc_q4_m16_w8_u2_cs",
+        _ => return None,
+    };
+    let warps = if m > 8 || t >= 3 { 8 } else { 16 };
+    Some((name, 32 * warps))
+}
+
+/// Dynamic shared memory of the tensor-core kernel (`TcSmem` in kernels/qins_matmul.cu): its
+/// table, or the cross-warp sums that reuse the table's memory where they are larger.
+fn tc_smem(format: Format, mt: usize, threads: u32, t: usize) -> u32 {
+    let table = match format {
         Format::Q6 => 64 * 256,
         _ => 256 * 256,
-    }
+    };
+    let sums = (threads as usize / 32) * 16 * t * (mt + 1) * 4;
+    table.max(sums as u32)
 }
 
 /// `cpg_shift` of the tensor-core kernel: log2 of the chunks a group, 30 (every chunk in
@@ -161,13 +228,12 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
     let Some(cpg_shift) = tc_cpg_shift(l) else {
         return Ok(false);
     };
-    // A 4-chunk step inside one group: the scale can go on the step's f32 sum.
-    let cside = cpg_shift >= 2;
-    let Some(name) = tc_name(l.format, m, cside) else {
+    let (t, scale) = tc_plan(l.format, m, l.n, cpg_shift, 2 * mods.multiprocessors);
+    let Some((name, threads)) = tc_name(l.format, m, t, scale) else {
         return Ok(false);
     };
-    let (mt, threads) = if m > 8 { (16, 256) } else { (8, 512) };
-    let smem = tc_smem(l.format);
+    let mt = if m > 8 { 16 } else { 8 };
+    let smem = tc_smem(l.format, mt, threads, t);
     let f = mods.function_with_smem(Image::Matmul, name, smem)?;
     let grid_y = u32::try_from(m.div_ceil(mt)).ok().filter(|&y| y <= 65535);
     let grid_y = grid_y.ok_or_else(|| Error::invalid(format!("M={m} is too large for one launch")))?;
@@ -183,7 +249,7 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
         .i32(l.groups() as i32)
         .i32(cpg_shift);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-    unsafe { launch(f, (l.n.div_ceil(16) as u32, grid_y), (threads, 1), smem, stream, &args)? };
+    unsafe { launch(f, (l.n.div_ceil(16 * t) as u32, grid_y), (threads, 1), smem, stream, &args)? };
     Ok(true)
 }
 
@@ -340,9 +406,16 @@ mod tests {
                     assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
                 }
             }
-            for (m, cside) in [(1, false), (1, true), (9, false), (9, true)] {
-                if let Some(name) = tc_name(format, m, cside) {
-                    assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
+            for m in [1, 2, 8, 9, 16] {
+                for n in [16, 3072, 8192, 9216, 16384] {
+                    for cpg_shift in [0, 1, 2, 30] {
+                        let (t, scale) = tc_plan(format, m, n, cpg_shift, H100_SLOTS);
+                        let Some((name, _)) = tc_name(format, m, t, scale) else {
+                            assert_eq!(format, Format::F32, "no kernel for m={m} n={n} t={t} {scale:?}");
+                            continue;
+                        };
+                        assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
+                    }
                 }
             }
             for f16 in [true, false] {
@@ -356,6 +429,27 @@ mod tests {
     fn chunk_lengths_match_the_kernels() {
         // Fmt<BITS>::CH in kernels/qins_common.cuh.
         assert_eq!([8, 6, 4, 32].map(|b| chunk_len(Format::from_bits(b).unwrap())), [16, 16, 32, 4]);
+    }
+
+    /// Two blocks on each of an H100's 132 multiprocessors.
+    const H100_SLOTS: usize = 264;
+
+    #[test]
+    fn tiles_follow_the_h100_measurements() {
+        let plan = |f, m, n, cpg| tc_plan(f, m, n, cpg, H100_SLOTS);
+        let tiles = |f, n| plan(f, 1, n, 0).0;
+        assert_eq!([3072, 8192, 9216, 16384, 32064].map(|n| tiles(Format::Q4, n)), [1, 2, 3, 4, 4]);
+        assert_eq!([3072, 8192, 9216, 16384, 32064].map(|n| tiles(Format::Q8, n)), [1, 2, 1, 2, 2]);
+        assert_eq!(plan(Format::Q4, 1, 3072, 0), (1, Scale::Weight));
+        assert_eq!(plan(Format::Q8, 1, 3072, 3), (1, Scale::Step));
+        assert_eq!(plan(Format::Q4, 1, 8192, 0), (2, Scale::Chunk));
+        assert_eq!(plan(Format::Q8, 4, 8192, 3), (2, Scale::Step));
+        assert_eq!(plan(Format::Q4, 16, 16384, 0), (1, Scale::Weight));
+        // A smaller GPU (114 multiprocessors) moves the choice.
+        assert_eq!(tc_plan(Format::Q4, 1, 8192, 0, 228).0, 3);
+        // The sums of 8 warps over 64 channels and 8 rows fit beside the smaller q6 table.
+        assert_eq!(tc_smem(Format::Q6, 8, 256, 4), 8 * 64 * 9 * 4);
+        assert_eq!(tc_smem(Format::Q4, 8, 256, 4), 256 * 256);
     }
 
     #[test]
