@@ -145,7 +145,7 @@ fn tc_plan(format: Format, m: usize, n: usize, cpg_shift: i32, slots: usize) -> 
 }
 
 /// The tensor-core kernel and its block size (threads) for `m` rows, `t` tiles a block and the
-/// scale's place: 16 warps over 8 rows (8 warps at 4 tiles), or 8 warps over 16 rows.
+/// scale's place: 16 warps over 8 rows (8 warps at 3 or 4 tiles), or 8 warps over 16 rows.
 fn tc_name(format: Format, m: usize, t: usize, scale: Scale) -> Option<(&'static CStr, u32)> {
     use Scale::{Chunk, Step, Weight};
     let name = match (format, m > 8, t, scale) {
@@ -182,8 +182,8 @@ fn tc_name(format: Format, m: usize, t: usize, scale: Scale) -> Option<(&'static
     Some((name, 32 * warps))
 }
 
-/// Dynamic shared memory of the tensor-core kernel (`TcSmem` in kernels/qins_matmul.cu): its
-/// table, or the cross-warp sums that reuse the table's memory where they are larger.
+/// Dynamic shared memory of the tensor-core kernel (see `TcTable` in kernels/qins_matmul.cu):
+/// its table, or the cross-warp sums that reuse the table's memory where they are larger.
 fn tc_smem(format: Format, mt: usize, threads: u32, t: usize) -> u32 {
     let table = match format {
         Format::Q6 => 64 * 256,
