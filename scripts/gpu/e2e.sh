@@ -19,6 +19,12 @@ export ORT_DYLIB_PATH=/tmp/ortgpu/onnxruntime/capi/libonnxruntime.so.1.31.1
 export LD_LIBRARY_PATH=/tmp/ortgpu/onnxruntime/capi${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export QINS_PROVIDER_LIB=$E/libqins_provider.so
 [ -d /tmp/genai/onnxruntime_genai ] || python3 -m pip install -q --no-deps --target /tmp/genai "$E"/onnxruntime_genai-*.whl
+# The model folders the build and rewrite steps have made so far, in table order.
+built_models() {
+  for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-all qins-q4-all; do
+    [ -d $W/$m ] && echo $W/$m
+  done
+}
 for step in "$@"; do
   case $step in
     hf) python3 "$E/device-phi35.py" hf "$E/fx" 2>&1 | tail -3 ;;
@@ -40,18 +46,11 @@ for step in "$@"; do
         --report "$OUT/rewrite-q8-all.json" 2>&1 | tail -3
       du -sh $W/qins-*-all ;;
     graph)
-      # The decode step replayed from a CUDA graph (Python prototype; the engine has no graph yet).
-      models=""
-      for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-all qins-q4-all; do
-        [ -d $W/$m ] && models="$models $W/$m"
-      done
-      python3 scripts/gpu/graph_decode.py $models --json "$OUT/graph-decode.json" 2>&1 | grep -v "^\s*$" | tail -20 ;;
+      # The decode step replayed from a CUDA graph by a Python prototype of the engine's
+      # graph loop, as a cross-check of its numbers.
+      python3 scripts/gpu/graph_decode.py $(built_models) --json "$OUT/graph-decode.json" 2>&1 | grep -v "^\s*$" | tail -20 ;;
     bench)
-      models=""
-      for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-all qins-q4-all; do
-        [ -d $W/$m ] && models="$models $W/$m"
-      done
-      "$E/qins-bench" generate $models --device cuda \
+      "$E/qins-bench" generate $(built_models) --device cuda \
         --prefill 128,1024 --decode-prompt 128 --new-tokens 128 --reps 3 --cuda-graph --json "$OUT/e2e.json" 2>&1 | tail -14 ;;
     bench-tiles1)
       # The same QINS models with the tensor-core kernel held to 16 channels a block (the

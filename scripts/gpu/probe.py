@@ -76,6 +76,10 @@ for k, n in shapes:
                 w_, t_ = int(v.split("_")[0][1:]), int(v.split("_t")[1][0]) if "_t" in v else 1
                 for cs in ((False,) if v.endswith("c1") else (False, True) if cs_ok else (False,)):
                     variants.append((v, w_, t_, cs))
+            # The CUDA-core kernel's output, the reference each variant is checked against.
+            y_ref = cp.zeros((m, n), dtype=cp.float16)
+            f((blocks,), (128,), (a, cs_[0], ss[0], y_ref) + ints)
+            yr = y_ref.astype(cp.float64)
             for v, w, t_, cs in variants:
                 name = f"qins_gemv_tc_q{bits}_m{mtc}_{v}" + ("_cs" if cs else "")
                 ftc = mm.get_function(name)
@@ -84,11 +88,9 @@ for k, n in shapes:
                 tints = (np.int32(m), np.int32(k), np.int32(n), np.int32(row_bytes(bits, k)),
                          np.int32(-(-k // g)), np.int32(cpg))
                 grid = (-(-n // (16 * t_)), -(-m // mtc))
-                y_ref = cp.zeros((m, n), dtype=cp.float16)
-                f((blocks,), (128,), (a, cs_[0], ss[0], y_ref) + ints)
                 y.fill(cp.nan)
                 ftc(grid, (32 * w,), (a, cs_[0], ss[0], y) + tints, shared_mem=smem)
-                yr, yt = y_ref.astype(cp.float64), y.astype(cp.float64)
+                yt = y.astype(cp.float64)
                 nmse = float(((yt - yr) ** 2).sum() / (yr ** 2).sum())
                 ttc = graph_time(lambda i: ftc(grid, (32 * w,), (a, cs_[i % copies], ss[i % copies], y) + tints, shared_mem=smem), reps=15)
                 rows.append(dict(K=k, N=n, M=m, bits=bits, G=g, kernel=name, us=ttc * 1e6, gbps=moved / ttc / 1e9,
