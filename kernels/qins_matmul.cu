@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "qins_common.cuh"
+#include "qins_tc.cuh"
 
 // Loads activations k0..k0+7 of row m (zeros past K).
 template <typename T>
@@ -252,106 +253,9 @@ QINS_GEMV_ALL(32)
 //   order, and loads the activations at the same k.
 // - The f16 weight is round_f16(LUT[code]) times the scale (in f16 when !cside, in f32 on the
 //   partial sum when cside); accumulation is f32 in the tensor cores.
-
-// Table entries per code (bits 8/6) or per byte (bits 4): 32-bit words, entry e of lane l at
-// byte e * 256 + 4 l of dynamic shared memory (bytes 128..255 of each row unused). One copy
-// per lane, so that 32 random lookups never share a bank; the 256-byte stride makes the
-// address of a byte-aligned code one byte permute: [4 l, code, 0, 0].
-// The host launches with the larger of TcTable<BITS>::BYTES and the cross-warp sums'
-// W * 16 T * (MT + 1) floats of dynamic shared memory (the sums reuse the table's memory at
-// the end): `tc_smem` in the launcher.
-template <int BITS>
-struct TcTable {
-    static constexpr int ENTRIES = BITS == 6 ? 64 : 256;
-    static constexpr int BYTES = ENTRIES * 256;
-};
-extern __shared__ __align__(16) uint32_t tc_smem[];
-
-// One thread an entry: one conversion, then the row's eight 16-byte pieces (four lanes'
-// copies each), started at piece e % 8 so that the 8 lanes of a store phase hit distinct
-// banks. (Converting per piece, as first written, took 20 instructions per 16-byte store.)
-template <int BITS>
-__device__ __forceinline__ void stage_tc_table() {
-    const float* lut = Fmt<BITS>::lut();
-    for (int e = threadIdx.x; e < TcTable<BITS>::ENTRIES; e += blockDim.x) {
-        uint32_t lo, hi;
-        if constexpr (BITS == 4) {
-            // Byte e holds two codes: the low nibble is the earlier k.
-            lo = __half_as_ushort(__float2half_rn(lut[e & 15]));
-            hi = __half_as_ushort(__float2half_rn(lut[e >> 4]));
-        } else {
-            lo = hi = __half_as_ushort(__float2half_rn(lut[e]));
-        }
-        const uint32_t v = lo | (hi << 16);
-        uint4* row = reinterpret_cast<uint4*>(tc_smem) + e * 16;
-#pragma unroll
-        for (int i = 0; i < 8; i++) row[(i + e) & 7] = make_uint4(v, v, v, v);
-    }
-    __syncthreads();
-}
-
-// Word at byte `off` of the table at shared address `base`: through a generic pointer the
-// compiler also re-masked the offset on every lookup. The add stays (ptxas does not fold the
-// base into the load's offset); a variant with the base as an immediate ran no faster.
-__device__ __forceinline__ uint32_t tc_lookup(uint32_t base, uint32_t off) {
-    uint32_t v;
-    asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + off));
-    return v;
-}
-
-// Offset of byte I of w in the table: [lane4.b0, byte I, 0, 0], lane4 = 4 * lane.
-template <int I>
-__device__ __forceinline__ uint32_t byte_addr(uint32_t w, uint32_t lane4) {
-    return __byte_perm(w, lane4, 0x5504 | (I << 4));
-}
-
-template <bool SCALE>
-__device__ __forceinline__ uint32_t scaled(uint32_t a, __half2 s) {
-    if constexpr (SCALE) {
-        __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), s);
-        return *reinterpret_cast<uint32_t*>(&r);
-    } else {
-        return a;
-    }
-}
-
-// The A-fragment words of mma step `s` of one row's chunk: (codes 4s, 4s+1) and
-// (codes 4s+2, 4s+3) as f16 pairs, times `sc` unless the scale is applied to the sum.
-template <int BITS, bool SCALE>
-__device__ __forceinline__ void tc_pairs(const Chunk& ch, int s, uint32_t tbase, uint32_t lane4, __half2 sc,
-                                         uint32_t& p01, uint32_t& p23) {
-    if constexpr (BITS == 8) {
-        const uint32_t w = ch.w[s];
-        const uint32_t v0 = tc_lookup(tbase, byte_addr<0>(w, lane4)), v1 = tc_lookup(tbase, byte_addr<1>(w, lane4));
-        const uint32_t v2 = tc_lookup(tbase, byte_addr<2>(w, lane4)), v3 = tc_lookup(tbase, byte_addr<3>(w, lane4));
-        p01 = scaled<SCALE>(__byte_perm(v0, v1, 0x5410), sc);
-        p23 = scaled<SCALE>(__byte_perm(v2, v3, 0x5410), sc);
-    } else if constexpr (BITS == 4) {
-        const uint32_t w = ch.w[s >> 1];
-        if (s & 1) {
-            p01 = scaled<SCALE>(tc_lookup(tbase, byte_addr<2>(w, lane4)), sc);
-            p23 = scaled<SCALE>(tc_lookup(tbase, byte_addr<3>(w, lane4)), sc);
-        } else {
-            p01 = scaled<SCALE>(tc_lookup(tbase, byte_addr<0>(w, lane4)), sc);
-            p23 = scaled<SCALE>(tc_lookup(tbase, byte_addr<1>(w, lane4)), sc);
-        }
-    } else {
-        uint32_t v[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) v[i] = tc_lookup(tbase, (code_of<6>(ch, 4 * s + i) << 8) | lane4);
-        p01 = scaled<SCALE>(__byte_perm(v[0], v[1], 0x5410), sc);
-        p23 = scaled<SCALE>(__byte_perm(v[2], v[3], 0x5410), sc);
-    }
-}
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// - Dynamic shared memory: the SPREAD table of qins_tc.cuh (TcTable<BITS>::BYTES), or the
+//   cross-warp sums' W * 16 T * (MT + 1) floats where larger (they reuse the table's memory at
+//   the end): `tc_smem` in the launcher.
 
 // Lane l = 4 g + q of every warp: A rows (channels) g and g + 8 of the block's 16, B column
 // (activation row) g of each 8-row half of the tile, and chunk q of every 4-chunk step of K.

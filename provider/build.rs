@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["qins_matmul", "qins_decode"];
+const KERNELS: [&str; 3] = ["qins_matmul", "qins_matmul_prefill", "qins_decode"];
 
 fn main() {
     // ONNX Runtime may dlclose a custom-op library when the session options that loaded it go
@@ -47,7 +47,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     // The PyPI nvcc keeps the CUDA headers beside its bin/ folder.
     let include = nvcc.parent().and_then(Path::parent).map(|p| p.join("include"));
-    // The two files compile in parallel: each takes a while for all its instantiations.
+    // The files compile in parallel: each takes a while for all its instantiations.
     let jobs: Vec<_> = KERNELS
         .iter()
         .map(|name| {

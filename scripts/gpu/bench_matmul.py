@@ -14,7 +14,8 @@ of a Run. Bandwidth = the node's minimum bytes (weights + scales + A + Y) / time
 percentage of the device-to-device copy bandwidth measured in the same run (torch, CUDA
 events, read + write bytes).
 argv: LIB OUT_JSON [--quick] [--qins-only]
-(QINS_CUDA_GEMV_MAX_M=0 in the environment sends every M through the decode + cuBLAS path.)
+(QINS_CUDA_GEMV_MAX_M=0 QINS_CUDA_PREFILL=off in the environment send every M through the
+decode + cuBLAS path.)
 """
 import json, math, os, statistics, sys, time
 import numpy as np
@@ -166,7 +167,8 @@ def main():
                 moved = wbytes + 2 * m * (k + n)
                 rows.append(dict(K=k, N=n, M=m, variant=name, us=t * 1e6, gbps=moved / t / 1e9, pct_copy=100 * moved / t / bw,
                                  nodes=count, run_1_us=t1m * 1e6, run_L_us=tlm * 1e6, weight_bytes=wbytes,
-                                 gemv_max_m=os.environ.get("QINS_CUDA_GEMV_MAX_M", "16")))
+                                 gemv_max_m=os.environ.get("QINS_CUDA_GEMV_MAX_M", "16"),
+                                 prefill=os.environ.get("QINS_CUDA_PREFILL", "auto")))
                 print(f"{k}x{n} M={m:<5} {name:<22} {t * 1e6:9.2f} us {moved / t / 1e9:8.0f} GB/s {100 * moved / t / bw:5.1f}% copy",
                       flush=True)
     json.dump(dict(device=device_name(), copy_gbps=bw / 1e9, reps=REPS, rows=rows), open(OUT, "w"), indent=1)

@@ -10,7 +10,9 @@ activation type:
   f32: 16 u^2 with u = 2^-24 times K (accumulation order), except that the prefill path runs
        on ORT's cuBLAS handle, whose TF32 setting it inherits: 16 (2^-11)^2 there.
 Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs.
-argv: LIB [--quick] [--max-m M] [--json PATH]
+--prefill C:S runs only the cases the prefill kernel can take (f16, tensor-core layouts,
+M > 16), with QINS_CUDA_PREFILL=C:S: configuration C of its launcher with S K-splits.
+argv: LIB [--quick] [--max-m M] [--prefill C:S] [--json PATH]
 """
 import json, os, sys, time
 import numpy as np
@@ -24,22 +26,33 @@ QUICK = "--quick" in sys.argv
 JSON = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
 # --max-m 4: the code-domain kernel only (racecheck cannot follow cuBLAS's kernels).
 MAX_M = int(sys.argv[sys.argv.index("--max-m") + 1]) if "--max-m" in sys.argv else 1 << 30
+PREFILL = sys.argv[sys.argv.index("--prefill") + 1] if "--prefill" in sys.argv else None
+if PREFILL:
+    # Read by the library when the first node runs.
+    os.environ["QINS_CUDA_PREFILL"] = PREFILL
 seed = int(time.time() * 1000) % (2**31)
 print(f"seed {seed}, onnxruntime {ort.__version__}", flush=True)
 rng = np.random.default_rng(seed)
 
 # The library's dispatch (provider/src/cuda/qins_matmul.rs): the tensor-core kernel up to
-# M = 64 where it applies, the CUDA-core kernel up to M = 4 elsewhere, decode + cuBLAS above.
-TC_MAX_M, GEMV_MAX_M = 64, 4
+# M = 16 where it applies, then the prefill kernel or decode + cuBLAS, as its launcher's time
+# model picks ("prefill|cublas"); the CUDA-core kernel up to M = 4 elsewhere, decode + cuBLAS
+# above.
+TC_MAX_M, GEMV_MAX_M = 16, 4
+
+
+def tc_layout(bits, act, k, g):
+    ch = 32 if bits == 4 else 16
+    groups = -(-k // g)
+    return (act == "f16" and bits in (8, 6, 4) and k % 8 == 0
+            and (groups == 1 or (g % ch == 0 and ((g // ch) & (g // ch - 1)) == 0)))
 
 
 def path_of(bits, act, k, g, m):
-    ch = 32 if bits == 4 else 16
-    groups = -(-k // g)
-    tc = (act == "f16" and bits in (8, 6, 4) and k % 8 == 0
-          and (groups == 1 or (g % ch == 0 and ((g // ch) & (g // ch - 1)) == 0)))
-    if tc:
-        return "tensor-core" if m <= TC_MAX_M else "decode+cublas"
+    if tc_layout(bits, act, k, g):
+        if m <= TC_MAX_M:
+            return "tensor-core"
+        return f"prefill {PREFILL}" if PREFILL else "prefill|cublas"
     return "cuda-core" if m <= GEMV_MAX_M else "decode+cublas"
 
 
@@ -58,7 +71,7 @@ def session(model, cuda, graph=False):
 
 
 def tolerance(act, k, path):
-    if act == "f16" or path == "decode+cublas":
+    if act == "f16" or "cublas" in path:
         return 16 * 2.0**-22
     return 16 * 2.0**-48 * k
 
@@ -87,7 +100,7 @@ def run_case(bits, act, k, n, g, ms):
         tol = tolerance(act, k, path)
         ok = finite and nmse <= tol
         out.append(dict(bits=bits, act=act, K=k, N=n, G=g, M=m, nmse=nmse, tol=tol, ok=ok, path=path))
-        print(f"{'ok  ' if ok else 'FAIL'} q{bits:<2} {act} K={k:<5} N={n:<5} G={g:<5} M={m:<5} {path:<13} nmse {nmse:.2e} (tol {tol:.1e})",
+        print(f"{'ok  ' if ok else 'FAIL'} q{bits:<2} {act} K={k:<5} N={n:<5} G={g:<5} M={m:<5} {path:<14} nmse {nmse:.2e} (tol {tol:.1e})",
               flush=True)
     return out
 
@@ -136,7 +149,11 @@ def bad_input_case():
     return [dict(case="bad_input", ok=ok, msg=msg)]
 
 
-if QUICK:
+if PREFILL:
+    # Odd shapes (K not a multiple of a stage, odd N, one group a row) and a Phi-3.5 one.
+    shapes = [(200, 37, 32), (520, 999, 64), (1000, 129, 1000), (3072, 3072, 128)]
+    ms = [17, 200]
+elif QUICK:
     shapes = [(200, 37, 32), (200, 37, 30), (3072, 3072, 128), (520, 16395, 64)]
     ms = [1, 3, 16, 17, 300]
 else:
@@ -149,10 +166,13 @@ for bits in (8, 6, 4, 32):
         for k, n, g in shapes:
             if bits == 32:
                 g = k
+            if PREFILL and not tc_layout(bits, act, k, g):
+                continue
             mm = [m for m in ms if m * k * n <= 2048 * 3072 * 3072 and m <= MAX_M]
             results += run_case(bits, act, k, n, g, mm)
-results += graph_case()
-results += bad_input_case()
+if not PREFILL:
+    results += graph_case()
+    results += bad_input_case()
 fails = [r for r in results if not r["ok"]]
 print(f"{len(results) - len(fails)} passed, {len(fails)} failed (seed {seed})")
 if JSON:

@@ -12,7 +12,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 for step in "$@"; do
   case $step in
-    check) python3 scripts/gpu/check.py "$LIB" --json "$OUT/check.json" 2>&1 | grep -v "^ok \|plugin EP" ;;
+    check) python3 scripts/gpu/check.py "$LIB" --json "$OUT/check.json" 2>&1 | grep -v "^ok \|plugin EP"
+      # Every prefill configuration (CONFIGS in provider/src/cuda/qins_matmul_prefill.rs) with
+      # and without split K (5 splits: more than some of these K have stages, so empty splits too).
+      mkdir -p /tmp/cp
+      for c in 0 1 2 3 4 5; do for sp in 1 2 5; do
+        python3 scripts/gpu/check.py "$LIB" --prefill $c:$sp --json /tmp/cp/$c-$sp.json 2>&1 | grep -v "^ok \|plugin EP"
+      done; done
+      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1][:-5]: json.load(open(f)) for f in sorted(glob.glob('/tmp/cp/*.json'))}, open(sys.argv[1], 'w'))" "$OUT/check-prefill.json" ;;
     sanitize)
       # memcheck over both paths; racecheck over the code-domain kernel and the decode kernel
       # alone (under racecheck cuBLAS's own kernels stop the tool with an internal error).
@@ -28,9 +35,10 @@ for step in "$@"; do
         echo "$tool (bench_decode.py --quick): rc $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1)"
       done ;;
     bench) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" 2>&1 | grep -v "plugin EP" | tail -60 ;;
-    bench-cublas) QINS_CUDA_GEMV_MAX_M=0 python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul_cublas.json" --qins-only 2>&1 | grep -v "plugin EP" | tail -20 ;;
+    bench-cublas) QINS_CUDA_GEMV_MAX_M=0 QINS_CUDA_PREFILL=off python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul_cublas.json" --qins-only 2>&1 | grep -v "plugin EP" | tail -20 ;;
     bench-quick) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" --quick 2>&1 | grep -v "plugin EP" | tail -40 ;;
     probe) python3 scripts/gpu/probe.py .gpuart "$OUT/probe.json" 2>&1 ;;
+    probe-prefill) python3 scripts/gpu/probe_prefill.py .gpuart "$OUT/probe_prefill.json" 2>&1 | grep -v "^   \|no graph" ;;
     ncu) ncu --kernel-name regex:qins_gemv_q8_f16_m1 --launch-skip 30 --launch-count 1 --section SpeedOfLight \
            --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
            python3 scripts/gpu/probe.py .gpuart 2>&1 | grep -v "^direct" | tail -90 ;;

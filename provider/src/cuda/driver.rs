@@ -56,6 +56,7 @@ driver_fns! {
     cuModuleGetGlobal_v2: fn(*mut CuDevicePtr, *mut usize, CuModule, *const c_char);
     cuMemcpyHtoD_v2: fn(CuDevicePtr, *const c_void, usize);
     cuFuncSetAttribute: fn(CuFunction, c_int, c_int);
+    cuOccupancyMaxActiveBlocksPerMultiprocessor: fn(*mut c_int, CuFunction, c_int, usize);
     cuLaunchKernel: fn(CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void, *mut *mut c_void, *mut *mut c_void);
 }
 
@@ -148,6 +149,33 @@ impl Driver {
             "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)".into()
         })?;
         Ok(n.max(1) as usize)
+    }
+
+    /// Shared memory a block may opt in to on `device`
+    /// (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
+    pub fn max_shared_optin(&self, device: i32) -> Result<usize> {
+        const MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: c_int = 97;
+        let mut n: c_int = 0;
+        // SAFETY: valid out pointer, attribute and device ordinal.
+        self.check(unsafe { (self.cuDeviceGetAttribute)(&mut n, MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device) }, || {
+            "cuDeviceGetAttribute(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)".into()
+        })?;
+        Ok(n.max(0) as usize)
+    }
+
+    /// Blocks of `f` (`threads` each, `shared` bytes of dynamic shared memory) that fit on one
+    /// multiprocessor at once.
+    ///
+    /// # Safety
+    /// `f` is a function of a live module of the current context.
+    pub unsafe fn blocks_per_multiprocessor(&self, f: CuFunction, threads: u32, shared: u32) -> Result<usize> {
+        let mut n: c_int = 0;
+        // SAFETY: valid out pointer; `f` as the caller promises.
+        self.check(
+            unsafe { (self.cuOccupancyMaxActiveBlocksPerMultiprocessor)(&mut n, f, threads as c_int, shared as usize) },
+            || "cuOccupancyMaxActiveBlocksPerMultiprocessor".into(),
+        )?;
+        Ok(n.max(0) as usize)
     }
 
     pub fn load_module(&self, image: &[u8]) -> Result<CuModule> {

@@ -14,6 +14,7 @@ pub mod cublas;
 pub mod driver;
 pub mod qins_decode;
 pub mod qins_matmul;
+pub mod qins_matmul_prefill;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -29,9 +30,13 @@ pub(crate) mod images {
     #[cfg(qins_cuda_kernels)]
     pub const QINS_MATMUL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_matmul.fatbin"));
     #[cfg(qins_cuda_kernels)]
+    pub const QINS_MATMUL_PREFILL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_matmul_prefill.fatbin"));
+    #[cfg(qins_cuda_kernels)]
     pub const QINS_DECODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_decode.fatbin"));
     #[cfg(not(qins_cuda_kernels))]
     pub const QINS_MATMUL: &[u8] = &[];
+    #[cfg(not(qins_cuda_kernels))]
+    pub const QINS_MATMUL_PREFILL: &[u8] = &[];
     #[cfg(not(qins_cuda_kernels))]
     pub const QINS_DECODE: &[u8] = &[];
 }
@@ -45,6 +50,7 @@ pub const fn built_with_kernels() -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Image {
     Matmul,
+    MatmulPrefill,
     Decode,
 }
 
@@ -52,6 +58,7 @@ impl Image {
     fn bytes(self) -> &'static [u8] {
         match self {
             Image::Matmul => images::QINS_MATMUL,
+            Image::MatmulPrefill => images::QINS_MATMUL_PREFILL,
             Image::Decode => images::QINS_DECODE,
         }
     }
@@ -60,9 +67,14 @@ impl Image {
 /// The modules of one CUDA context and the functions looked up in them so far.
 pub struct Loaded {
     modules: HashMap<Image, CuModule>,
-    /// Multiprocessors of the context's device (launch shapes depend on it).
+    /// The context's device ordinal.
+    pub device: i32,
+    /// Multiprocessors of that device (launch shapes depend on it).
     pub multiprocessors: usize,
+    /// Dynamic shared memory a block may opt in to on that device.
+    pub max_shared: usize,
     functions: Mutex<HashMap<&'static CStr, CuFunction>>,
+    occupancy: Mutex<HashMap<&'static CStr, usize>>,
 }
 
 /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
@@ -105,6 +117,28 @@ impl Loaded {
         f.insert(name, func);
         Ok(func)
     }
+
+    /// Blocks of kernel `name` that fit on one multiprocessor (asked of the driver once), 0
+    /// where its shared memory is more than the device allows a block.
+    pub fn blocks_per_multiprocessor(
+        &self,
+        image: Image,
+        name: &'static CStr,
+        threads: u32,
+        shared: u32,
+    ) -> Result<usize> {
+        if shared as usize > self.max_shared {
+            return Ok(0);
+        }
+        if let Some(&n) = self.occupancy.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(n);
+        }
+        let f = self.function_with_smem(image, name, shared)?;
+        // SAFETY: a function of this context's modules.
+        let n = unsafe { driver()?.blocks_per_multiprocessor(f, threads, shared)? };
+        self.occupancy.lock().unwrap_or_else(|p| p.into_inner()).insert(name, n);
+        Ok(n)
+    }
 }
 
 /// Loaded modules by context. Entries are never removed: a context is destroyed only at
@@ -137,7 +171,7 @@ pub fn modules_for(device_ptr: *const c_void) -> Result<(Arc<Loaded>, i32)> {
 
 fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {
     let mut modules = HashMap::new();
-    for image in [Image::Matmul, Image::Decode] {
+    for image in [Image::Matmul, Image::MatmulPrefill, Image::Decode] {
         let m = d.load_module(image.bytes())?;
         for (sym, format) in [(c"qins_lut8", Format::Q8), (c"qins_lut6", Format::Q6), (c"qins_lut4", Format::Q4)] {
             // SAFETY: `m` was just loaded in the current context.
@@ -146,7 +180,15 @@ fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {
         modules.insert(image, m);
     }
     let multiprocessors = d.multiprocessors(device)?;
-    Ok(Loaded { modules, multiprocessors, functions: Mutex::new(HashMap::new()) })
+    let max_shared = d.max_shared_optin(device)?;
+    Ok(Loaded {
+        modules,
+        device,
+        multiprocessors,
+        max_shared,
+        functions: Mutex::new(HashMap::new()),
+        occupancy: Mutex::new(HashMap::new()),
+    })
 }
 
 /// Kernel arguments as the driver takes them: one pointer per parameter, to its value.
@@ -160,6 +202,10 @@ impl Args {
     }
     pub fn ptr(mut self, p: *const c_void) -> Args {
         self.values.push((p as u64).to_ne_bytes());
+        self
+    }
+    pub fn i64(mut self, v: i64) -> Args {
+        self.values.push(v.to_ne_bytes());
         self
     }
     pub fn i32(mut self, v: i32) -> Args {
@@ -176,8 +222,8 @@ impl Default for Args {
     }
 }
 
-/// Launches `f` on `stream` with a grid of `grid` blocks of `block` threads and `shared`
-/// bytes of dynamic shared memory.
+/// Launches `f` on `stream` with a grid of `grid` (x, y, z) blocks of `block` threads and
+/// `shared` bytes of dynamic shared memory.
 ///
 /// # Safety
 /// `f` is a function of the current context's modules, `stream` a stream of that context (or
@@ -185,7 +231,7 @@ impl Default for Args {
 /// what the kernel reads and writes.
 pub unsafe fn launch(
     f: CuFunction,
-    grid: (u32, u32),
+    grid: (u32, u32, u32),
     block: (u32, u32),
     shared: u32,
     stream: *mut c_void,
@@ -202,7 +248,7 @@ pub unsafe fn launch(
                 f,
                 grid.0,
                 grid.1,
-                1,
+                grid.2,
                 block.0,
                 block.1,
                 1,

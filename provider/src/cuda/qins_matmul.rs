@@ -1,13 +1,17 @@
 //! CUDA kernel of `com.qins.QinsMatMul` for ORT's CUDA execution provider.
 //!
 //! Dispatch on the rows `M` of the activations (after flattening the leading dims):
-//! - small `M` (token generation): `kernels/qins_matmul.cu`, which multiplies on the codes
-//!   (table lookups in shared memory, weights read once, nothing decoded to memory). With f16
-//!   activations and a layout it takes (packed codes, K % 8 == 0, groups a power-of-two
-//!   multiple of the chunk, or one group a row) that is the tensor-core kernel `gemv_tc`,
-//!   used up to `TC_MAX_M` = 64 rows; otherwise the CUDA-core kernel, up to `GEMV_MAX_M` = 4
-//!   (on an H100 it beat decode + cuBLAS at M = 4 and lost at M = 16; docs/BENCHMARKS.md);
-//! - larger `M` (prefill): the weight is decoded into scratch from ORT's CUDA allocator by
+//! - token generation: `kernels/qins_matmul.cu`, which multiplies on the codes (table lookups
+//!   in shared memory, weights read once, nothing decoded to memory). With f16 activations and
+//!   a layout it takes (packed codes, K % 8 == 0, groups a power-of-two multiple of the chunk,
+//!   or one group a row) that is the tensor-core kernel `gemv_tc`, up to `TC_MAX_M` = 16 rows;
+//!   otherwise the CUDA-core kernel, up to `GEMV_MAX_M` = 4 (on an H100 it beat decode +
+//!   cuBLAS at M = 4 and lost at M = 16; docs/BENCHMARKS.md);
+//! - prefill, on the same layouts: `kernels/qins_matmul_prefill.cu` (`gemm_tc`: the weights
+//!   decoded in registers once per block of up to 128 rows), up to `PREFILL_MAX_M` and where
+//!   its launcher's time model (`qins_matmul_prefill::plan`) expects it to beat
+//!   decode + cuBLAS;
+//! - otherwise: the weight is decoded into scratch from ORT's CUDA allocator by
 //!   `kernels/qins_decode.cu` and multiplied by cuBLAS (`cublasGemmEx`, f32 accumulation)
 //!   on ORT's own handle. Where ORT provides no cuBLAS handle, the code-domain kernels run
 //!   for every `M`.
@@ -21,6 +25,7 @@ use qins::codec::Format;
 
 use super::cublas::{cublas, R_16F, R_32F};
 use super::qins_decode::decode;
+use super::qins_matmul_prefill::prefill;
 use super::{launch, modules_for, Args, Image};
 use crate::ops::qins_matmul::{Act, Node};
 use crate::ops::Kernel;
@@ -31,14 +36,26 @@ use crate::ort_api::{Error, KernelCtx, KernelInfo, Result};
 /// `scripts/gpu/bench_matmul.py` measures both paths.
 pub const GEMV_MAX_M: usize = 4;
 /// The same for the tensor-core kernel: one launch covers 16 rows at about the cost of one
-/// and more rows in tiles of 16; on an H100 it beat decode + cuBLAS up to M = 64 (by 1.1-2.5x
-/// at 64) and lost at 128 (docs/BENCHMARKS.md).
-pub const TC_MAX_M: usize = 64;
+/// (more rows run in tiles of 16, each re-reading the weights). On an H100 the prefill kernel
+/// beat it from M = 32 (docs/BENCHMARKS.md); where that one does not apply or declines, the
+/// tensor-core kernel still takes M <= 16.
+pub const TC_MAX_M: usize = 16;
 
 fn gemv_max_m(tc: bool) -> usize {
     static V: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let v = *V.get_or_init(|| std::env::var("QINS_CUDA_GEMV_MAX_M").ok().and_then(|v| v.parse().ok()));
     v.unwrap_or(if tc { TC_MAX_M } else { GEMV_MAX_M })
+}
+
+/// Largest `M` for the prefill kernel (kernels/qins_matmul_prefill.cu) where it applies;
+/// above it the weight is decoded for cuBLAS. `QINS_CUDA_PREFILL_MAX_M` overrides it (read
+/// once; 0 turns the kernel off, for comparisons).
+pub const PREFILL_MAX_M: usize = 4096;
+
+fn prefill_max_m() -> usize {
+    static V: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let v = *V.get_or_init(|| std::env::var("QINS_CUDA_PREFILL_MAX_M").ok().and_then(|v| v.parse().ok()));
+    v.unwrap_or(PREFILL_MAX_M)
 }
 
 /// Warps per block of the code-domain kernel (`WPB` in kernels/qins_matmul.cu); 1, 2 or 4 of
@@ -195,7 +212,7 @@ fn tc_smem(format: Format, mt: usize, threads: u32, t: usize) -> u32 {
 
 /// `cpg_shift` of the tensor-core kernel: log2 of the chunks a group, 30 (every chunk in
 /// group 0) for one group a row, None where a chunk can straddle groups.
-fn tc_cpg_shift(l: &qins::codec::Layout) -> Option<i32> {
+pub(crate) fn tc_cpg_shift(l: &qins::codec::Layout) -> Option<i32> {
     let chunk = chunk_len(l.format);
     if l.groups() == 1 {
         Some(30)
@@ -206,7 +223,7 @@ fn tc_cpg_shift(l: &qins::codec::Layout) -> Option<i32> {
     }
 }
 
-fn tc_applies(node: &Node, a: *const c_void) -> bool {
+pub(crate) fn tc_applies(node: &Node, a: *const c_void) -> bool {
     let l = &node.layout;
     node.act == Act::F16
         && l.format != Format::F32
@@ -249,7 +266,7 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
         .i32(l.groups() as i32)
         .i32(cpg_shift);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-    unsafe { launch(f, (l.n.div_ceil(16 * t) as u32, grid_y), (threads, 1), smem, stream, &args)? };
+    unsafe { launch(f, (l.n.div_ceil(16 * t) as u32, grid_y, 1), (threads, 1), smem, stream, &args)? };
     Ok(true)
 }
 
@@ -298,7 +315,7 @@ pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: us
         .i32(cpg_shift)
         .i32(wpr as i32);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-    unsafe { launch(f, (blocks, 1), (THREADS, 1), 0, stream, &args) }
+    unsafe { launch(f, (blocks, 1, 1), (THREADS, 1), 0, stream, &args) }
 }
 
 /// Codes per thread per load in the kernels (their `Fmt<BITS>::CH`).
@@ -359,13 +376,20 @@ impl CudaQinsMatMul {
         let b = Buffers { a: a_ptr, codes: codes_ptr, scales: scales_ptr, y: y_ptr };
         let l = &node.layout;
         let tc = tc_applies(node, a_ptr);
-        let handle = if shape.m > gemv_max_m(tc) {
-            ctx.resource(CUDA_RESOURCE_VERSION, CUBLAS_HANDLE)?
-        } else {
-            std::ptr::null_mut()
-        };
-        if handle.is_null() {
+        if shape.m <= gemv_max_m(tc) {
             // SAFETY: the buffers were checked against the layout by `node.check`.
+            return unsafe { gemv(&mods, stream, node, shape.m, &b) };
+        }
+        let handle = ctx.resource(CUDA_RESOURCE_VERSION, CUBLAS_HANDLE)?;
+        // Without a cuBLAS handle the code-domain kernels take every M.
+        if shape.m <= prefill_max_m() || handle.is_null() {
+            // SAFETY: the buffers were checked against the layout by `node.check`.
+            if unsafe { prefill(&mods, ctx, node, shape.m, !handle.is_null(), &b)? } {
+                return Ok(());
+            }
+        }
+        if handle.is_null() {
+            // SAFETY: as above.
             return unsafe { gemv(&mods, stream, node, shape.m, &b) };
         }
         let blas = cublas()?;
