@@ -111,9 +111,10 @@ __device__ __forceinline__ void gemm_tc(const __half* __restrict__ A, const uint
     const int per = (nst_all + gridDim.z - 1) / gridDim.z;
     const int st0 = blockIdx.z * per, nst = min(nst_all, st0 + per);
 
-    // Stage st into slot st % STAGES; past the last stage an empty group, so that every thread
-    // has committed the same number of groups at every wait. A thread copies the same piece p
-    // of rows r0, r0 + RSTEP, ... every stage, so its addresses are set up once.
+    // Stage st into slot (st - st0) % STAGES; past this block's last stage an empty group, so
+    // that every thread has committed the same number of groups at every wait. A thread
+    // copies the same piece p of rows r0, r0 + RSTEP, ... every stage, so its addresses are
+    // set up once.
     constexpr int THREADS = 32 * P::WARPS, PER_ROW = P::SK / 8, RSTEP = THREADS / PER_ROW;
     static_assert(THREADS % PER_ROW == 0 && MB % RSTEP == 0, "a thread's pieces keep their column");
     const int p_own = threadIdx.x % PER_ROW, r0 = threadIdx.x / PER_ROW;
@@ -264,7 +265,8 @@ __device__ __forceinline__ void gemm_tc(const __half* __restrict__ A, const uint
 // `CONFIGS`, in this order). MINB: blocks a multiprocessor the registers are budgeted for. Of
 // the configurations measured on an H100 (scripts/gpu/probe_prefill.py, docs/BENCHMARKS.md)
 // these were the fastest at some Phi-3.5 shape and M in 16..1024; the launcher picks among
-// them per call. (128, 2, 2, 4) does not fit a block's shared memory for q4.
+// them per call. (128, 2, 2, 4) does not fit a block's shared memory for q4. More stages than
+// listed measured no faster, except (64, 2, 4, 2) with 3 instead of 2 (q8 -7%, q4 -1%).
 #define QINS_GEMM_TC(BITS, MB, T, WN, WK, STAGES, MINB)                                                        \
     extern "C" __global__ void __launch_bounds__(WN * WK * 32, MINB)                                             \
         qins_gemm_tc_q##BITS##_m##MB##_t##T##_n##WN##_k##WK##_s##STAGES(                                         \
@@ -275,7 +277,7 @@ __device__ __forceinline__ void gemm_tc(const __half* __restrict__ A, const uint
 #define QINS_GEMM_TC_ALL(BITS)                 \
     QINS_GEMM_TC(BITS, 32, 2, 4, 2, 3, 2)      \
     QINS_GEMM_TC(BITS, 64, 2, 4, 1, 2, 2)      \
-    QINS_GEMM_TC(BITS, 64, 2, 4, 2, 2, 1)      \
+    QINS_GEMM_TC(BITS, 64, 2, 4, 2, 3, 1)      \
     QINS_GEMM_TC(BITS, 128, 2, 2, 4, 2, 1)     \
     QINS_GEMM_TC(BITS, 128, 2, 4, 1, 2, 1)     \
     QINS_GEMM_TC(BITS, 128, 2, 8, 1, 2, 1)

@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source .og5/unpack.sh || exit 1
-LIB=$PWD/.gpuart/libqins_provider.so
+LIB=${LIB:-$PWD/.gpuart/libqins_provider.so}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader 
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 for step in "$@"; do
@@ -29,6 +29,14 @@ for step in "$@"; do
       compute-sanitizer --tool racecheck --kernel-name kns=qins --print-limit 20 --error-exitcode 3 \
         python3 scripts/gpu/check.py "$LIB" --quick --max-m 4 > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
       echo "racecheck (check.py --quick --max-m 4): rc $r $(grep -E 'RACECHECK SUMMARY' /tmp/s.log | tail -1)"
+      # The prefill kernel, every configuration with split K (its reduce kernel too).
+      for tool in memcheck racecheck; do
+        r=0; for c in 0 1 2 3 4 5; do
+          compute-sanitizer --tool $tool --kernel-name kns=qins --print-limit 20 --error-exitcode 3 \
+            python3 scripts/gpu/check.py "$LIB" --quick --prefill $c:2 > /tmp/s.log 2>&1 || r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
+          echo "$tool (check.py --quick --prefill $c:2): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1) $(grep -E 'passed' /tmp/s.log | tail -1)"
+        done; echo "$tool prefill: rc $r"
+      done
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 3 \
           python3 scripts/gpu/bench_decode.py .gpuart /tmp/decode-quick.json --quick > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"

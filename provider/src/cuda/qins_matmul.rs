@@ -232,6 +232,24 @@ pub(crate) fn tc_applies(node: &Node, a: *const c_void) -> bool {
         && (a as usize).is_multiple_of(16)
 }
 
+/// The arguments of the tensor-core kernels: `(A, codes, scales, Y, [part,] M, K, N,
+/// row_bytes, groups, cpg_shift)`, `part` (the prefill kernel's split-K sums, maybe null) only
+/// where given.
+pub(crate) fn tc_args(
+    b: &Buffers,
+    part: Option<*mut c_void>,
+    m: usize,
+    l: &qins::codec::Layout,
+    cpg_shift: i32,
+) -> Args {
+    let args = Args::new().ptr(b.a).ptr(b.codes).ptr(b.scales).ptr(b.y);
+    let args = match part {
+        Some(p) => args.ptr(p),
+        None => args,
+    };
+    args.i32(m as i32).i32(l.k as i32).i32(l.n as i32).i32(l.row_bytes() as i32).i32(l.groups() as i32).i32(cpg_shift)
+}
+
 /// The tensor-core kernel (f16 activations, packed codes, K % 8 == 0, A 16-byte aligned, no
 /// chunk across groups); false where it does not apply.
 ///
@@ -254,17 +272,7 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
     let f = mods.function_with_smem(Image::Matmul, name, smem)?;
     let grid_y = u32::try_from(m.div_ceil(mt)).ok().filter(|&y| y <= 65535);
     let grid_y = grid_y.ok_or_else(|| Error::invalid(format!("M={m} is too large for one launch")))?;
-    let args = Args::new()
-        .ptr(b.a)
-        .ptr(b.codes)
-        .ptr(b.scales)
-        .ptr(b.y)
-        .i32(m as i32)
-        .i32(l.k as i32)
-        .i32(l.n as i32)
-        .i32(l.row_bytes() as i32)
-        .i32(l.groups() as i32)
-        .i32(cpg_shift);
+    let args = tc_args(b, None, m, l, cpg_shift);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
     unsafe { launch(f, (l.n.div_ceil(16 * t) as u32, grid_y, 1), (threads, 1), smem, stream, &args)? };
     Ok(true)

@@ -10,7 +10,7 @@ use std::ffi::CStr;
 
 use qins::codec::Format;
 
-use super::qins_matmul::{tc_applies, tc_cpg_shift, Buffers};
+use super::qins_matmul::{tc_applies, tc_args, tc_cpg_shift, Buffers};
 use super::{launch, Args, Image, Loaded};
 use crate::ops::qins_matmul::Node;
 use crate::ort_api::{Error, KernelCtx, Result};
@@ -34,7 +34,7 @@ const fn cfg(mb: usize, t: usize, wn: usize, wk: usize, stages: usize) -> Config
 pub const CONFIGS: [Config; 6] = [
     cfg(32, 2, 4, 2, 3),
     cfg(64, 2, 4, 1, 2),
-    cfg(64, 2, 4, 2, 2),
+    cfg(64, 2, 4, 2, 3),
     cfg(128, 2, 2, 4, 2),
     cfg(128, 2, 4, 1, 2),
     cfg(128, 2, 8, 1, 2),
@@ -43,11 +43,13 @@ pub const CONFIGS: [Config; 6] = [
 /// Microseconds one block of each configuration (CONFIGS' order) took at K = 3072 on an H100
 /// when the grid fit in one round of blocks (medians over Phi-3.5's shapes, M = 16..1024,
 /// `probe_prefill.py`): q4 g32, q8 g128, and q6 g128 as q8 times 1.2 (its ratio in the ORT
-/// table at M = 128; not probed). None: does not fit a block's shared memory.
+/// table at M = 128; not probed). None: does not fit a block's shared memory. The third
+/// configuration was measured with 2 stages; 3 ran 0.99x (q4) and 0.93x (q8) of that in one
+/// later run, which these values include.
 const BLOCK_US: [[Option<f64>; 6]; 3] = [
-    [Some(22.4), Some(32.2), Some(31.8), None, Some(50.9), Some(80.9)],
-    [Some(28.9), Some(42.5), Some(39.9), Some(34.6), Some(57.6), Some(94.8)],
-    [Some(34.7), Some(51.0), Some(47.9), Some(41.5), Some(69.1), Some(113.8)],
+    [Some(22.4), Some(32.2), Some(31.5), None, Some(50.9), Some(80.9)],
+    [Some(28.9), Some(42.5), Some(37.1), Some(34.6), Some(57.6), Some(94.8)],
+    [Some(34.7), Some(51.0), Some(44.5), Some(41.5), Some(69.1), Some(113.8)],
 ];
 
 impl Config {
@@ -66,7 +68,7 @@ pub fn gemm_name(format: Format, c: Config) -> Option<&'static CStr> {
         Format::Q8 => [
             c"qins_gemm_tc_q8_m32_t2_n4_k2_s3",
             c"qins_gemm_tc_q8_m64_t2_n4_k1_s2",
-            c"qins_gemm_tc_q8_m64_t2_n4_k2_s2",
+            c"qins_gemm_tc_q8_m64_t2_n4_k2_s3",
             c"qins_gemm_tc_q8_m128_t2_n2_k4_s2",
             c"qins_gemm_tc_q8_m128_t2_n4_k1_s2",
             c"qins_gemm_tc_q8_m128_t2_n8_k1_s2",
@@ -74,7 +76,7 @@ pub fn gemm_name(format: Format, c: Config) -> Option<&'static CStr> {
         Format::Q6 => [
             c"qins_gemm_tc_q6_m32_t2_n4_k2_s3",
             c"qins_gemm_tc_q6_m64_t2_n4_k1_s2",
-            c"qins_gemm_tc_q6_m64_t2_n4_k2_s2",
+            c"qins_gemm_tc_q6_m64_t2_n4_k2_s3",
             c"qins_gemm_tc_q6_m128_t2_n2_k4_s2",
             c"qins_gemm_tc_q6_m128_t2_n4_k1_s2",
             c"qins_gemm_tc_q6_m128_t2_n8_k1_s2",
@@ -82,7 +84,7 @@ pub fn gemm_name(format: Format, c: Config) -> Option<&'static CStr> {
         Format::Q4 => [
             c"qins_gemm_tc_q4_m32_t2_n4_k2_s3",
             c"qins_gemm_tc_q4_m64_t2_n4_k1_s2",
-            c"qins_gemm_tc_q4_m64_t2_n4_k2_s2",
+            c"qins_gemm_tc_q4_m64_t2_n4_k2_s3",
             c"qins_gemm_tc_q4_m128_t2_n2_k4_s2",
             c"qins_gemm_tc_q4_m128_t2_n4_k1_s2",
             c"qins_gemm_tc_q4_m128_t2_n8_k1_s2",
@@ -290,18 +292,7 @@ pub unsafe fn prefill(
     let grid_y = grid_y.ok_or_else(|| Error::invalid(format!("M={m} is too large for one launch")))?;
     let part = if p.splits > 1 { Some(ctx.scratch(c"Cuda", mods.device, p.splits * m * l.n * 4)?) } else { None };
     let part_ptr = part.as_ref().map_or(std::ptr::null_mut(), |s| s.ptr);
-    let args = Args::new()
-        .ptr(b.a)
-        .ptr(b.codes)
-        .ptr(b.scales)
-        .ptr(b.y)
-        .ptr(part_ptr)
-        .i32(m as i32)
-        .i32(l.k as i32)
-        .i32(l.n as i32)
-        .i32(l.row_bytes() as i32)
-        .i32(l.groups() as i32)
-        .i32(cpg_shift);
+    let args = tc_args(b, Some(part_ptr), m, l, cpg_shift);
     let grid = (l.n.div_ceil(c.channels()) as u32, grid_y, p.splits as u32);
     // SAFETY: the buffers are as the caller promises (`part` holds splits x M x N floats); the
     // arguments follow the kernel's list.
@@ -391,6 +382,31 @@ mod tests {
         assert_eq!(parse_mode(Some("2:3")), Ok(Mode::Fixed(Plan { config: CONFIGS[2], splits: 3 })));
         for bad in ["6:1", "0:0", "x", "1:", "always"] {
             assert!(parse_mode(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    /// CONFIGS, the kernel names and the kernel file's instantiations say the same: a name
+    /// whose stage count disagreed with its entry here once launched a kernel with too little
+    /// shared memory.
+    #[test]
+    fn configs_names_and_kernel_file_agree() {
+        let src = include_str!("../../../kernels/qins_matmul_prefill.cu");
+        let all = src.split("#define QINS_GEMM_TC_ALL(BITS)").nth(1).expect("QINS_GEMM_TC_ALL in the kernel file");
+        let listed: Vec<Vec<usize>> = all
+            .lines()
+            .take_while(|l| l.trim_end().ends_with('\\') || l.contains("QINS_GEMM_TC(BITS"))
+            .filter_map(|l| l.split("QINS_GEMM_TC(BITS,").nth(1))
+            .map(|args| args.split(')').next().unwrap().split(',').map(|v| v.trim().parse().unwrap()).collect())
+            .collect();
+        let ours: Vec<Vec<usize>> = CONFIGS.iter().map(|c| vec![c.mb, c.t, c.wn, c.wk, c.stages]).collect();
+        assert_eq!(listed.iter().map(|v| v[..5].to_vec()).collect::<Vec<_>>(), ours);
+        for format in [Format::Q8, Format::Q6, Format::Q4] {
+            for c in CONFIGS {
+                let name = gemm_name(format, c).unwrap().to_str().unwrap();
+                let want =
+                    format!("qins_gemm_tc_q{}_m{}_t{}_n{}_k{}_s{}", format.bits(), c.mb, c.t, c.wn, c.wk, c.stages);
+                assert_eq!(name, want);
+            }
         }
     }
 
