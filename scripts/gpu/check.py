@@ -4,10 +4,10 @@ Run on the GPU machine with ORT GPU staged (scripts/gpu/run.sh). For every case:
 data (the seed is printed), the CUDA output buffer poisoned with NaN before the run, and the
 normalised error |y_cuda - y_cpu|^2 / |y_cpu|^2 checked against a tolerance derived from the
 activation type:
-  f16: 16 u^2 with u = 2^-11 (the f16 unit roundoff; the prefill path rounds decoded
-       weights to f16 before cuBLAS, the tensor-core path rounds table values to f16, the
+  f16: 16 u^2 with u = 2^-11 (the f16 unit roundoff; decode + cuBLAS and the prefill kernel
+       round decoded weights to f16, the tensor-core path rounds table values to f16, the
        CUDA-core path rounds only the output);
-  f32: 16 u^2 with u = 2^-24 times K (accumulation order), except that the prefill path runs
+  f32: 16 u^2 with u = 2^-24 times K (accumulation order), except that decode + cuBLAS runs
        on ORT's cuBLAS handle, whose TF32 setting it inherits: 16 (2^-11)^2 there.
 Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs.
 --prefill C:S runs only the cases the prefill kernel can take (f16, tensor-core layouts,
