@@ -42,14 +42,14 @@ pub const CONFIGS: [Config; 6] = [
 
 /// Microseconds one block of each configuration (CONFIGS' order) took at K = 3072 on an H100
 /// when the grid fit in one round of blocks (medians over Phi-3.5's shapes, M = 16..1024,
-/// `probe_prefill.py`): q4 g32, q8 g128, and q6 g128 as q8 times 1.2 (its ratio in the ORT
-/// table at M = 128; not probed). None: does not fit a block's shared memory. The third
-/// configuration was measured with 2 stages; 3 ran 0.99x (q4) and 0.93x (q8) of that in one
-/// later run, which these values include.
+/// `probe_prefill.py`): q4 g32, q8 g128, q6 g128. None: does not fit a block's shared memory.
+/// For q4 and q8 the third configuration was measured with 2 stages; 3 ran 0.99x (q4) and
+/// 0.93x (q8) of that in one later run, which these values include. q6 is slower per block
+/// than q8 (12-byte chunks, codes cut from 32-bit words), by 1.2-1.6x.
 const BLOCK_US: [[Option<f64>; 6]; 3] = [
     [Some(22.4), Some(32.2), Some(31.5), None, Some(50.9), Some(80.9)],
     [Some(28.9), Some(42.5), Some(37.1), Some(34.6), Some(57.6), Some(94.8)],
-    [Some(34.7), Some(51.0), Some(44.5), Some(41.5), Some(69.1), Some(113.8)],
+    [Some(47.3), Some(55.4), Some(53.5), Some(41.4), Some(77.6), Some(126.8)],
 ];
 
 impl Config {
