@@ -140,27 +140,25 @@ impl Driver {
         Ok(dev)
     }
 
+    /// Attribute `attr` (a `CU_DEVICE_ATTRIBUTE_*` value, `name` for errors) of `device`.
+    fn device_attribute(&self, device: i32, attr: c_int, name: &str) -> Result<c_int> {
+        let mut n: c_int = 0;
+        // SAFETY: valid out pointer; the driver checks the attribute and device ordinal.
+        self.check(unsafe { (self.cuDeviceGetAttribute)(&mut n, attr, device) }, || {
+            format!("cuDeviceGetAttribute({name})")
+        })?;
+        Ok(n)
+    }
+
     /// Multiprocessors of `device` (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`).
     pub fn multiprocessors(&self, device: i32) -> Result<usize> {
-        const MULTIPROCESSOR_COUNT: c_int = 16;
-        let mut n: c_int = 0;
-        // SAFETY: valid out pointer, attribute and device ordinal.
-        self.check(unsafe { (self.cuDeviceGetAttribute)(&mut n, MULTIPROCESSOR_COUNT, device) }, || {
-            "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)".into()
-        })?;
-        Ok(n.max(1) as usize)
+        Ok(self.device_attribute(device, 16, "MULTIPROCESSOR_COUNT")?.max(1) as usize)
     }
 
     /// Shared memory a block may opt in to on `device`
     /// (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
     pub fn max_shared_optin(&self, device: i32) -> Result<usize> {
-        const MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: c_int = 97;
-        let mut n: c_int = 0;
-        // SAFETY: valid out pointer, attribute and device ordinal.
-        self.check(unsafe { (self.cuDeviceGetAttribute)(&mut n, MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device) }, || {
-            "cuDeviceGetAttribute(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)".into()
-        })?;
-        Ok(n.max(0) as usize)
+        Ok(self.device_attribute(device, 97, "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")?.max(0) as usize)
     }
 
     /// Blocks of `f` (`threads` each, `shared` bytes of dynamic shared memory) that fit on one
