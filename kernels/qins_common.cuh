@@ -134,6 +134,17 @@ __device__ __forceinline__ float scale_at(const void* __restrict__ scales, long 
     }
 }
 
+// Programmatic dependent launch (sm_90+; the launcher's `After::Overlap`): a kernel's blocks may
+// start as the previous kernel's blocks exit, before its writes are visible. This waits until
+// that kernel has completed and flushed. Before it a kernel touches only what no kernel writes:
+// the module's tables, and the weights where the launcher has checked that they are constant
+// initializers (gemv_tc). Without the launch attribute, and below sm_90, it does nothing.
+__device__ __forceinline__ void wait_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Copies the format's table from constant to shared memory: lookups with a different index
 // in every lane would serialise on the constant cache.
 template <int BITS>

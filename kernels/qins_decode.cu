@@ -10,7 +10,8 @@
 // - `qins_decode_naive_*`: the plain elementwise baseline it is measured against: one thread
 //   per weight, one byte load, and D(z) evaluated from the code by the formula.
 // - Grid: `qins_decode_*` x over tiles of 8 rows; the naive one x over elements of a row, y
-//   over rows. No shared state between blocks.
+//   over rows. No shared state between blocks. Both wait_prior_grid() (qins_common.cuh) before
+//   their first global read or write.
 #include "qins_common.cuh"
 
 template <int BITS, typename T>
@@ -64,6 +65,8 @@ __device__ __forceinline__ void decode(const uint8_t* __restrict__ codes, const 
     constexpr int CH = Fmt<BITS>::CH;
     __shared__ float lut[Fmt<BITS>::LUT];
     stage_lut<BITS>(lut);
+    // The codes may be a computed tensor, and W is scratch an earlier kernel may still read.
+    wait_prior_grid();
     const int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
     const int nchunks = (K + CH - 1) / CH;
@@ -85,6 +88,7 @@ template <int BITS>
 __device__ __forceinline__ void decode_naive(const uint8_t* __restrict__ codes, const void* __restrict__ scales,
                                              __half* __restrict__ W, int K, int N, int G, int row_bytes,
                                              int groups) {
+    wait_prior_grid();
     const int n = blockIdx.y;
     const int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= K) return;

@@ -15,6 +15,7 @@
 //   read 8 at a time; otherwise one by one. Chunks that run past K always take the checked
 //   path, so nothing past A[m, K-1] is read.
 // - No shared state between blocks, no atomics: safe to replay in a CUDA graph.
+// - Every kernel calls wait_prior_grid() (qins_common.cuh) before it reads A or writes Y.
 #include <type_traits>
 
 #include "qins_common.cuh"
@@ -164,6 +165,7 @@ __device__ __forceinline__ void gemv(const T* __restrict__ A, const uint8_t* __r
     __shared__ float table[Fmt<BITS>::LUT / 2 * 32 + 1];
     __shared__ float red[WPB][MT];
     const float* lut = stage_lut_lanes<BITS>(table);
+    wait_prior_grid();
 
     const int tiles_m = (M + MT - 1) / MT;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -416,6 +418,9 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     // overlaps their trip from memory.
     load_round(warp);
     stage_tc_table<BITS>();
+    // Only the codes above were read before this (the launcher overlaps this kernel with the
+    // previous one only where they are constant initializers).
+    wait_prior_grid();
     for (int it = warp; it < steps_k; it += W * U) {
         if (it != warp) load_round(it);
 #pragma unroll

@@ -23,6 +23,7 @@
 //   small grids (N = 3072 is 24 blocks of 128 channels) enough blocks, and short K loops
 //   less pipeline start-up each.
 // - Dynamic shared memory: Prefill<...>::SMEM bytes, mirrored by `gemm_smem` in the launcher.
+// - Both kernels wait_prior_grid() (qins_common.cuh) before their first global read or write.
 // - Why: decode into scratch + cuBLAS writes and re-reads 2 bytes a weight on every call
 //   (1.3-4x the fp16 time at M = 128-2048 on an H100, docs/BENCHMARKS.md), while here a
 //   weight costs ~4 instructions once per MB rows and the codes are read once per row block.
@@ -159,6 +160,8 @@ __device__ __forceinline__ void gemm_tc(const __half* __restrict__ A, const uint
         for (int r = 0; r < R; r++) sv[r] = __ldg(scales + (long long)row[r] * groups + grp);
     };
 
+    // The first stages carry activations: nothing is read before the previous kernel is done.
+    wait_prior_grid();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) issue(st0 + s);
     stage_tc_table<BITS, TC_COMPACT>();
@@ -291,6 +294,7 @@ QINS_GEMM_TC_ALL(4)
 // the schedule.
 extern "C" __global__ void __launch_bounds__(256) qins_gemm_reduce(const float* __restrict__ part,
                                                                     __half* __restrict__ Y, long long mn, int splits) {
+    wait_prior_grid();
     for (long long i = blockIdx.x * 256LL + threadIdx.x; i < mn; i += (long long)gridDim.x * 256) {
         float v = 0.0f;
         for (int z = 0; z < splits; z++) v += part[z * mn + i];

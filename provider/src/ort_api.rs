@@ -4,7 +4,7 @@
 //! this crate never links `libonnxruntime`. Every wrapper turns a non-null `OrtStatus` into an
 //! [`Error`] (releasing the status), so callers only ever see `Result`.
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
@@ -197,6 +197,16 @@ impl KernelInfo {
             .check(st, &format!("missing or non-int attribute '{}'", name.to_string_lossy()))
             .map_err(|e| Error::invalid(e.msg))?;
         Ok(v)
+    }
+
+    /// Whether input `index` is a constant initializer (its value fixed for the session).
+    pub fn input_is_constant(&self, index: usize) -> Result<bool> {
+        let mut constant: c_int = 0;
+        let mut value: *const OrtValue = ptr::null();
+        // SAFETY: valid info and out pointers; ORT keeps ownership of the value, which is not used.
+        let st = unsafe { (self.api.0.KernelInfoGetConstantInput_tensor)(self.ptr, index, &mut constant, &mut value) };
+        self.api.check(st, "KernelInfoGetConstantInput_tensor")?;
+        Ok(constant != 0)
     }
 
     pub fn node_name(&self) -> Result<String> {

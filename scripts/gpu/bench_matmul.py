@@ -13,7 +13,7 @@ end in a stream sync; per node = (median_L - median_1) / (L - 1). This cancels t
 of a Run. Bandwidth = the node's minimum bytes (weights + scales + A + Y) / time; also as a
 percentage of the device-to-device copy bandwidth measured in the same run (torch, CUDA
 events, read + write bytes).
-argv: LIB OUT_JSON [--quick] [--qins-only]
+argv: LIB OUT_JSON [--quick] [--qins-only]; BENCH_MS=1,4,... in the environment: other Ms.
 (QINS_CUDA_GEMV_MAX_M=0 QINS_CUDA_PREFILL=off in the environment send every M through the
 decode + cuBLAS path.)
 """
@@ -149,6 +149,8 @@ def main():
     print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     shapes = SHAPES[:1] if QUICK else SHAPES
     ms = [1, 16, 512] if QUICK else MS
+    if os.environ.get("BENCH_MS"):
+        ms = [int(v) for v in os.environ["BENCH_MS"].split(",")]
     rows = []
     only = [v for v in VARIANTS if v.startswith("QINS")] if "--qins-only" in sys.argv else list(VARIANTS)
     for k, n in shapes:

@@ -9,7 +9,9 @@ activation type:
        CUDA-core path rounds only the output);
   f32: 16 u^2 with u = 2^-24 times K (accumulation order), except that decode + cuBLAS runs
        on ORT's cuBLAS handle, whose TF32 setting it inherits: 16 (2^-11)^2 there.
-Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs.
+Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs;
+chains of three nodes, each reading the previous one's output (the kernels overlap their
+predecessor: QINS_CUDA_PDL), plain and in a CUDA graph.
 --prefill C:S runs only the cases the prefill kernel can take (f16, tensor-core layouts,
 M > 16), with QINS_CUDA_PREFILL=C:S: configuration C of its launcher with S K-splits.
 argv: LIB [--quick] [--max-m M] [--prefill C:S] [--json PATH]
@@ -134,6 +136,64 @@ def graph_case():
     return [dict(case="cuda_graph", nmse=worst, ok=ok)]
 
 
+def chain_model(k, bits, g, act, weights):
+    """A = X + X, then three QinsMatMul nodes in a row (K = N = k, initializer weights), each
+    reading the output of the one before: the launcher overlaps each kernel with the previous
+    one (programmatic dependent launch), so a kernel that read A before its predecessor was done
+    would read stale or poisoned values here."""
+    from onnx import TensorProto, helper, numpy_helper
+    t = TensorProto.FLOAT16 if act == "f16" else TensorProto.FLOAT
+    nodes = [helper.make_node("Add", ["X", "X"], ["A0"])]
+    inits = []
+    for i, (c, s) in enumerate(weights):
+        inits += [numpy_helper.from_array(c, f"codes_{i}"), numpy_helper.from_array(s, f"scales_{i}")]
+        nodes.append(helper.make_node("QinsMatMul", [f"A{i}", f"codes_{i}", f"scales_{i}"], [f"A{i + 1}"],
+                                      domain="com.qins", K=k, N=k, bits=bits, group_size=g))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", t, ["m", k])],
+                              [helper.make_tensor_value_info(f"A{len(weights)}", t, ["m", k])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.qins", 1)],
+                             ir_version=10)
+
+
+def chain_cases():
+    """Kernels that overlap their predecessor: a chain of three nodes against the CPU kernel,
+    plain runs at every path's M, then a CUDA graph replayed with new inputs. Tolerance: three
+    times one node's (the errors of three roundings add)."""
+    out = []
+    k = 1024
+    for bits, g, act in ((8, 128, "f16"), (4, 32, "f16"), (4, 32, "f32")):
+        weights = [random_weight(rng, bits, k, k, g) for _ in range(3)]
+        model = chain_model(k, bits, g, act, weights)
+        cpu = session(model, False)
+        dt = np.float16 if act == "f16" else np.float32
+        for graph in (False, True):
+            gpu = session(model, True, graph=graph)
+            for m in ((1,) if graph else (1, 4, 16, 17, 64, 300)):
+                x_dev = ort.OrtValue.ortvalue_from_numpy(np.zeros((m, k), dt), "cuda", 0)
+                y_dev = ort.OrtValue.ortvalue_from_numpy(np.full((m, k), np.nan, dt), "cuda", 0)
+                io = gpu.io_binding()
+                io.bind_ortvalue_input("X", x_dev)
+                io.bind_ortvalue_output("A3", y_dev)
+                worst = 0.0
+                for _ in range(4 if graph else 1):
+                    x = (0.5 * rng.standard_normal((m, k))).astype(dt)
+                    x_dev.update_inplace(x)
+                    gpu.run_with_iobinding(io)
+                    ref = cpu.run(None, {"X": x})[0].astype(np.float64)
+                    got = y_dev.numpy().astype(np.float64)
+                    e = float(((got - ref) ** 2).sum() / (ref**2).sum()) if np.isfinite(got).all() else float("inf")
+                    worst = max(worst, e)
+                path = path_of(bits, act, k, g, m)
+                tol = 3 * tolerance(act, k, path)
+                ok = worst <= tol
+                label = f"chain of 3{' in a CUDA graph' if graph else ''}"
+                out.append(dict(case="chain", graph=graph, bits=bits, act=act, K=k, N=k, G=g, M=m, nmse=worst, tol=tol,
+                                ok=ok, path=path))
+                print(f"{'ok  ' if ok else 'FAIL'} q{bits:<2} {act} K={k:<5} N={k:<5} G={g:<5} M={m:<5} {path:<14} "
+                      f"nmse {worst:.2e} (tol {tol:.1e}) {label}", flush=True)
+    return out
+
+
 def bad_input_case():
     """A wrong input shape on the CUDA EP is an ORT error, not a crash."""
     model = qins_model(200, 37, 8, 64, "f32", free_k=True)
@@ -173,6 +233,7 @@ for bits in (8, 6, 4, 32):
             results += run_case(bits, act, k, n, g, mm)
 if not PREFILL:
     results += graph_case()
+    results += chain_cases()
     results += bad_input_case()
 fails = [r for r in results if not r["ok"]]
 print(f"{len(results) - len(fails)} passed, {len(fails)} failed (seed {seed})")

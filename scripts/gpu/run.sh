@@ -44,6 +44,17 @@ for step in "$@"; do
       done ;;
     bench) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" 2>&1 | grep -v "plugin EP" | tail -60 ;;
     bench-cublas) QINS_CUDA_GEMV_MAX_M=0 QINS_CUDA_PREFILL=off python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul_cublas.json" --qins-only 2>&1 | grep -v "plugin EP" | tail -20 ;;
+    bench-pdl)
+      # The QINS kernels with and without programmatic dependent launch (QINS_CUDA_PDL), one
+      # after the other in one run.
+      for v in 0 1; do
+        BENCH_MS=${BENCH_MS:-1,4,16,128} QINS_CUDA_PDL=$v python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul_pdl$v.json" --qins-only 2>&1 | grep -v "plugin EP" | tail -20
+      done ;;
+    check-prefill2)
+      # check's prefill sweep with 2 splits only (a shorter run).
+      for c in 0 1 2 3 4 5; do
+        python3 scripts/gpu/check.py "$LIB" --prefill $c:2 --json "$OUT/check-prefill-$c-2.json" 2>&1 | grep -v "^ok \|plugin EP"
+      done ;;
     bench-quick) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" --quick 2>&1 | grep -v "plugin EP" | tail -40 ;;
     probe) python3 scripts/gpu/probe.py .gpuart "$OUT/probe.json" 2>&1 ;;
     probe-prefill) python3 scripts/gpu/probe_prefill.py .gpuart "$OUT/probe_prefill.json" 2>&1 | grep -v "^   \|no graph" ;;

@@ -17,12 +17,14 @@ pub type CuDevicePtr = u64;
 const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
 
 macro_rules! driver_fns {
-    ($($name:ident: fn($($arg:ty),*);)*) => {
-        /// Function pointers into `libcuda`; the library stays loaded for the process.
+    (required { $($name:ident: fn($($arg:ty),*);)* } optional { $($opt:ident: fn($($oarg:ty),*);)* }) => {
+        /// Function pointers into `libcuda`; the library stays loaded for the process. The
+        /// optional ones are absent from older drivers.
         #[allow(non_snake_case)]
         pub struct Driver {
             _lib: Library,
             $(pub $name: unsafe extern "C" fn($($arg),*) -> CuResult,)*
+            $(pub $opt: Option<unsafe extern "C" fn($($oarg),*) -> CuResult>,)*
         }
 
         impl Driver {
@@ -36,29 +38,63 @@ macro_rules! driver_fns {
                     let $name = *unsafe { lib.get::<unsafe extern "C" fn($($arg),*) -> CuResult>(concat!(stringify!($name), "\0").as_bytes()) }
                         .map_err(|e| format!("libcuda.so.1 lacks {}: {e}", stringify!($name)))?;
                 )*
-                Ok(Driver { _lib: lib, $($name,)* })
+                $(
+                    // SAFETY: as above, in the drivers that have it.
+                    let $opt = unsafe { lib.get::<unsafe extern "C" fn($($oarg),*) -> CuResult>(concat!(stringify!($opt), "\0").as_bytes()) }
+                        .ok()
+                        .map(|f| *f);
+                )*
+                Ok(Driver { _lib: lib, $($name,)* $($opt,)* })
             }
         }
     };
 }
 
 driver_fns! {
-    cuInit: fn(c_uint);
-    cuGetErrorString: fn(CuResult, *mut *const c_char);
-    cuCtxGetCurrent: fn(*mut CuContext);
-    cuCtxSetCurrent: fn(CuContext);
-    cuCtxGetDevice: fn(*mut c_int);
-    cuDeviceGetAttribute: fn(*mut c_int, c_int, c_int);
-    cuDevicePrimaryCtxRetain: fn(*mut CuContext, c_int);
-    cuPointerGetAttribute: fn(*mut c_void, c_int, CuDevicePtr);
-    cuModuleLoadData: fn(*mut CuModule, *const c_void);
-    cuModuleGetFunction: fn(*mut CuFunction, CuModule, *const c_char);
-    cuModuleGetGlobal_v2: fn(*mut CuDevicePtr, *mut usize, CuModule, *const c_char);
-    cuMemcpyHtoD_v2: fn(CuDevicePtr, *const c_void, usize);
-    cuFuncSetAttribute: fn(CuFunction, c_int, c_int);
-    cuOccupancyMaxActiveBlocksPerMultiprocessor: fn(*mut c_int, CuFunction, c_int, usize);
-    cuLaunchKernel: fn(CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void, *mut *mut c_void, *mut *mut c_void);
+    required {
+        cuInit: fn(c_uint);
+        cuGetErrorString: fn(CuResult, *mut *const c_char);
+        cuCtxGetCurrent: fn(*mut CuContext);
+        cuCtxSetCurrent: fn(CuContext);
+        cuCtxGetDevice: fn(*mut c_int);
+        cuDeviceGetAttribute: fn(*mut c_int, c_int, c_int);
+        cuDevicePrimaryCtxRetain: fn(*mut CuContext, c_int);
+        cuPointerGetAttribute: fn(*mut c_void, c_int, CuDevicePtr);
+        cuModuleLoadData: fn(*mut CuModule, *const c_void);
+        cuModuleGetFunction: fn(*mut CuFunction, CuModule, *const c_char);
+        cuModuleGetGlobal_v2: fn(*mut CuDevicePtr, *mut usize, CuModule, *const c_char);
+        cuMemcpyHtoD_v2: fn(CuDevicePtr, *const c_void, usize);
+        cuFuncSetAttribute: fn(CuFunction, c_int, c_int);
+        cuOccupancyMaxActiveBlocksPerMultiprocessor: fn(*mut c_int, CuFunction, c_int, usize);
+        cuLaunchKernel: fn(CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void, *mut *mut c_void, *mut *mut c_void);
+    }
+    optional {
+        // CUDA >= 12.0 drivers: launches with attributes (programmatic dependent launch).
+        cuLaunchKernelEx: fn(*const LaunchConfig, CuFunction, *mut *mut c_void, *mut *mut c_void);
+    }
 }
+
+/// `CUlaunchAttribute`: an attribute id, padding to 8 bytes, then a 64-byte value union.
+#[repr(C)]
+pub struct LaunchAttribute {
+    pub id: c_int,
+    pub pad: [u8; 4],
+    pub value: [u8; 64],
+}
+
+/// `CUlaunchConfig`.
+#[repr(C)]
+pub struct LaunchConfig {
+    pub grid: [c_uint; 3],
+    pub block: [c_uint; 3],
+    pub shared: c_uint,
+    pub stream: *mut c_void,
+    pub attrs: *mut LaunchAttribute,
+    pub num_attrs: c_uint,
+}
+
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
+pub const LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: c_int = 6;
 
 // SAFETY: function pointers and a library handle; the driver API is thread-safe.
 unsafe impl Send for Driver {}
@@ -153,6 +189,11 @@ impl Driver {
     /// Multiprocessors of `device` (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`).
     pub fn multiprocessors(&self, device: i32) -> Result<usize> {
         Ok(self.device_attribute(device, 16, "MULTIPROCESSOR_COUNT")?.max(1) as usize)
+    }
+
+    /// The major compute capability of `device` (`CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR`).
+    pub fn compute_major(&self, device: i32) -> Result<i32> {
+        self.device_attribute(device, 75, "COMPUTE_CAPABILITY_MAJOR")
     }
 
     /// Shared memory a block may opt in to on `device`

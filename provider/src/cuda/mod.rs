@@ -22,7 +22,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use qins::codec::Format;
 
-use self::driver::{driver, CuContext, CuFunction, CuModule, Driver};
+use self::driver::{
+    driver, CuContext, CuFunction, CuModule, Driver, LaunchAttribute, LaunchConfig,
+    LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+};
 use crate::ort_api::{Error, Result};
 
 /// The embedded fat binaries, one per `kernels/*.cu` that holds entry points.
@@ -73,6 +76,9 @@ pub struct Loaded {
     pub multiprocessors: usize,
     /// Dynamic shared memory a block may opt in to on that device.
     pub max_shared: usize,
+    /// Whether launches may overlap the previous kernel ([`After::Overlap`]): an sm_90+
+    /// device, a driver with `cuLaunchKernelEx`, and `QINS_CUDA_PDL` not `0`.
+    overlap: bool,
     functions: Mutex<HashMap<&'static CStr, CuFunction>>,
     occupancy: Mutex<HashMap<&'static CStr, usize>>,
 }
@@ -87,6 +93,15 @@ unsafe impl Send for Loaded {}
 unsafe impl Sync for Loaded {}
 
 impl Loaded {
+    /// [`After::Overlap`] where `allowed` and this context can, else [`After::Completion`].
+    pub fn after(&self, allowed: bool) -> After {
+        if allowed && self.overlap {
+            After::Overlap
+        } else {
+            After::Completion
+        }
+    }
+
     /// The kernel `name` (an `extern "C"` entry point of `image`).
     pub fn function(&self, image: Image, name: &'static CStr) -> Result<CuFunction> {
         self.function_with_smem(image, name, 0)
@@ -181,14 +196,44 @@ fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {
     }
     let multiprocessors = d.multiprocessors(device)?;
     let max_shared = d.max_shared_optin(device)?;
+    let overlap = pdl_enabled()? && d.cuLaunchKernelEx.is_some() && d.compute_major(device)? >= 9;
     Ok(Loaded {
         modules,
         device,
         multiprocessors,
         max_shared,
+        overlap,
         functions: Mutex::new(HashMap::new()),
         occupancy: Mutex::new(HashMap::new()),
     })
+}
+
+/// `QINS_CUDA_PDL` (read once): `0` launches every kernel the ordinary way; `1` (the default)
+/// lets them overlap the previous kernel where the device allows.
+fn pdl_enabled() -> Result<bool> {
+    static V: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    V.get_or_init(|| parse_pdl(std::env::var("QINS_CUDA_PDL").ok().as_deref())).clone().map_err(Error::invalid)
+}
+
+fn parse_pdl(v: Option<&str>) -> std::result::Result<bool, String> {
+    match v.map(str::trim) {
+        None | Some("") | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(v) => Err(format!("QINS_CUDA_PDL={v}: expected 0 or 1")),
+    }
+}
+
+/// How a launch waits for the kernel before it on the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// The ordinary way: the kernel starts once the previous one has completed.
+    Completion,
+    /// Programmatic dependent launch (sm_90+): the kernel's blocks may start as the previous
+    /// kernel's blocks exit, which hides the launch latency between the two. Only for kernels
+    /// that call `wait_prior_grid()` (kernels/qins_common.cuh) before they touch memory an
+    /// earlier kernel may have written; the wait also orders everything after it behind every
+    /// earlier kernel, since the previous one started only after its own predecessors.
+    Overlap,
 }
 
 /// Kernel arguments as the driver takes them: one pointer per parameter, to its value.
@@ -223,12 +268,13 @@ impl Default for Args {
 }
 
 /// Launches `f` on `stream` with a grid of `grid` (x, y, z) blocks of `block` threads and
-/// `shared` bytes of dynamic shared memory.
+/// `shared` bytes of dynamic shared memory, ordered after the previous kernel as `after` says.
 ///
 /// # Safety
 /// `f` is a function of the current context's modules, `stream` a stream of that context (or
 /// null), and `args` matches the kernel's parameters, with every pointer in it valid for
-/// what the kernel reads and writes.
+/// what the kernel reads and writes; with [`After::Overlap`], the kernel waits as that
+/// variant requires.
 pub unsafe fn launch(
     f: CuFunction,
     grid: (u32, u32, u32),
@@ -236,9 +282,29 @@ pub unsafe fn launch(
     shared: u32,
     stream: *mut c_void,
     args: &Args,
+    after: After,
 ) -> Result<()> {
     let d = driver()?;
     let mut ptrs: Vec<*mut c_void> = args.values.iter().map(|v| v.as_ptr().cast_mut().cast()).collect();
+    let what = || format!("launching a QINS kernel (grid {grid:?}, block {block:?}, {after:?})");
+    if let (After::Overlap, Some(launch_ex)) = (after, d.cuLaunchKernelEx) {
+        let mut attr =
+            LaunchAttribute { id: LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, pad: [0; 4], value: [0; 64] };
+        // programmaticStreamSerializationAllowed: an int at the start of the value union.
+        attr.value[..4].copy_from_slice(&1i32.to_ne_bytes());
+        let config = LaunchConfig {
+            grid: [grid.0, grid.1, grid.2],
+            block: [block.0, block.1, 1],
+            shared,
+            stream,
+            attrs: &mut attr,
+            num_attrs: 1,
+        };
+        // SAFETY: as for cuLaunchKernel below; `config` and its one attribute are laid out as
+        // cuda.h's CUlaunchConfig / CUlaunchAttribute (`launch_structs_match_cuda_h`) and live for
+        // the call.
+        return d.check(unsafe { launch_ex(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }, what);
+    }
     // SAFETY: per the caller's contract; `ptrs` points at one value per kernel parameter, laid
     // out as the kernel declares them (pointers 8 bytes, ints 4 bytes at the start of their
     // slot), alive for the call, which copies them.
@@ -258,6 +324,30 @@ pub unsafe fn launch(
                 std::ptr::null_mut(),
             )
         },
-        || format!("launching a QINS kernel (grid {grid:?}, block {block:?})"),
+        what,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pdl_setting_is_parsed() {
+        assert_eq!(parse_pdl(None), Ok(true));
+        assert_eq!(parse_pdl(Some("1")), Ok(true));
+        assert_eq!(parse_pdl(Some(" 0 ")), Ok(false));
+        assert!(parse_pdl(Some("off")).unwrap_err().contains("expected 0 or 1"));
+    }
+
+    /// The driver reads these structs by cuda.h's layout (CUDA 12/13, 64-bit).
+    #[test]
+    fn launch_structs_match_cuda_h() {
+        assert_eq!(std::mem::size_of::<LaunchAttribute>(), 72);
+        assert_eq!(std::mem::offset_of!(LaunchAttribute, value), 8);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, stream), 32);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, attrs), 40);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, num_attrs), 48);
+        assert_eq!(std::mem::size_of::<LaunchConfig>(), 56);
+    }
 }

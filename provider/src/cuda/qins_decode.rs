@@ -48,5 +48,5 @@ pub unsafe fn decode(
         .i32(l.row_bytes() as i32)
         .i32(l.groups() as i32);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-    unsafe { launch(f, (l.n.div_ceil(ROWS) as u32, 1, 1), (32, ROWS as u32), 0, stream, &args) }
+    unsafe { launch(f, (l.n.div_ceil(ROWS) as u32, 1, 1), (32, ROWS as u32), 0, stream, &args, mods.after(true)) }
 }

@@ -113,6 +113,9 @@ pub struct Buffers {
     pub codes: *const c_void,
     pub scales: *const c_void,
     pub y: *mut c_void,
+    /// Codes and scales are constant initializers: no kernel writes them, so a kernel launched
+    /// to overlap its predecessor may read them before `wait_prior_grid()`.
+    pub weights_constant: bool,
 }
 
 /// Where the tensor-core kernel applies the group scale (`SC_*` in kernels/qins_matmul.cu).
@@ -274,7 +277,11 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
     let grid_y = grid_y.ok_or_else(|| Error::invalid(format!("M={m} is too large for one launch")))?;
     let args = tc_args(b, None, m, l, cpg_shift);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-    unsafe { launch(f, (l.n.div_ceil(16 * t) as u32, grid_y, 1), (threads, 1), smem, stream, &args)? };
+    // gemv_tc requests its first weights before it waits for the previous kernel (so that
+    // they are on their way while that kernel finishes): it may overlap only where no kernel
+    // writes them.
+    let after = mods.after(b.weights_constant);
+    unsafe { launch(f, (l.n.div_ceil(16 * t) as u32, grid_y, 1), (threads, 1), smem, stream, &args, after)? };
     Ok(true)
 }
 
@@ -323,7 +330,7 @@ pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: us
         .i32(cpg_shift)
         .i32(wpr as i32);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-    unsafe { launch(f, (blocks, 1, 1), (THREADS, 1), 0, stream, &args) }
+    unsafe { launch(f, (blocks, 1, 1), (THREADS, 1), 0, stream, &args, mods.after(true)) }
 }
 
 /// Codes per thread per load in the kernels (their `Fmt<BITS>::CH`).
@@ -338,6 +345,7 @@ fn chunk_len(format: Format) -> usize {
 /// The ORT kernel object: one per QinsMatMul node on the CUDA EP.
 struct CudaQinsMatMul {
     node: Node,
+    weights_constant: bool,
 }
 
 pub(crate) fn create(info: &KernelInfo, act: Act) -> Result<Box<dyn Kernel>> {
@@ -349,7 +357,9 @@ pub(crate) fn create(info: &KernelInfo, act: Act) -> Result<Box<dyn Kernel>> {
     if !(fits(l.k) && fits(l.n) && fits(l.row_bytes()) && fits(4 * l.k) && fits(l.groups())) {
         return Err(Error::invalid(format!("{}: too large for the CUDA kernels", node.describe())));
     }
-    Ok(Box::new(CudaQinsMatMul { node }))
+    // Inputs 1 and 2: codes and scales.
+    let weights_constant = info.input_is_constant(1)? && info.input_is_constant(2)?;
+    Ok(Box::new(CudaQinsMatMul { node, weights_constant }))
 }
 
 impl Kernel for CudaQinsMatMul {
@@ -381,7 +391,13 @@ impl CudaQinsMatMul {
         };
         let stream = ctx.gpu_stream()?;
         let (mods, device) = modules_for(a_ptr)?;
-        let b = Buffers { a: a_ptr, codes: codes_ptr, scales: scales_ptr, y: y_ptr };
+        let b = Buffers {
+            a: a_ptr,
+            codes: codes_ptr,
+            scales: scales_ptr,
+            y: y_ptr,
+            weights_constant: self.weights_constant,
+        };
         let l = &node.layout;
         let tc = tc_applies(node, a_ptr);
         if shape.m <= gemv_max_m(tc) {

@@ -297,14 +297,14 @@ pub unsafe fn prefill(
     let grid = (l.n.div_ceil(c.channels()) as u32, grid_y, p.splits as u32);
     // SAFETY: the buffers are as the caller promises (`part` holds splits x M x N floats); the
     // arguments follow the kernel's list.
-    unsafe { launch(f, grid, (c.threads(), 1), smem, stream, &args)? };
+    unsafe { launch(f, grid, (c.threads(), 1), smem, stream, &args, mods.after(true))? };
     if let Some(part) = &part {
         let reduce = mods.function(Image::MatmulPrefill, c"qins_gemm_reduce")?;
         let mn = (m * l.n) as u64;
         let blocks = mn.div_ceil(256).min(4 * mods.multiprocessors as u64) as u32;
         let args = Args::new().ptr(part.ptr).ptr(b.y).i64(mn as i64).i32(p.splits as i32);
         // SAFETY: `part` holds the partial sums just written on this stream; Y holds M x N.
-        unsafe { launch(reduce, (blocks, 1, 1), (256, 1), 0, stream, &args)? };
+        unsafe { launch(reduce, (blocks, 1, 1), (256, 1), 0, stream, &args, mods.after(true))? };
     }
     Ok(true)
 }
