@@ -168,7 +168,7 @@ def chain_cases():
         dt = np.float16 if act == "f16" else np.float32
         for graph in (False, True):
             gpu = session(model, True, graph=graph)
-            for m in ((1,) if graph else (1, 4, 16, 17, 64, 300)):
+            for m in [m for m in ((1,) if graph else (1, 4, 16, 17, 64, 300)) if m <= MAX_M]:
                 x_dev = ort.OrtValue.ortvalue_from_numpy(np.zeros((m, k), dt), "cuda", 0)
                 y_dev = ort.OrtValue.ortvalue_from_numpy(np.full((m, k), np.nan, dt), "cuda", 0)
                 io = gpu.io_binding()
