@@ -230,9 +230,10 @@ pub enum After {
     Completion,
     /// Programmatic dependent launch (sm_90+): the kernel's blocks may start as the previous
     /// kernel's blocks exit, which hides the launch latency between the two. Only for kernels
-    /// that call `wait_prior_grid()` (kernels/qins_common.cuh) before they touch memory an
-    /// earlier kernel may have written; the wait also orders everything after it behind every
-    /// earlier kernel, since the previous one started only after its own predecessors.
+    /// that call `wait_prior_grid()` (kernels/qins_common.cuh), in every thread, before they
+    /// touch memory an earlier kernel may have written. Since every kernel launched this way
+    /// waits, a kernel completes only after its predecessor has, so the wait also orders
+    /// everything after it behind all earlier kernels.
     Overlap,
 }
 
