@@ -272,7 +272,7 @@ QINS_GEMV_ALL(32)
 // the f32 sum of each lane's chunk, which the mma keeps apart in its own output column.
 constexpr int SC_WEIGHT = 0, SC_STEP = 1, SC_CHUNK = 2;
 
-template <int BITS, int MT, int W, int U, int SC, int T>
+template <int BITS, int MT, int W, int U, int SC, int T, bool PIPE = false>
 __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint8_t* __restrict__ codes,
                                          const __half* __restrict__ scales, __half* __restrict__ Y, int M, int K,
                                          int N, int row_bytes, int groups, int cpg_shift) {
@@ -328,21 +328,25 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     // it is checked. Only the last step of a row whose K is not a multiple of 4 chunks is not.
     auto step_full = [&](int st) { return (st + 1) * 4 * CH <= K; };
     Chunk ch[U][R];
+    // Step st's chunks into buffer j.
+    auto load_step = [&](int j, int st) {
+        const bool full = step_full(st);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            // Every lane of the warp must join the mma, so chunks past K are zeros.
+            if (full || st * 4 + q < nchunks) {
+                ch[j][r] = load_chunk<BITS>(rp[r] + st * 4 * CB, 0);
+            } else {
+                ch[j][r].w[0] = ch[j][r].w[1] = ch[j][r].w[2] = ch[j][r].w[3] = 0;
+            }
+        }
+    };
     auto load_round = [&](int it) {
 #pragma unroll
         for (int j = 0; j < U; j++) {
             const int st = it + W * j;
             if (st >= steps_k) break;
-            const bool full = step_full(st);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                // Every lane of the warp must join the mma, so chunks past K are zeros.
-                if (full || st * 4 + q < nchunks) {
-                    ch[j][r] = load_chunk<BITS>(rp[r] + st * 4 * CB, 0);
-                } else {
-                    ch[j][r].w[0] = ch[j][r].w[1] = ch[j][r].w[2] = ch[j][r].w[3] = 0;
-                }
-            }
+            load_step(j, st);
         }
     };
     auto step = [&](int j, int st, auto full_tag) {
@@ -416,11 +420,34 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     };
     // The first round's weights are requested before the table is built, so that building it
     // overlaps their trip from memory.
-    load_round(warp);
+    auto run_step = [&](int j, int st) {
+        if (step_full(st)) {
+            step(j, st, std::true_type{});
+        } else {
+            step(j, st, std::false_type{});
+        }
+    };
+    if constexpr (PIPE) {
+        static_assert(U == 2, "two buffers: one in use, one loading");
+        if (warp < steps_k) load_step(0, warp);
+    } else {
+        load_round(warp);
+    }
     stage_tc_table<BITS>();
     // Only the codes above were read before this (the launcher overlaps this kernel with the
     // previous one only where they are constant initializers).
     wait_prior_grid();
+    if constexpr (PIPE) {
+        // The next step's chunks are requested before this one is multiplied, so the warp's
+        // loads overlap its own decode instead of waiting for it.
+        for (int it = warp; it < steps_k; it += 2 * W) {
+            if (it + W < steps_k) load_step(1, it + W);
+            run_step(0, it);
+            if (it + W >= steps_k) break;
+            if (it + 2 * W < steps_k) load_step(0, it + 2 * W);
+            run_step(1, it + W);
+        }
+    } else
     for (int it = warp; it < steps_k; it += W * U) {
         if (it != warp) load_round(it);
 #pragma unroll
@@ -481,6 +508,12 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
              int row_bytes, int groups, int cpg_shift) {                                                        \
         gemv_tc<BITS, MT, W, U, CS, T>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);            \
     }
+#define QINS_GEMV_TC_P(BITS, MT, W, U, T, MINB, CS, NAME)                                                   \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                                  \
+        NAME(const __half* A, const uint8_t* codes, const __half* scales, __half* Y, int M, int K, int N,      \
+             int row_bytes, int groups, int cpg_shift) {                                                        \
+        gemv_tc<BITS, MT, W, U, CS, T, true>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);      \
+    }
 #define QINS_GEMV_TC_ALL(BITS)                                                                     \
     QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2)                \
     QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w16_u2_cs)               \
@@ -499,7 +532,21 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     QINS_GEMV_TC(BITS, 8, 8, 1, 4, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w8_u1_t4_cs)              \
     QINS_GEMV_TC(BITS, 8, 8, 1, 4, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u1_t4_c1)
 
+// PIPE (q8 and q4): each warp requests its next step before it multiplies the current one.
+// Direct times at M = 1 on an H100 (scripts/gpu/probe.py, docs/BENCHMARKS.md) against the
+// kernels above: 16-channel blocks 1-5% faster at every Phi-3.5 shape and at M = 8 too, with
+// the scale on each pair (with it on the step sum, 1-3% slower than that); 32-channel blocks
+// of 8 warps (128 registers) 4-8% faster where the grid is one round of blocks (N = 8192),
+// slower beyond it (16384, 32064: half the warps a multiprocessor). Without it, a warp's loads
+// and its decode took turns: a copy of the kernel that loads but does not multiply ran in
+// 58-65% of the time.
+#define QINS_GEMV_TC_PIPE(BITS)                                                                    \
+    QINS_GEMV_TC_P(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2_p)            \
+    QINS_GEMV_TC_P(BITS, 8, 8, 2, 2, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u2_t2_p_c1)
+
 QINS_GEMV_TC_ALL(8)
 QINS_GEMV_TC_ALL(6)
 QINS_GEMV_TC_ALL(4)
 QINS_GEMV_TC_WIDE(4)
+QINS_GEMV_TC_PIPE(8)
+QINS_GEMV_TC_PIPE(4)

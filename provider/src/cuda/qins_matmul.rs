@@ -151,23 +151,51 @@ fn tc_tiles(format: Format, m: usize, n: usize, slots: usize) -> usize {
     (1..=max).rev().min_by_key(|&t| n.div_ceil(16 * t).div_ceil(slots) * t).unwrap_or(1)
 }
 
-/// Tiles a block and the scale's place for `m` rows and `n` channels. SC_CHUNK at M = 1 gained
-/// 4-5% on q4 g32 over SC_WEIGHT with 2 or more tiles and nothing with 1 (docs/BENCHMARKS.md);
-/// a 4-chunk step inside one group lets the scale go on the step's f32 sum.
-fn tc_plan(format: Format, m: usize, n: usize, cpg_shift: i32, slots: usize) -> (usize, Scale) {
-    let t = tc_tiles(format, m, n, slots);
-    let scale = match (m, t, cpg_shift >= 2) {
+/// One launch of the tensor-core kernel: tiles a block, the scale's place, and whether each
+/// warp requests its next step before it multiplies the current one (`PIPE` in the kernel).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct TcPlan {
+    tiles: usize,
+    scale: Scale,
+    pipe: bool,
+}
+
+/// The launch for `m` rows and `n` channels. SC_CHUNK at M = 1 gained 4-5% on q4 g32 over
+/// SC_WEIGHT with 2 or more tiles and nothing with 1 (docs/BENCHMARKS.md); a 4-chunk step
+/// inside one group lets the scale go on the step's f32 sum. The pipelined kernels (q8 and q4,
+/// M <= 8) measured faster with one tile (scale on each pair, M = 1 and 8) and with two at
+/// M = 1 where the grid fits in one round of blocks; they are 8 warps a block at two tiles.
+fn tc_plan(format: Format, m: usize, n: usize, cpg_shift: i32, slots: usize) -> TcPlan {
+    let tiles = tc_tiles(format, m, n, slots);
+    let scale = match (m, tiles, cpg_shift >= 2) {
         (1, 2.., _) => Scale::Chunk,
         (_, _, true) => Scale::Step,
         _ => Scale::Weight,
     };
-    (t, scale)
+    let pipelined = matches!(format, Format::Q8 | Format::Q4) && m <= 8;
+    match tiles {
+        1 if pipelined => TcPlan { tiles, scale: Scale::Weight, pipe: true },
+        2 if pipelined && m == 1 && n.div_ceil(32) <= slots.max(1) => TcPlan { tiles, scale, pipe: true },
+        _ => TcPlan { tiles, scale, pipe: false },
+    }
 }
 
-/// The tensor-core kernel and its block size (threads) for `m` rows, `t` tiles a block and the
-/// scale's place: 16 warps over 8 rows (8 warps at 3 or 4 tiles), or 8 warps over 16 rows.
-fn tc_name(format: Format, m: usize, t: usize, scale: Scale) -> Option<(&'static CStr, u32)> {
+/// The tensor-core kernel and its block size (threads) for `m` rows and plan `p`: 16 warps
+/// over 8 rows (8 warps at 3 or 4 tiles, and pipelined at 2), or 8 warps over 16 rows.
+fn tc_name(format: Format, m: usize, p: TcPlan) -> Option<(&'static CStr, u32)> {
     use Scale::{Chunk, Step, Weight};
+    let TcPlan { tiles: t, scale, pipe } = p;
+    let warps = if m > 8 || t >= 3 || (pipe && t == 2) { 8 } else { 16 };
+    if pipe {
+        let name = match (format, m > 8, t, scale) {
+            (Format::Q8, false, 1, Weight) => c"qins_gemv_tc_q8_m8_w16_u2_p",
+            (Format::Q8, false, 2, Chunk) => c"qins_gemv_tc_q8_m8_w8_u2_t2_p_c1",
+            (Format::Q4, false, 1, Weight) => c"qins_gemv_tc_q4_m8_w16_u2_p",
+            (Format::Q4, false, 2, Chunk) => c"qins_gemv_tc_q4_m8_w8_u2_t2_p_c1",
+            _ => return None,
+        };
+        return Some((name, 32 * warps));
+    }
     let name = match (format, m > 8, t, scale) {
         (Format::Q8, false, 1, Weight) => c"qins_gemv_tc_q8_m8_w16_u2",
         (Format::Q8, false, 1, Step) => c"qins_gemv_tc_q8_m8_w16_u2_cs",
@@ -198,7 +226,6 @@ fn tc_name(format: Format, m: usize, t: usize, scale: Scale) -> Option<(&'static
         (Format::Q4, true, 1, Step) => c"qins_gemv_tc_q4_m16_w8_u2_cs",
         _ => return None,
     };
-    let warps = if m > 8 || t >= 3 { 8 } else { 16 };
     Some((name, 32 * warps))
 }
 
@@ -266,8 +293,9 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
     let Some(cpg_shift) = tc_cpg_shift(l) else {
         return Ok(false);
     };
-    let (t, scale) = tc_plan(l.format, m, l.n, cpg_shift, 2 * mods.multiprocessors);
-    let Some((name, threads)) = tc_name(l.format, m, t, scale) else {
+    let plan = tc_plan(l.format, m, l.n, cpg_shift, 2 * mods.multiprocessors);
+    let t = plan.tiles;
+    let Some((name, threads)) = tc_name(l.format, m, plan) else {
         return Ok(false);
     };
     let mt = if m > 8 { 16 } else { 8 };
@@ -457,9 +485,9 @@ mod tests {
             for m in [1, 2, 8, 9, 16] {
                 for n in [16, 3072, 8192, 9216, 16384] {
                     for cpg_shift in [0, 1, 2, 30] {
-                        let (t, scale) = tc_plan(format, m, n, cpg_shift, H100_SLOTS);
-                        let Some((name, _)) = tc_name(format, m, t, scale) else {
-                            assert_eq!(format, Format::F32, "no kernel for m={m} n={n} t={t} {scale:?}");
+                        let p = tc_plan(format, m, n, cpg_shift, H100_SLOTS);
+                        let Some((name, _)) = tc_name(format, m, p) else {
+                            assert_eq!(format, Format::F32, "no kernel for m={m} n={n} {p:?}");
                             continue;
                         };
                         assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
@@ -485,16 +513,25 @@ mod tests {
     #[test]
     fn tiles_follow_the_h100_measurements() {
         let plan = |f, m, n, cpg| tc_plan(f, m, n, cpg, H100_SLOTS);
-        let tiles = |f, n| plan(f, 1, n, 0).0;
+        let tiles = |f, n| plan(f, 1, n, 0).tiles;
+        let p = |tiles, scale, pipe| TcPlan { tiles, scale, pipe };
         assert_eq!([3072, 8192, 9216, 16384, 32064].map(|n| tiles(Format::Q4, n)), [1, 2, 3, 4, 4]);
         assert_eq!([3072, 8192, 9216, 16384, 32064].map(|n| tiles(Format::Q8, n)), [1, 2, 1, 2, 2]);
-        assert_eq!(plan(Format::Q4, 1, 3072, 0), (1, Scale::Weight));
-        assert_eq!(plan(Format::Q8, 1, 3072, 3), (1, Scale::Step));
-        assert_eq!(plan(Format::Q4, 1, 8192, 0), (2, Scale::Chunk));
-        assert_eq!(plan(Format::Q8, 4, 8192, 3), (2, Scale::Step));
-        assert_eq!(plan(Format::Q4, 16, 16384, 0), (1, Scale::Weight));
+        // One tile: pipelined, the scale on each pair, at M <= 8 (q8 and q4 only).
+        assert_eq!(plan(Format::Q4, 1, 3072, 0), p(1, Scale::Weight, true));
+        assert_eq!(plan(Format::Q8, 1, 3072, 3), p(1, Scale::Weight, true));
+        assert_eq!(plan(Format::Q8, 8, 9216, 3), p(1, Scale::Weight, true));
+        assert_eq!(plan(Format::Q6, 1, 3072, 3), p(1, Scale::Step, false));
+        assert_eq!(plan(Format::Q4, 16, 16384, 0), p(1, Scale::Weight, false));
+        // Two tiles: pipelined at M = 1 while the grid is one round (256 blocks of 32 channels).
+        assert_eq!(plan(Format::Q4, 1, 8192, 0), p(2, Scale::Chunk, true));
+        assert_eq!(plan(Format::Q8, 1, 8192, 3), p(2, Scale::Chunk, true));
+        assert_eq!(plan(Format::Q8, 1, 16384, 3), p(2, Scale::Chunk, false));
+        assert_eq!(plan(Format::Q8, 4, 8192, 3), p(2, Scale::Step, false));
+        assert_eq!(plan(Format::Q4, 1, 9216, 0), p(3, Scale::Chunk, false));
+        assert_eq!(tc_name(Format::Q4, 1, plan(Format::Q4, 1, 8192, 0)).unwrap().1, 256);
         // A smaller GPU (114 multiprocessors) moves the choice.
-        assert_eq!(tc_plan(Format::Q4, 1, 8192, 0, 228).0, 3);
+        assert_eq!(tc_plan(Format::Q4, 1, 8192, 0, 228).tiles, 3);
         // The sums of 8 warps over 64 channels and 8 rows fit beside the smaller q6 table.
         assert_eq!(tc_smem(Format::Q6, 8, 256, 4), 8 * 64 * 9 * 4);
         assert_eq!(tc_smem(Format::Q4, 8, 256, 4), 256 * 256);
