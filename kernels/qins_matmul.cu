@@ -532,14 +532,17 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     QINS_GEMV_TC(BITS, 8, 8, 1, 4, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w8_u1_t4_cs)              \
     QINS_GEMV_TC(BITS, 8, 8, 1, 4, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u1_t4_c1)
 
-// PIPE (q8 and q4): each warp requests its next step before it multiplies the current one.
-// Direct times at M = 1 on an H100 (scripts/gpu/probe.py, docs/BENCHMARKS.md) against the
-// kernels above: 16-channel blocks 1-5% faster at every Phi-3.5 shape and at M = 8 too, with
-// the scale on each pair (with it on the step sum, 1-3% slower than that); 32-channel blocks
-// of 8 warps (128 registers) 4-8% faster where the grid is one round of blocks (N = 8192),
-// slower beyond it (16384, 32064: half the warps a multiprocessor). Without it, a warp's loads
-// and its decode took turns: a copy of the kernel that loads but does not multiply ran in
-// 58-65% of the time.
+// PIPE: each warp requests its next step before it multiplies the current one. Without it a
+// warp's loads and its decode took turns: a copy of the kernel that loads but does not
+// multiply ran in 58-65% of the time. Direct times on an H100 (scripts/gpu/probe.py,
+// docs/BENCHMARKS.md) against the kernels above, at Phi-3.5's shapes:
+// - 16-channel blocks, scale on each pair, M <= 8: q8 and q4 1-5% faster (the scale on the
+//   step sum was 1-3% slower than that); q6 0-3% faster at three of four shapes, 0.7% slower
+//   at the fourth. 8 warps over 16 rows: q4 2-3% faster, q8 up to 8% slower (q8 keeps those
+//   without it).
+// - 32-channel blocks of 8 warps (128 registers; 16 warps spill), M = 1: 4-8% faster where
+//   the grid is one round of blocks (N = 8192), slower beyond it (16384, 32064). With 48 or
+//   64 channels they spill and lose.
 #define QINS_GEMV_TC_PIPE(BITS)                                                                    \
     QINS_GEMV_TC_P(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2_p)            \
     QINS_GEMV_TC_P(BITS, 8, 8, 2, 2, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u2_t2_p_c1)
@@ -550,3 +553,5 @@ QINS_GEMV_TC_ALL(4)
 QINS_GEMV_TC_WIDE(4)
 QINS_GEMV_TC_PIPE(8)
 QINS_GEMV_TC_PIPE(4)
+QINS_GEMV_TC_P(6, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q6_m8_w16_u2_p)
+QINS_GEMV_TC_P(4, 16, 8, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q4_m16_w8_u2_p)

@@ -68,10 +68,11 @@ for k, n in shapes:
             cs_ok = g % (4 * ch) == 0
             wu = ((16, 2),) if mtc == 8 else ((8, 2),)
             variants = [(f"w{w}_u{u}", w, 1, cs) for w, u in wu for cs in ((False, True) if cs_ok else (False,))]
-            # PROBE_TC_EXTRA=w16_u1_t2,w16_u2_c1,...: more tensor-core entry points (q8 and q4, MT = 8):
-            # t<T> takes 16 T channels a block; c1 (M = 1 only) scales each chunk's sum.
+            # PROBE_TC_EXTRA=w16_u1_t2,w16_u2_c1,...: more tensor-core entry points (those not built
+            # for a format or row tile are skipped): t<T> takes 16 T channels a block; c1 (M = 1
+            # only) scales each chunk's sum; p is pipelined.
             for v in os.environ.get("PROBE_TC_EXTRA", "").split(","):
-                if not v or bits == 6 or mtc != 8 or (v.endswith("c1") and m != 1):
+                if not v or (v.endswith("c1") and m != 1):
                     continue
                 w_, t_ = int(v.split("_")[0][1:]), int(v.split("_t")[1][0]) if "_t" in v else 1
                 for cs in ((False,) if v.endswith("c1") else (False, True) if cs_ok else (False,)):
@@ -87,7 +88,9 @@ for k, n in shapes:
                 except Exception:  # noqa: BLE001 (a variant built for other formats only)
                     print(f"direct {k}x{n} q{bits} g{g} M={m:<3} {name:<28} not built", flush=True)
                     continue
-                smem = (64 if bits == 6 else 256) * 256  # TcTable<BITS>::BYTES
+                # The launcher's tc_smem: the table (TcTable<BITS>::BYTES), or the cross-warp sums
+                # where larger.
+                smem = max((64 if bits == 6 else 256) * 256, w * 16 * t_ * (mtc + 1) * 4)
                 ftc.max_dynamic_shared_size_bytes = smem
                 tints = (np.int32(m), np.int32(k), np.int32(n), np.int32(row_bytes(bits, k)),
                          np.int32(-(-k // g)), np.int32(cpg))

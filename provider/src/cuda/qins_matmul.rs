@@ -137,15 +137,21 @@ enum Scale {
 /// cross-warp sums). Measured on an H100 (scripts/gpu/probe.py, docs/BENCHMARKS.md), q4 g32 at
 /// M = 1: 3072 channels 1 tile, 8192 2 (-12%), 9216 3 (-20%), 16384 and 32064 4 (-21%);
 /// q8 g128 gained only with 2 (8192, 16384, 32064: -3 to -10%) and lost with 3 or 4 (its
-/// blocks carry twice the bytes), so q8 and q6 stop at 2. `QINS_CUDA_TC_MAX_TILES` lowers the
-/// cap (read once; 1 gives the 16-channel blocks, for comparisons).
+/// blocks carry twice the bytes), so q8 stops at 2; q6 g128 lost with 2 at every shape
+/// measured (3072 to 9216 channels: 4-18% slower than 1 tile), so q6 keeps 1.
+/// `QINS_CUDA_TC_MAX_TILES` lowers the cap (read once; 1 gives the 16-channel blocks, for
+/// comparisons).
 fn tc_tiles(format: Format, m: usize, n: usize, slots: usize) -> usize {
     static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let cap = *CAP.get_or_init(|| std::env::var("QINS_CUDA_TC_MAX_TILES").ok().and_then(|v| v.parse().ok()));
     if m > 8 {
         return 1;
     }
-    let max = if format == Format::Q4 { 4 } else { 2 };
+    let max = match format {
+        Format::Q4 => 4,
+        Format::Q8 => 2,
+        _ => 1,
+    };
     let max = cap.map_or(max, |c| c.clamp(1, max));
     let slots = slots.max(1);
     (1..=max).rev().min_by_key(|&t| n.div_ceil(16 * t).div_ceil(slots) * t).unwrap_or(1)
@@ -162,9 +168,10 @@ struct TcPlan {
 
 /// The launch for `m` rows and `n` channels. SC_CHUNK at M = 1 gained 4-5% on q4 g32 over
 /// SC_WEIGHT with 2 or more tiles and nothing with 1 (docs/BENCHMARKS.md); a 4-chunk step
-/// inside one group lets the scale go on the step's f32 sum. The pipelined kernels (q8 and q4,
-/// M <= 8) measured faster with one tile (scale on each pair, M = 1 and 8) and with two at
-/// M = 1 where the grid fits in one round of blocks; they are 8 warps a block at two tiles.
+/// inside one group lets the scale go on the step's f32 sum. The pipelined kernels measured
+/// faster (kernels/qins_matmul.cu, `PIPE`) with one tile and the scale on each pair (q8, q6
+/// and q4 up to 8 rows, q4 up to 16), and with two tiles at M = 1 (q8 and q4) where the grid
+/// fits in one round of blocks; they are 8 warps a block at two tiles.
 fn tc_plan(format: Format, m: usize, n: usize, cpg_shift: i32, slots: usize) -> TcPlan {
     let tiles = tc_tiles(format, m, n, slots);
     let scale = match (m, tiles, cpg_shift >= 2) {
@@ -172,10 +179,15 @@ fn tc_plan(format: Format, m: usize, n: usize, cpg_shift: i32, slots: usize) -> 
         (_, _, true) => Scale::Step,
         _ => Scale::Weight,
     };
-    let pipelined = matches!(format, Format::Q8 | Format::Q4) && m <= 8;
+    let one_tile = match format {
+        Format::Q8 | Format::Q6 => m <= 8,
+        Format::Q4 => true,
+        Format::F32 => false,
+    };
+    let two_tiles = matches!(format, Format::Q8 | Format::Q4) && m == 1 && n.div_ceil(32) <= slots.max(1);
     match tiles {
-        1 if pipelined => TcPlan { tiles, scale: Scale::Weight, pipe: true },
-        2 if pipelined && m == 1 && n.div_ceil(32) <= slots.max(1) => TcPlan { tiles, scale, pipe: true },
+        1 if one_tile => TcPlan { tiles, scale: Scale::Weight, pipe: true },
+        2 if two_tiles => TcPlan { tiles, scale, pipe: true },
         _ => TcPlan { tiles, scale, pipe: false },
     }
 }
@@ -190,8 +202,10 @@ fn tc_name(format: Format, m: usize, p: TcPlan) -> Option<(&'static CStr, u32)> 
         let name = match (format, m > 8, t, scale) {
             (Format::Q8, false, 1, Weight) => c"qins_gemv_tc_q8_m8_w16_u2_p",
             (Format::Q8, false, 2, Chunk) => c"qins_gemv_tc_q8_m8_w8_u2_t2_p_c1",
+            (Format::Q6, false, 1, Weight) => c"qins_gemv_tc_q6_m8_w16_u2_p",
             (Format::Q4, false, 1, Weight) => c"qins_gemv_tc_q4_m8_w16_u2_p",
             (Format::Q4, false, 2, Chunk) => c"qins_gemv_tc_q4_m8_w8_u2_t2_p_c1",
+            (Format::Q4, true, 1, Weight) => c"qins_gemv_tc_q4_m16_w8_u2_p",
             _ => return None,
         };
         return Some((name, 32 * warps));
@@ -517,12 +531,15 @@ mod tests {
         let p = |tiles, scale, pipe| TcPlan { tiles, scale, pipe };
         assert_eq!([3072, 8192, 9216, 16384, 32064].map(|n| tiles(Format::Q4, n)), [1, 2, 3, 4, 4]);
         assert_eq!([3072, 8192, 9216, 16384, 32064].map(|n| tiles(Format::Q8, n)), [1, 2, 1, 2, 2]);
-        // One tile: pipelined, the scale on each pair, at M <= 8 (q8 and q4 only).
+        assert_eq!([3072, 8192, 32064].map(|n| tiles(Format::Q6, n)), [1, 1, 1]);
+        // One tile: pipelined, the scale on each pair (q8 and q6 up to 8 rows, q4 up to 16).
         assert_eq!(plan(Format::Q4, 1, 3072, 0), p(1, Scale::Weight, true));
         assert_eq!(plan(Format::Q8, 1, 3072, 3), p(1, Scale::Weight, true));
         assert_eq!(plan(Format::Q8, 8, 9216, 3), p(1, Scale::Weight, true));
-        assert_eq!(plan(Format::Q6, 1, 3072, 3), p(1, Scale::Step, false));
-        assert_eq!(plan(Format::Q4, 16, 16384, 0), p(1, Scale::Weight, false));
+        assert_eq!(plan(Format::Q6, 1, 8192, 3), p(1, Scale::Weight, true));
+        assert_eq!(plan(Format::Q4, 16, 16384, 2), p(1, Scale::Weight, true));
+        assert_eq!(plan(Format::Q8, 16, 3072, 3), p(1, Scale::Step, false));
+        assert_eq!(plan(Format::Q6, 9, 3072, 0), p(1, Scale::Weight, false));
         // Two tiles: pipelined at M = 1 while the grid is one round (256 blocks of 32 channels).
         assert_eq!(plan(Format::Q4, 1, 8192, 0), p(2, Scale::Chunk, true));
         assert_eq!(plan(Format::Q8, 1, 8192, 3), p(2, Scale::Chunk, true));
