@@ -246,7 +246,8 @@ QINS_GEMV_ALL(32)
 // - A block of W warps computes 16 T output channels (T tiles of 16) for MT (8 or 16)
 //   activation rows; grid (ceil(N / 16 T), ceil(M / MT)). The warps split K and add their
 //   partial sums through shared memory, so no atomics and no state between launches.
-//   SC_CHUNK kernels take M = 1 only.
+//   SC_CHUNK kernels take M = 1 only. A warp holds U steps of chunks at a time; PIPE kernels
+//   (U = 2) request step i + 1 before they multiply step i.
 // - Why: the kernel above spends ~13 instructions a weight (extract, look up, sign, convert,
 //   FMA per row). Here a code costs a byte permute, an add and one shared-memory lookup that
 //   yields the f16 value with its sign (a q4 byte yields both of its weights), and the products
@@ -418,8 +419,6 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
             }
         }
     };
-    // The first round's weights are requested before the table is built, so that building it
-    // overlaps their trip from memory.
     auto run_step = [&](int j, int st) {
         if (step_full(st)) {
             step(j, st, std::true_type{});
@@ -427,6 +426,8 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
             step(j, st, std::false_type{});
         }
     };
+    // The first round's weights are requested before the table is built, so that building it
+    // overlaps their trip from memory.
     if constexpr (PIPE) {
         static_assert(U == 2, "two buffers: one in use, one loading");
         if (warp < steps_k) load_step(0, warp);
@@ -447,17 +448,14 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
             if (it + 2 * W < steps_k) load_step(0, it + 2 * W);
             run_step(1, it + W);
         }
-    } else
-    for (int it = warp; it < steps_k; it += W * U) {
-        if (it != warp) load_round(it);
+    } else {
+        for (int it = warp; it < steps_k; it += W * U) {
+            if (it != warp) load_round(it);
 #pragma unroll
-        for (int j = 0; j < U; j++) {
-            const int st = it + W * j;
-            if (st >= steps_k) break;
-            if (step_full(st)) {
-                step(j, st, std::true_type{});
-            } else {
-                step(j, st, std::false_type{});
+            for (int j = 0; j < U; j++) {
+                const int st = it + W * j;
+                if (st >= steps_k) break;
+                run_step(j, st);
             }
         }
     }
@@ -493,9 +491,9 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
 }
 
 
-// Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_t{T}][_cs|_c1] (the launcher's
-// `tc_name`), with _cs = SC_STEP, _c1 = SC_CHUNK, else SC_WEIGHT. Measured on an H100 at
-// Phi-3.5's shapes (scripts/gpu/probe.py, docs/BENCHMARKS.md):
+// Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_t{T}][_p][_cs|_c1] (the launcher's
+// `tc_name`), with _p = PIPE (below), _cs = SC_STEP, _c1 = SC_CHUNK, else SC_WEIGHT.
+// Measured on an H100 at Phi-3.5's shapes (scripts/gpu/probe.py, docs/BENCHMARKS.md):
 // - T = 1: for M <= 8, 16 warps (registers capped at 64 for two blocks a multiprocessor) beat
 //   8 warps by 0-10%, and 4 chunks in flight a lane no better than 2; MT = 16 needs more
 //   registers, so 8 warps.
@@ -541,8 +539,8 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
 //   at the fourth. 8 warps over 16 rows: q4 2-3% faster, q8 up to 8% slower (q8 keeps those
 //   without it).
 // - 32-channel blocks of 8 warps (128 registers; 16 warps spill), M = 1: 4-8% faster where
-//   the grid is one round of blocks (N = 8192), slower beyond it (16384, 32064). With 48 or
-//   64 channels they spill and lose.
+//   the grid is one round of blocks (N = 8192), slower beyond it (16384, 32064). With 48
+//   channels they spill and lost (64 spill more).
 #define QINS_GEMV_TC_PIPE(BITS)                                                                    \
     QINS_GEMV_TC_P(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2_p)            \
     QINS_GEMV_TC_P(BITS, 8, 8, 2, 2, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u2_t2_p_c1)
