@@ -165,8 +165,8 @@ fn cache() -> &'static Mutex<HashMap<usize, Arc<Loaded>>> {
 
 /// Makes sure a context is current on this thread (the device that holds `device_ptr`, by its
 /// primary context, which is the one ORT's CUDA runtime calls use) and returns the modules of
-/// that context, loading them the first time.
-pub fn modules_for(device_ptr: *const c_void) -> Result<(Arc<Loaded>, i32)> {
+/// that context, loading them the first time (`Loaded::device` is that context's device).
+pub fn modules_for(device_ptr: *const c_void) -> Result<Arc<Loaded>> {
     if !built_with_kernels() {
         return Err(Error::fail(
             "this build of the QINS library has no CUDA kernels (nvcc was not found at build time)",
@@ -174,14 +174,13 @@ pub fn modules_for(device_ptr: *const c_void) -> Result<(Arc<Loaded>, i32)> {
     }
     let d = driver()?;
     let ctx = d.current_context(device_ptr)?;
-    let device = d.context_device()?;
     let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(l) = cache.get(&(ctx as usize)) {
-        return Ok((l.clone(), device));
+        return Ok(l.clone());
     }
-    let loaded = Arc::new(load_all(d, ctx, device)?);
+    let loaded = Arc::new(load_all(d, ctx, d.context_device()?)?);
     cache.insert(ctx as usize, loaded.clone());
-    Ok((loaded, device))
+    Ok(loaded)
 }
 
 fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {

@@ -432,7 +432,7 @@ impl CudaQinsMatMul {
             _ => (codes.raw::<u8>()?, scales.raw::<half::f16>()?),
         };
         let stream = ctx.gpu_stream()?;
-        let (mods, device) = modules_for(a_ptr)?;
+        let mods = modules_for(a_ptr)?;
         let b = Buffers {
             a: a_ptr,
             codes: codes_ptr,
@@ -463,7 +463,7 @@ impl CudaQinsMatMul {
             Act::F16 => (2, R_16F, true),
             Act::F32 => (4, R_32F, false),
         };
-        let w = ctx.scratch(c"Cuda", device, l.n * l.k * elem)?;
+        let w = ctx.scratch(c"Cuda", mods.device, l.n * l.k * elem)?;
         // SAFETY: `w` holds N x K elements; the other buffers were checked against the layout.
         unsafe {
             decode(&mods, stream, l, f16, codes_ptr, scales_ptr, w.ptr)?;
