@@ -492,7 +492,9 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
 
 
 // Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_t{T}][_p][_cs|_c1] (the launcher's
-// `tc_name`), with _p = PIPE (below), _cs = SC_STEP, _c1 = SC_CHUNK, else SC_WEIGHT.
+// `tc_name`), with _p = PIPE (below), _cs = SC_STEP, _c1 = SC_CHUNK, else SC_WEIGHT. Where a
+// PIPE kernel replaced one (16 channels up to 8 rows, q4 at 16 rows) and for q6 at 2 tiles,
+// the launcher no longer picks these; they stay as scripts/gpu/probe.py's baselines.
 // Measured on an H100 at Phi-3.5's shapes (scripts/gpu/probe.py, docs/BENCHMARKS.md):
 // - T = 1: for M <= 8, 16 warps (registers capped at 64 for two blocks a multiprocessor) beat
 //   8 warps by 0-10%, and 4 chunks in flight a lane no better than 2; MT = 16 needs more

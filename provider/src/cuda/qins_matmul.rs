@@ -193,53 +193,39 @@ fn tc_plan(format: Format, m: usize, n: usize, cpg_shift: i32, slots: usize) -> 
 }
 
 /// The tensor-core kernel and its block size (threads) for `m` rows and plan `p`: 16 warps
-/// over 8 rows (8 warps at 3 or 4 tiles, and pipelined at 2), or 8 warps over 16 rows.
+/// over 8 rows (8 warps at 3 or 4 tiles, and pipelined at 2), or 8 warps over 16 rows. Only the
+/// plans `tc_plan` makes have a name; the kernel file's other entry points (the
+/// non-pipelined 16-channel ones, q6 at 2 tiles) are `scripts/gpu/probe.py`'s baselines.
 fn tc_name(format: Format, m: usize, p: TcPlan) -> Option<(&'static CStr, u32)> {
+    use Format::{Q4, Q6, Q8};
     use Scale::{Chunk, Step, Weight};
     let TcPlan { tiles: t, scale, pipe } = p;
-    let warps = if m > 8 || t >= 3 || (pipe && t == 2) { 8 } else { 16 };
-    if pipe {
-        let name = match (format, m > 8, t, scale) {
-            (Format::Q8, false, 1, Weight) => c"qins_gemv_tc_q8_m8_w16_u2_p",
-            (Format::Q8, false, 2, Chunk) => c"qins_gemv_tc_q8_m8_w8_u2_t2_p_c1",
-            (Format::Q6, false, 1, Weight) => c"qins_gemv_tc_q6_m8_w16_u2_p",
-            (Format::Q4, false, 1, Weight) => c"qins_gemv_tc_q4_m8_w16_u2_p",
-            (Format::Q4, false, 2, Chunk) => c"qins_gemv_tc_q4_m8_w8_u2_t2_p_c1",
-            (Format::Q4, true, 1, Weight) => c"qins_gemv_tc_q4_m16_w8_u2_p",
-            _ => return None,
-        };
-        return Some((name, 32 * warps));
-    }
-    let name = match (format, m > 8, t, scale) {
-        (Format::Q8, false, 1, Weight) => c"qins_gemv_tc_q8_m8_w16_u2",
-        (Format::Q8, false, 1, Step) => c"qins_gemv_tc_q8_m8_w16_u2_cs",
-        (Format::Q8, false, 2, Weight) => c"qins_gemv_tc_q8_m8_w16_u1_t2",
-        (Format::Q8, false, 2, Step) => c"qins_gemv_tc_q8_m8_w16_u1_t2_cs",
-        (Format::Q8, false, 2, Chunk) => c"qins_gemv_tc_q8_m8_w16_u1_t2_c1",
-        (Format::Q8, true, 1, Weight) => c"qins_gemv_tc_q8_m16_w8_u2",
-        (Format::Q8, true, 1, Step) => c"qins_gemv_tc_q8_m16_w8_u2_cs",
-        (Format::Q6, false, 1, Weight) => c"qins_gemv_tc_q6_m8_w16_u2",
-        (Format::Q6, false, 1, Step) => c"qins_gemv_tc_q6_m8_w16_u2_cs",
-        (Format::Q6, false, 2, Weight) => c"qins_gemv_tc_q6_m8_w16_u1_t2",
-        (Format::Q6, false, 2, Step) => c"qins_gemv_tc_q6_m8_w16_u1_t2_cs",
-        (Format::Q6, false, 2, Chunk) => c"qins_gemv_tc_q6_m8_w16_u1_t2_c1",
-        (Format::Q6, true, 1, Weight) => c"qins_gemv_tc_q6_m16_w8_u2",
-        (Format::Q6, true, 1, Step) => c"qins_gemv_tc_q6_m16_w8_u2_cs",
-        (Format::Q4, false, 1, Weight) => c"qins_gemv_tc_q4_m8_w16_u2",
-        (Format::Q4, false, 1, Step) => c"qins_gemv_tc_q4_m8_w16_u2_cs",
-        (Format::Q4, false, 2, Weight) => c"qins_gemv_tc_q4_m8_w16_u1_t2",
-        (Format::Q4, false, 2, Step) => c"qins_gemv_tc_q4_m8_w16_u1_t2_cs",
-        (Format::Q4, false, 2, Chunk) => c"qins_gemv_tc_q4_m8_w16_u1_t2_c1",
-        (Format::Q4, false, 3, Weight) => c"qins_gemv_tc_q4_m8_w8_u1_t3",
-        (Format::Q4, false, 3, Step) => c"qins_gemv_tc_q4_m8_w8_u1_t3_cs",
-        (Format::Q4, false, 3, Chunk) => c"qins_gemv_tc_q4_m8_w8_u1_t3_c1",
-        (Format::Q4, false, 4, Weight) => c"qins_gemv_tc_q4_m8_w8_u1_t4",
-        (Format::Q4, false, 4, Step) => c"qins_gemv_tc_q4_m8_w8_u1_t4_cs",
-        (Format::Q4, false, 4, Chunk) => c"qins_gemv_tc_q4_m8_w8_u1_t4_c1",
-        (Format::Q4, true, 1, Weight) => c"qins_gemv_tc_q4_m16_w8_u2",
-        (Format::Q4, true, 1, Step) => c"qins_gemv_tc_q4_m16_w8_u2_cs",
+    let name = match (format, m > 8, t, scale, pipe) {
+        (Q8, false, 1, Weight, true) => c"qins_gemv_tc_q8_m8_w16_u2_p",
+        (Q8, false, 2, Weight, false) => c"qins_gemv_tc_q8_m8_w16_u1_t2",
+        (Q8, false, 2, Step, false) => c"qins_gemv_tc_q8_m8_w16_u1_t2_cs",
+        (Q8, false, 2, Chunk, false) => c"qins_gemv_tc_q8_m8_w16_u1_t2_c1",
+        (Q8, false, 2, Chunk, true) => c"qins_gemv_tc_q8_m8_w8_u2_t2_p_c1",
+        (Q8, true, 1, Weight, false) => c"qins_gemv_tc_q8_m16_w8_u2",
+        (Q8, true, 1, Step, false) => c"qins_gemv_tc_q8_m16_w8_u2_cs",
+        (Q6, false, 1, Weight, true) => c"qins_gemv_tc_q6_m8_w16_u2_p",
+        (Q6, true, 1, Weight, false) => c"qins_gemv_tc_q6_m16_w8_u2",
+        (Q6, true, 1, Step, false) => c"qins_gemv_tc_q6_m16_w8_u2_cs",
+        (Q4, false, 1, Weight, true) => c"qins_gemv_tc_q4_m8_w16_u2_p",
+        (Q4, false, 2, Weight, false) => c"qins_gemv_tc_q4_m8_w16_u1_t2",
+        (Q4, false, 2, Step, false) => c"qins_gemv_tc_q4_m8_w16_u1_t2_cs",
+        (Q4, false, 2, Chunk, false) => c"qins_gemv_tc_q4_m8_w16_u1_t2_c1",
+        (Q4, false, 2, Chunk, true) => c"qins_gemv_tc_q4_m8_w8_u2_t2_p_c1",
+        (Q4, false, 3, Weight, false) => c"qins_gemv_tc_q4_m8_w8_u1_t3",
+        (Q4, false, 3, Step, false) => c"qins_gemv_tc_q4_m8_w8_u1_t3_cs",
+        (Q4, false, 3, Chunk, false) => c"qins_gemv_tc_q4_m8_w8_u1_t3_c1",
+        (Q4, false, 4, Weight, false) => c"qins_gemv_tc_q4_m8_w8_u1_t4",
+        (Q4, false, 4, Step, false) => c"qins_gemv_tc_q4_m8_w8_u1_t4_cs",
+        (Q4, false, 4, Chunk, false) => c"qins_gemv_tc_q4_m8_w8_u1_t4_c1",
+        (Q4, true, 1, Weight, true) => c"qins_gemv_tc_q4_m16_w8_u2_p",
         _ => return None,
     };
+    let warps = if m > 8 || t >= 3 || (pipe && t == 2) { 8 } else { 16 };
     Some((name, 32 * warps))
 }
 
@@ -376,7 +362,7 @@ pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: us
 }
 
 /// Codes per thread per load in the kernels (their `Fmt<BITS>::CH`).
-fn chunk_len(format: Format) -> usize {
+pub(crate) fn chunk_len(format: Format) -> usize {
     match format {
         Format::Q8 | Format::Q6 => 16,
         Format::Q4 => 32,

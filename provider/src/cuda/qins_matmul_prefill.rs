@@ -10,7 +10,7 @@ use std::ffi::CStr;
 
 use qins::codec::Format;
 
-use super::qins_matmul::{tc_applies, tc_args, tc_cpg_shift, Buffers};
+use super::qins_matmul::{chunk_len, tc_applies, tc_args, tc_cpg_shift, Buffers};
 use super::{launch, Args, Image, Loaded};
 use crate::ops::qins_matmul::Node;
 use crate::ort_api::{Error, KernelCtx, Result};
@@ -94,20 +94,11 @@ pub fn gemm_name(format: Format, c: Config) -> Option<&'static CStr> {
     Some(names[i])
 }
 
-/// Codes a chunk (`Fmt<BITS>::CH`).
-fn chunk(format: Format) -> usize {
-    if format == Format::Q4 {
-        32
-    } else {
-        16
-    }
-}
-
 /// Dynamic shared memory of a configuration: `Prefill<...>::SMEM` in the kernel file (the
 /// COMPACT table, then the stages, whose memory the partial sums reuse at the end).
 pub fn gemm_smem(format: Format, c: Config) -> u32 {
     let entries = if format == Format::Q6 { 64 } else { 256 };
-    let sk = c.wk * 4 * chunk(format);
+    let sk = c.wk * 4 * chunk_len(format);
     let stage = c.mb * (2 * sk + 16) + c.wn * c.wk * 2 * c.t * 32 * 16;
     let sums = (c.wk - 1) * c.wn * c.t * c.mb * 64;
     (entries * 128 + (c.stages * stage).max(sums)) as u32
@@ -186,7 +177,7 @@ pub fn plan(
         Format::Q6 => 2,
         Format::F32 => return None,
     };
-    let stages = k.div_ceil(chunk(format)).div_ceil(4);
+    let stages = k.div_ceil(chunk_len(format)).div_ceil(4);
     let mut best: Option<(f64, Plan)> = None;
     for (i, &c) in CONFIGS.iter().enumerate() {
         let Some(block_us) = BLOCK_US[row][i] else { continue };
