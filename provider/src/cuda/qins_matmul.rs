@@ -232,12 +232,16 @@ fn tc_name(format: Format, m: usize, p: TcPlan) -> Option<(&'static CStr, u32)> 
 /// Dynamic shared memory of the tensor-core kernel (see `TcTable` in kernels/qins_matmul.cu):
 /// its table, or the cross-warp sums that reuse the table's memory where they are larger.
 fn tc_smem(format: Format, mt: usize, threads: u32, t: usize) -> u32 {
-    let table = match format {
-        Format::Q6 => 64 * 256,
-        _ => 256 * 256,
-    };
     let sums = (threads as usize / 32) * 16 * t * (mt + 1) * 4;
-    table.max(sums as u32)
+    tc_table_bytes(format, false).max(sums) as u32
+}
+
+/// `TcTable<BITS, SHIFT>::BYTES` of kernels/qins_tc.cuh: 64 entries for q6 (a code each), 256
+/// otherwise (q8 codes, q4 bytes), 256 bytes an entry (SPREAD, the token kernel's) or 128
+/// (`compact`, the prefill kernel's).
+pub(crate) fn tc_table_bytes(format: Format, compact: bool) -> usize {
+    let entries = if format == Format::Q6 { 64 } else { 256 };
+    entries * if compact { 128 } else { 256 }
 }
 
 /// `cpg_shift` of the tensor-core kernel: log2 of the chunks a group, 30 (every chunk in

@@ -10,7 +10,7 @@ use std::ffi::CStr;
 
 use qins::codec::Format;
 
-use super::qins_matmul::{chunk_len, tc_applies, tc_args, tc_cpg_shift, Buffers};
+use super::qins_matmul::{chunk_len, tc_applies, tc_args, tc_cpg_shift, tc_table_bytes, Buffers};
 use super::{launch, Args, Image, Loaded};
 use crate::ops::qins_matmul::Node;
 use crate::ort_api::{Error, KernelCtx, Result};
@@ -97,11 +97,10 @@ pub fn gemm_name(format: Format, c: Config) -> Option<&'static CStr> {
 /// Dynamic shared memory of a configuration: `Prefill<...>::SMEM` in the kernel file (the
 /// COMPACT table, then the stages, whose memory the partial sums reuse at the end).
 pub fn gemm_smem(format: Format, c: Config) -> u32 {
-    let entries = if format == Format::Q6 { 64 } else { 256 };
     let sk = c.wk * 4 * chunk_len(format);
     let stage = c.mb * (2 * sk + 16) + c.wn * c.wk * 2 * c.t * 32 * 16;
     let sums = (c.wk - 1) * c.wn * c.t * c.mb * 64;
-    (entries * 128 + (c.stages * stage).max(sums)) as u32
+    (tc_table_bytes(format, true) + (c.stages * stage).max(sums)) as u32
 }
 
 /// A launch: configuration and K splits (> 1: f32 partial sums, then `qins_gemm_reduce`).
