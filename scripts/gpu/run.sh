@@ -10,16 +10,21 @@ source .og5/unpack.sh || exit 1
 LIB=${LIB:-$PWD/.gpuart/libqins_provider.so}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader 
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+# check.py with every prefill configuration (CONFIGS in provider/src/cuda/qins_matmul_prefill.rs)
+# forced, at each split count in $1; their JSON merged into $2.
+check_prefill() {
+  rm -rf /tmp/cp && mkdir -p /tmp/cp
+  for c in 0 1 2 3 4 5; do for sp in $1; do
+    python3 scripts/gpu/check.py "$LIB" --prefill $c:$sp --json /tmp/cp/$c-$sp.json 2>&1 | grep -v "^ok \|plugin EP"
+  done; done
+  python3 -c "import glob, json, sys; json.dump({f.split('/')[-1][:-5]: json.load(open(f)) for f in sorted(glob.glob('/tmp/cp/*.json'))}, open(sys.argv[1], 'w'))" "$2"
+}
 for step in "$@"; do
   case $step in
     check) python3 scripts/gpu/check.py "$LIB" --json "$OUT/check.json" 2>&1 | grep -v "^ok \|plugin EP"
-      # Every prefill configuration (CONFIGS in provider/src/cuda/qins_matmul_prefill.rs) with
-      # and without split K (5 splits: more than some of these K have stages, so empty splits too).
-      mkdir -p /tmp/cp
-      for c in 0 1 2 3 4 5; do for sp in 1 2 5; do
-        python3 scripts/gpu/check.py "$LIB" --prefill $c:$sp --json /tmp/cp/$c-$sp.json 2>&1 | grep -v "^ok \|plugin EP"
-      done; done
-      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1][:-5]: json.load(open(f)) for f in sorted(glob.glob('/tmp/cp/*.json'))}, open(sys.argv[1], 'w'))" "$OUT/check-prefill.json" ;;
+      # With and without split K (5 splits: more than some of these K have stages, so empty
+      # splits too).
+      check_prefill "1 2 5" "$OUT/check-prefill.json" ;;
     sanitize)
       # memcheck over both paths; racecheck over the code-domain kernel and the decode kernel
       # alone (under racecheck cuBLAS's own kernels stop the tool with an internal error).
@@ -52,9 +57,7 @@ for step in "$@"; do
       done ;;
     check-prefill2)
       # check's prefill sweep with 2 splits only (a shorter run).
-      for c in 0 1 2 3 4 5; do
-        python3 scripts/gpu/check.py "$LIB" --prefill $c:2 --json "$OUT/check-prefill-$c-2.json" 2>&1 | grep -v "^ok \|plugin EP"
-      done ;;
+      check_prefill 2 "$OUT/check-prefill2.json" ;;
     bench-quick) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" --quick 2>&1 | grep -v "plugin EP" | tail -40 ;;
     probe) python3 scripts/gpu/probe.py .gpuart "$OUT/probe.json" 2>&1 ;;
     probe-prefill) python3 scripts/gpu/probe_prefill.py .gpuart "$OUT/probe_prefill.json" 2>&1 | grep -v "^   \|no graph" ;;
