@@ -139,9 +139,16 @@ __device__ __forceinline__ float scale_at(const void* __restrict__ scales, long 
 // that kernel has completed and flushed. Before it a kernel touches only what no kernel writes:
 // the module's tables, and the weights where the launcher has checked that they are constant
 // initializers (gemv_tc). Without the launch attribute, and below sm_90, it does nothing.
+// Once past the wait, a block also lets the next kernel launch (launch_dependents): its blocks
+// then take multiprocessors as this kernel's blocks leave them and do their own pre-wait work
+// (gemv_tc: request weights) during this kernel's last round, instead of after it. The
+// trigger takes effect only when every block of this grid has given it (or exited), so they
+// never take room this grid still needs, and being after the wait, at most two grids of a
+// chain are in flight.
 __device__ __forceinline__ void wait_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 

@@ -11,7 +11,7 @@ activation type:
        on ORT's cuBLAS handle, whose TF32 setting it inherits: 16 (2^-11)^2 there.
 Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs;
 chains of three nodes, each reading the previous one's output (the kernels overlap their
-predecessor: QINS_CUDA_PDL), plain and in a CUDA graph.
+predecessor where QINS_CUDA_PDL=1, as run.sh's check sets), plain and in a CUDA graph.
 --prefill C:S runs only the cases the prefill kernel can take (f16, tensor-core layouts,
 M > 16), with QINS_CUDA_PREFILL=C:S: configuration C of its launcher with S K-splits.
 argv: LIB [--quick] [--max-m M] [--prefill C:S] [--json PATH]

@@ -6,7 +6,7 @@
 # its IOBinding loop, then its CUDA-graph loop), all models in one run. `graph`: the Python
 # prototype of the graph loop (scripts/gpu/graph_decode.py), as a cross-check.
 #   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] bench [bench-tiles1]
-#     [bench-noprefill] [bench-nopdl] [graph]   (after run.sh unpacked ORT GPU)
+#     [bench-noprefill] [bench-pdl] [graph]   (after run.sh unpacked ORT GPU)
 # Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
 # the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
 # (../shared/data/phi3-tokenizer.json).
@@ -58,11 +58,11 @@ for step in "$@"; do
       # launcher's tc_tiles), to show what the wider blocks give end to end.
       QINS_CUDA_TC_MAX_TILES=1 "$E/qins-bench" generate $W/qins-q4 $W/qins-q4-all $W/qins-q8 --device cuda \
         --prefill 128 --decode-prompt 128 --new-tokens 128 --reps 3 --cuda-graph --json "$OUT/e2e-tiles1.json" 2>&1 | tail -6 ;;
-    bench-nopdl)
-      # The QINS models with every kernel launched the ordinary way (QINS_CUDA_PDL=0), for the
+    bench-pdl)
+      # The QINS models with overlapped launches (QINS_CUDA_PDL=1; off by default), for the
       # effect of programmatic dependent launch.
-      QINS_CUDA_PDL=0 "$E/qins-bench" generate $W/qins-q8 $W/qins-q4 $W/qins-q8-all $W/qins-q4-all --device cuda \
-        --prefill 128 --decode-prompt 128 --new-tokens 128 --reps 3 --cuda-graph --json "$OUT/e2e-nopdl.json" 2>&1 | tail -8 ;;
+      QINS_CUDA_PDL=1 "$E/qins-bench" generate $W/qins-q8 $W/qins-q4 $W/qins-q8-all $W/qins-q4-all --device cuda \
+        --prefill 128 --decode-prompt 128 --new-tokens 128 --reps 3 --cuda-graph --json "$OUT/e2e-pdl.json" 2>&1 | tail -8 ;;
     bench-noprefill)
       # The QINS models with the prefill kernel off (decode + cuBLAS above 16 rows, as before
       # it), for the prefill columns.

@@ -21,7 +21,9 @@ check_prefill() {
 }
 for step in "$@"; do
   case $step in
-    check) python3 scripts/gpu/check.py "$LIB" --json "$OUT/check.json" 2>&1 | grep -v "^ok \|plugin EP"
+    # The main sweep with overlapped launches on (QINS_CUDA_PDL=1: both launch paths and the
+    # chains that exercise the overlap), the prefill sweep with the default (off).
+    check) QINS_CUDA_PDL=1 python3 scripts/gpu/check.py "$LIB" --json "$OUT/check.json" 2>&1 | grep -v "^ok \|plugin EP"
       # With and without split K (5 splits: more than some of these K have stages, so empty
       # splits too).
       check_prefill "1 2 5" "$OUT/check-prefill.json" ;;

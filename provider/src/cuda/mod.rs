@@ -77,7 +77,7 @@ pub struct Loaded {
     /// Dynamic shared memory a block may opt in to on that device.
     pub max_shared: usize,
     /// Whether launches may overlap the previous kernel ([`After::Overlap`]): an sm_90+
-    /// device, a driver with `cuLaunchKernelEx`, and `QINS_CUDA_PDL` not `0`.
+    /// device, a driver with `cuLaunchKernelEx`, and `QINS_CUDA_PDL=1`.
     overlap: bool,
     functions: Mutex<HashMap<&'static CStr, CuFunction>>,
     occupancy: Mutex<HashMap<&'static CStr, usize>>,
@@ -207,8 +207,11 @@ fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {
     })
 }
 
-/// `QINS_CUDA_PDL` (read once): `0` launches every kernel the ordinary way; `1` (the default)
-/// lets them overlap the previous kernel where the device allows.
+/// `QINS_CUDA_PDL` (read once): `1` lets kernels overlap the previous kernel where the device
+/// allows; `0` (the default) launches every kernel the ordinary way. Off by default because
+/// in Phi-3.5 end to end it measured 1-6% slower (most QINS nodes follow ORT's own kernels,
+/// which never let a successor start early), while back-to-back QINS nodes ran up to 27%
+/// faster with it (docs/BENCHMARKS.md).
 fn pdl_enabled() -> Result<bool> {
     static V: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
     V.get_or_init(|| parse_pdl(std::env::var("QINS_CUDA_PDL").ok().as_deref())).clone().map_err(Error::invalid)
@@ -216,8 +219,8 @@ fn pdl_enabled() -> Result<bool> {
 
 fn parse_pdl(v: Option<&str>) -> std::result::Result<bool, String> {
     match v.map(str::trim) {
-        None | Some("") | Some("1") => Ok(true),
-        Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        None | Some("") | Some("0") => Ok(false),
         Some(v) => Err(format!("QINS_CUDA_PDL={v}: expected 0 or 1")),
     }
 }
@@ -334,7 +337,7 @@ mod tests {
 
     #[test]
     fn pdl_setting_is_parsed() {
-        assert_eq!(parse_pdl(None), Ok(true));
+        assert_eq!(parse_pdl(None), Ok(false));
         assert_eq!(parse_pdl(Some("1")), Ok(true));
         assert_eq!(parse_pdl(Some(" 0 ")), Ok(false));
         assert!(parse_pdl(Some("off")).unwrap_err().contains("expected 0 or 1"));
