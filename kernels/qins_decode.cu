@@ -7,9 +7,15 @@
 // - `qins_decode_*`: blocks of 32 x 8 threads, a warp per row, a thread per chunk at a time
 //   (16-byte code loads, the LUT in shared memory, 16-byte stores where K % 8 == 0). The QinsMatMul prefill path decodes into scratch with it
 //   and hands the result to cuBLAS.
+// - `qins_decode_runs_*` (bits 8 and 4, K % 8 == 0, G % 8 == 0): blocks of 128 threads over one
+//   row, a thread per run of 8 weights at a time (8 or 4 bytes of codes, one 16-byte f16 store),
+//   so that a warp reads 32 consecutive runs of codes and writes 512 consecutive bytes. The
+//   launcher takes it wherever it applies: the chunked kernel's lanes each wrote their own 64
+//   bytes (q4) and it reached 1.2-1.4 TB/s against the copy's ~2.9 (docs/BENCHMARKS.md).
 // - `qins_decode_naive_*`: the plain elementwise baseline it is measured against: one thread
 //   per weight, one byte load, and D(z) evaluated from the code by the formula.
-// - Grid: `qins_decode_*` x over tiles of 8 rows; the naive one x over elements of a row, y
+// - Grid: `qins_decode_*` x over tiles of 8 rows; `qins_decode_runs_*` x over 128 RUNS_U-run
+//   pieces of a row, y over rows; the naive one x over elements of a row, y
 //   over rows. No shared state between blocks. Both wait_prior_grid() (qins_common.cuh) before
 //   their first global read or write.
 #include "qins_common.cuh"
@@ -82,6 +88,69 @@ __device__ __forceinline__ void decode(const uint8_t* __restrict__ codes, const 
             if (c + 32 * j < nchunks) decode_chunk<BITS, T>(ch[j], scales, W, K, n, G, groups, lut, c + 32 * j);
     }
 }
+
+constexpr int RUNS_U = 4;
+
+// Run j of row n: weights 8j .. 8j+7, one group (G % 8 == 0). RUNS_U runs a thread, loaded
+// before any is decoded.
+template <int BITS, typename T>
+__device__ __forceinline__ void decode_runs(const uint8_t* __restrict__ codes, const __half* __restrict__ scales,
+                                            T* __restrict__ W, int K, int G, int row_bytes, int groups) {
+    static_assert(BITS == 8 || BITS == 4, "runs of 8 codes in 8 or 4 bytes");
+    __shared__ float lut[Fmt<BITS>::LUT];
+    stage_lut<BITS>(lut);
+    wait_prior_grid();
+    const long long n = blockIdx.y;
+    const int runs = K / 8;
+    const int j0 = blockIdx.x * blockDim.x * RUNS_U + threadIdx.x;
+    const uint8_t* row = codes + n * row_bytes;
+    uint2 w[RUNS_U];
+#pragma unroll
+    for (int u = 0; u < RUNS_U; u++) {
+        const int j = j0 + u * blockDim.x;
+        if (j < runs) {
+            if constexpr (BITS == 8) {
+                w[u] = __ldg(reinterpret_cast<const uint2*>(row) + j);
+            } else {
+                w[u].x = __ldg(reinterpret_cast<const uint32_t*>(row) + j);
+            }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < RUNS_U; u++) {
+        const int j = j0 + u * blockDim.x;
+        if (j >= runs) break;
+        const float s = __half2float(__ldg(scales + n * groups + 8 * j / G));
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint32_t code = BITS == 8 ? ((i < 4 ? w[u].x : w[u].y) >> (8 * (i & 3))) & 0xffu
+                                            : (w[u].x >> (4 * i)) & 0xfu;
+            v[i] = lut[code] * s;
+        }
+        T* out = W + n * K + 8 * j;
+        if constexpr (sizeof(T) == 2) {
+            __half2 h[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+            *reinterpret_cast<uint4*>(out) = *reinterpret_cast<uint4*>(h);
+        } else {
+            reinterpret_cast<float4*>(out)[0] = make_float4(v[0], v[1], v[2], v[3]);
+            reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+    }
+}
+
+#define QINS_DECODE_RUNS(BITS, T, TN)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                                        \
+        qins_decode_runs_q##BITS##_##TN(const uint8_t* codes, const __half* scales, T* W, int K, int G,       \
+                                        int row_bytes, int groups) {                                          \
+        decode_runs<BITS, T>(codes, scales, W, K, G, row_bytes, groups);                                     \
+    }
+QINS_DECODE_RUNS(8, __half, f16)
+QINS_DECODE_RUNS(4, __half, f16)
+QINS_DECODE_RUNS(8, float, f32)
+QINS_DECODE_RUNS(4, float, f32)
 
 // The plain baseline: code k of row n by its byte, D(z) by the formula of docs/FORMAT.md.
 template <int BITS>

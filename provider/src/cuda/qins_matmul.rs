@@ -501,6 +501,10 @@ mod tests {
             for f16 in [true, false] {
                 let name = super::super::qins_decode::kernel_name(format, f16);
                 assert!(contains(images::QINS_DECODE, name.to_bytes()), "{name:?} missing");
+                let l = qins::codec::Layout::new(format, 3072, 3072, if format == Format::F32 { 3072 } else { 128 });
+                if let Some(name) = super::super::qins_decode::runs_kernel_name(&l, f16) {
+                    assert!(contains(images::QINS_DECODE, name.to_bytes()), "{name:?} missing");
+                }
             }
         }
     }
