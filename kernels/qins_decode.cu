@@ -5,8 +5,9 @@
 //   Output W: T [N, K] row-major, W[n, k] = LUT[code(n, k)] * scale(n, k / G), computed in
 //   f32 and rounded once, exactly what the CPU reference decodes before its own rounding.
 // - `qins_decode_*`: blocks of 32 x 8 threads, a warp per row, a thread per chunk at a time
-//   (16-byte code loads, the LUT in shared memory, 16-byte stores where K % 8 == 0). The QinsMatMul prefill path decodes into scratch with it
-//   and hands the result to cuBLAS.
+//   (16-byte code loads, the LUT in shared memory, 16-byte stores where K % 8 == 0). The
+//   QinsMatMul prefill path decodes into scratch with it (or the runs kernel) and hands the
+//   result to cuBLAS.
 // - `qins_decode_runs_*` (bits 8 and 4, K % 8 == 0, G % 8 == 0): blocks of 128 threads over one
 //   row, a thread per run of 8 weights at a time (8 or 4 bytes of codes, one 16-byte f16 store),
 //   so that a warp reads 32 consecutive runs of codes and writes 512 consecutive bytes. The
@@ -14,10 +15,10 @@
 //   bytes (q4) and it reached 1.2-1.4 TB/s against the copy's ~2.9 (docs/BENCHMARKS.md).
 // - `qins_decode_naive_*`: the plain elementwise baseline it is measured against: one thread
 //   per weight, one byte load, and D(z) evaluated from the code by the formula.
-// - Grid: `qins_decode_*` x over tiles of 8 rows; `qins_decode_runs_*` x over 128 RUNS_U-run
-//   pieces of a row, y over rows; the naive one x over elements of a row, y
-//   over rows. No shared state between blocks. Both wait_prior_grid() (qins_common.cuh) before
-//   their first global read or write.
+// - Grid: `qins_decode_*` x over tiles of 8 rows; `qins_decode_runs_*` (the same arguments)
+//   x over 128 RUNS_U-run pieces of a row, y over rows; the naive one x over elements of a
+//   row, y over rows. No shared state between blocks. All wait_prior_grid()
+//   (qins_common.cuh) before their first global read or write.
 #include "qins_common.cuh"
 
 template <int BITS, typename T>
@@ -95,12 +96,13 @@ constexpr int RUNS_U = 4;
 // before any is decoded.
 template <int BITS, typename T>
 __device__ __forceinline__ void decode_runs(const uint8_t* __restrict__ codes, const __half* __restrict__ scales,
-                                            T* __restrict__ W, int K, int G, int row_bytes, int groups) {
+                                            T* __restrict__ W, int K, int N, int G, int row_bytes, int groups) {
     static_assert(BITS == 8 || BITS == 4, "runs of 8 codes in 8 or 4 bytes");
     __shared__ float lut[Fmt<BITS>::LUT];
     stage_lut<BITS>(lut);
     wait_prior_grid();
     const long long n = blockIdx.y;
+    if (n >= N) return;
     const int runs = K / 8;
     const int j0 = blockIdx.x * blockDim.x * RUNS_U + threadIdx.x;
     const uint8_t* row = codes + n * row_bytes;
@@ -143,9 +145,9 @@ __device__ __forceinline__ void decode_runs(const uint8_t* __restrict__ codes, c
 
 #define QINS_DECODE_RUNS(BITS, T, TN)                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                        \
-        qins_decode_runs_q##BITS##_##TN(const uint8_t* codes, const __half* scales, T* W, int K, int G,       \
+        qins_decode_runs_q##BITS##_##TN(const uint8_t* codes, const __half* scales, T* W, int K, int N, int G, \
                                         int row_bytes, int groups) {                                          \
-        decode_runs<BITS, T>(codes, scales, W, K, G, row_bytes, groups);                                     \
+        decode_runs<BITS, T>(codes, scales, W, K, N, G, row_bytes, groups);                                  \
     }
 QINS_DECODE_RUNS(8, __half, f16)
 QINS_DECODE_RUNS(4, __half, f16)

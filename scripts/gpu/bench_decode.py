@@ -53,8 +53,7 @@ for k, n in [(200, 37)] if QUICK else [(3072, 3072), (3072, 8192), (8192, 3072)]
         if bits != 6 and k % 8 == 0 and g % 8 == 0:
             runs = mod.get_function(f"qins_decode_runs_q{bits}_f16")
             out_runs = cp.empty((n, k), dtype=cp.float16)
-            rints = (np.int32(k), np.int32(g), np.int32(rb), np.int32(groups))
-            t_runs = bench(runs, lambda i: (cs[i], ss[i], out_runs) + rints, (-(-(k // 8) // 512), n), (128,), copies)
+            t_runs = bench(runs, lambda i: (cs[i], ss[i], out_runs) + ints, (-(-(k // 8) // 512), n), (128,), copies)
             # The same table and scale products in the same order: bit-identical, or it is wrong.
             same = bool((out_runs.view(cp.uint16) == out.view(cp.uint16)).all())
             print(f"   runs kernel identical to the chunked one: {same}", flush=True)

@@ -55,21 +55,14 @@ pub unsafe fn decode(
     scales: *const c_void,
     out: *mut c_void,
 ) -> Result<()> {
-    if let Some(name) = runs_kernel_name(l, f16) {
-        let f = mods.function(Image::Decode, name)?;
-        let args = Args::new()
-            .ptr(codes)
-            .ptr(scales)
-            .ptr(out)
-            .i32(l.k as i32)
-            .i32(l.group as i32)
-            .i32(l.row_bytes() as i32)
-            .i32(l.groups() as i32);
-        let grid = ((l.k / 8).div_ceil(RUNS_THREADS * RUNS_U) as u32, l.n as u32, 1);
-        // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-        return unsafe { launch(f, grid, (RUNS_THREADS as u32, 1), 0, stream, &args, mods.after(true)) };
-    }
-    let f = mods.function(Image::Decode, kernel_name(l.format, f16))?;
+    // Both kernels take the same arguments.
+    let (name, grid, block) = match runs_kernel_name(l, f16) {
+        Some(name) => {
+            (name, ((l.k / 8).div_ceil(RUNS_THREADS * RUNS_U) as u32, l.n as u32, 1), (RUNS_THREADS as u32, 1))
+        }
+        None => (kernel_name(l.format, f16), (l.n.div_ceil(ROWS) as u32, 1, 1), (32, ROWS as u32)),
+    };
+    let f = mods.function(Image::Decode, name)?;
     let args = Args::new()
         .ptr(codes)
         .ptr(scales)
@@ -80,7 +73,7 @@ pub unsafe fn decode(
         .i32(l.row_bytes() as i32)
         .i32(l.groups() as i32);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
-    unsafe { launch(f, (l.n.div_ceil(ROWS) as u32, 1, 1), (32, ROWS as u32), 0, stream, &args, mods.after(true)) }
+    unsafe { launch(f, grid, block, 0, stream, &args, mods.after(true)) }
 }
 
 #[cfg(test)]
