@@ -210,8 +210,8 @@ fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {
 /// `QINS_CUDA_PDL` (read once): `1` lets kernels overlap the previous kernel where the device
 /// allows; `0` (the default) launches every kernel the ordinary way. Off by default because
 /// in Phi-3.5 end to end it measured 1-6% slower (most QINS nodes follow ORT's own kernels,
-/// which never let a successor start early), while back-to-back QINS nodes ran up to 27%
-/// faster with it (docs/BENCHMARKS.md).
+/// which never let a successor start early), while back-to-back QINS nodes took 0.70-0.94x
+/// the time with it (docs/BENCHMARKS.md).
 fn pdl_enabled() -> Result<bool> {
     static V: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
     V.get_or_init(|| parse_pdl(std::env::var("QINS_CUDA_PDL").ok().as_deref())).clone().map_err(Error::invalid)
