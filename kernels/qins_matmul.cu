@@ -502,18 +502,14 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
 // - T > 1 (16 T channels a block) where N / 16 would leave a thin last round of blocks or
 //   many small ones: the launcher's `tc_tiles` picks T from N and the GPU's multiprocessors.
 // - SC_CHUNK at M = 1 gained another 4-5% for q4 g32 with T >= 2, nothing at T = 1.
-#define QINS_GEMV_TC(BITS, MT, W, U, T, MINB, CS, NAME)                                                     \
+#define QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, PIPE, NAME)                                          \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                                  \
         NAME(const __half* A, const uint8_t* codes, const __half* scales, __half* Y, int M, int K, int N,      \
              int row_bytes, int groups, int cpg_shift) {                                                        \
-        gemv_tc<BITS, MT, W, U, CS, T>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);            \
+        gemv_tc<BITS, MT, W, U, CS, T, PIPE>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);      \
     }
-#define QINS_GEMV_TC_P(BITS, MT, W, U, T, MINB, CS, NAME)                                                   \
-    extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                                  \
-        NAME(const __half* A, const uint8_t* codes, const __half* scales, __half* Y, int M, int K, int N,      \
-             int row_bytes, int groups, int cpg_shift) {                                                        \
-        gemv_tc<BITS, MT, W, U, CS, T, true>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);      \
-    }
+#define QINS_GEMV_TC(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, false, NAME)
+#define QINS_GEMV_TC_P(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, true, NAME)
 #define QINS_GEMV_TC_ALL(BITS)                                                                     \
     QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2)                \
     QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w16_u2_cs)               \
