@@ -110,6 +110,12 @@ __device__ __forceinline__ float f32_value(uint32_t bits) {
     return copysignf(__frcp_rn(fabsf(z)) - 1.0f, z);
 }
 
+// The fused SwiGLU epilogue, `silu(g) * u` = g / (1 + e^-g) * u in f32: mirrors
+// `qins::codec::silu_mul`. Output j of the fused op reads stored channels
+// 16 (j / 8) + j % 8 (gate) and that + 8 (up) (`qins::codec::swiglu_row`).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+__device__ __forceinline__ int swiglu_row(int j) { return 16 * (j >> 3) + (j & 7); }
+
 template <typename T>
 __device__ __forceinline__ float to_f(T v);
 template <>

@@ -276,7 +276,7 @@ constexpr int SC_WEIGHT = 0, SC_STEP = 1, SC_CHUNK = 2;
 template <int BITS, int MT, int W, int U, int SC, int T, bool PIPE = false>
 __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint8_t* __restrict__ codes,
                                          const __half* __restrict__ scales, __half* __restrict__ Y, int M, int K,
-                                         int N, int row_bytes, int groups, int cpg_shift) {
+                                         int N, int row_bytes, int groups, int cpg_shift, int swiglu) {
     constexpr int CH = Fmt<BITS>::CH;
     constexpr int CB = CH * BITS / 8;  // bytes a chunk
     constexpr int STEPS = CH / 4;
@@ -471,25 +471,58 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
             red[warp][c + 8][m + 1] = d[0][t][h][3] + d[1][t][h][3];
         }
     __syncthreads();
-    if constexpr (SC == SC_CHUNK) {
-        // Columns 2q hold quad q's chunks; the odd columns are zeros.
-        for (int c = threadIdx.x; c < 16 * T; c += blockDim.x) {
-            float v = 0.0f;
+    // The block's sum for channel c (of its 16 T) and activation row m.
+    auto sum_at = [&](int c, int m) {
+        float v = 0.0f;
+        if constexpr (SC == SC_CHUNK) {
+            // Columns 2q hold quad q's chunks; the odd columns are zeros.
 #pragma unroll
             for (int w = 0; w < W; w++) v += (red[w][c][0] + red[w][c][2]) + (red[w][c][4] + red[w][c][6]);
-            if (n0 + c < N) Y[n0 + c] = __float2half_rn(v);
-        }
-    } else {
-        for (int i = threadIdx.x; i < 16 * T * MT; i += blockDim.x) {
-            const int c = i / MT, m = i % MT;
-            float v = 0.0f;
+        } else {
 #pragma unroll
             for (int w = 0; w < W; w++) v += red[w][c][m];
-            if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * N + n0 + c] = __float2half_rn(v);
+        }
+        return v;
+    };
+    constexpr int MO = SC == SC_CHUNK ? 1 : MT;  // activation rows the block writes
+    if (swiglu) {
+        // Tile t holds the gate of outputs n0 / 2 + 8 t .. + 7 in its first 8 channels and
+        // their up in the next 8 (N % 16 == 0, checked by the host).
+        const int half = N >> 1;
+        for (int i = threadIdx.x; i < 8 * T * MO; i += blockDim.x) {
+            const int j = i / MO, m = i % MO, c = swiglu_row(j);
+            if (n0 + c < N && m0 + m < M)
+                Y[(long long)(m0 + m) * half + (n0 >> 1) + j] = __float2half_rn(silu_mul(sum_at(c, m), sum_at(c + 8, m)));
+        }
+    } else {
+        for (int i = threadIdx.x; i < 16 * T * MO; i += blockDim.x) {
+            const int c = i / MO, m = i % MO;
+            if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * N + n0 + c] = __float2half_rn(sum_at(c, m));
         }
     }
 }
 
+// The fused SwiGLU's epilogue where the product came from another path (decode + cuBLAS, the
+// prefill kernel, the CUDA-core kernel): y[m, j] = silu(y2[m, gate j]) * y2[m, up j] over a
+// [M, 2 half] product, half % 8 == 0. The f16 product was rounded once already, as ORT's
+// unfused graph rounds its two MatMul outputs.
+template <typename T>
+__device__ __forceinline__ void swiglu_combine(const T* __restrict__ y2, T* __restrict__ y, long long total, int half) {
+    wait_prior_grid();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long m = i / half;
+        const int c = swiglu_row(int(i - m * half));
+        const T* row = y2 + m * 2 * half;
+        y[i] = from_f<T>(silu_mul(to_f<T>(row[c]), to_f<T>(row[c + 8])));
+    }
+}
+extern "C" __global__ void qins_swiglu_f16(const __half* y2, __half* y, long long total, int half) {
+    swiglu_combine<__half>(y2, y, total, half);
+}
+extern "C" __global__ void qins_swiglu_f32(const float* y2, float* y, long long total, int half) {
+    swiglu_combine<float>(y2, y, total, half);
+}
 
 // Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_t{T}][_p][_cs|_c1] (the launcher's
 // `tc_name`), with _p = PIPE (below), _cs = SC_STEP, _c1 = SC_CHUNK, else SC_WEIGHT. Where a
@@ -505,8 +538,8 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
 #define QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, PIPE, NAME)                                          \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                                  \
         NAME(const __half* A, const uint8_t* codes, const __half* scales, __half* Y, int M, int K, int N,      \
-             int row_bytes, int groups, int cpg_shift) {                                                        \
-        gemv_tc<BITS, MT, W, U, CS, T, PIPE>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift);      \
+             int row_bytes, int groups, int cpg_shift, int swiglu) {                                            \
+        gemv_tc<BITS, MT, W, U, CS, T, PIPE>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift, swiglu); \
     }
 #define QINS_GEMV_TC(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, false, NAME)
 #define QINS_GEMV_TC_P(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, true, NAME)

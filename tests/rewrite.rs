@@ -27,8 +27,18 @@ fn opts(format: Format, group: usize) -> RewriteOptions {
 fn phi3_policy_takes_v_o_gate_up_down_and_keeps_the_rest() {
     for (name, layers) in [("phi35-tiny-fp32-cpu", 2), ("llama-gqa-tiny-fp32-cpu", 2), ("phi35-tiny-fp16-cuda", 2)] {
         let m = Model::load(&fixture(name)).unwrap();
+        let unfused = plan::plan(&m, &PlanOptions { fuse_mlp: false, ..Default::default() }).unwrap();
+        assert_eq!(unfused.targets.len(), 5 * layers, "{name}");
+        assert!(unfused.targets.iter().all(|t| t.swiglu.is_none()));
+        // By default each layer's gate takes in its up projection and SiLU: 4 ops a layer.
         let p = plan::plan(&m, &PlanOptions::default()).unwrap();
-        assert_eq!(p.targets.len(), 5 * layers, "{name}");
+        assert_eq!(p.targets.len(), 4 * layers, "{name}");
+        for t in p.targets.iter().filter(|t| t.role == Role::Gate) {
+            let s = t.swiglu.as_ref().unwrap_or_else(|| panic!("{name}: {} not fused", t.name));
+            assert!(s.up_name.contains("up_proj"), "{}", s.up_name);
+            assert_eq!(t.n(), 2 * t.cols.len());
+        }
+        assert!(!p.targets.iter().any(|t| t.role == Role::Up));
         let roles: Vec<Role> = p.targets.iter().map(|t| t.role).collect();
         assert!(!roles.contains(&Role::LmHead) && !roles.contains(&Role::Q) && !roles.contains(&Role::K));
         // The packed qkv gives up only its V columns: q + k + v = 3 equal parts for phi35
@@ -41,11 +51,15 @@ fn phi3_policy_takes_v_o_gate_up_down_and_keeps_the_rest() {
 
         let out = scratch(&format!("policy-{name}"));
         let report = rewrite::rewrite(&m, &p, &opts(Format::Q8, 32), &out, &mut NoProgress).unwrap();
-        assert_eq!(report.layers.len(), 5 * layers);
+        assert_eq!(report.layers.len(), 4 * layers);
         let before = count_ops(&m.proto);
         let after_model = Model::load(&out).unwrap();
         let after = count_ops(&after_model.proto);
-        assert_eq!(after["QinsMatMul"], 5 * layers);
+        assert_eq!(after["QinsMatMul"], 4 * layers);
+        let swiglu = |n: &&NodeProto| n.attribute.iter().any(|a| a.name() == "swiglu" && a.i() == 1);
+        assert_eq!(after_model.graph().node.iter().filter(swiglu).count(), layers);
+        assert_eq!(after.get("Sigmoid").copied().unwrap_or(0) + layers, before["Sigmoid"], "{name}");
+        assert_eq!(after.get("Mul").copied().unwrap_or(0) + 2 * layers, before["Mul"], "{name}");
         // lm_head plus the float Q/K part of each split qkv.
         assert_eq!(after["MatMul"], 1 + layers);
         assert_eq!(after.get("Concat").copied().unwrap_or(0), before.get("Concat").copied().unwrap_or(0) + layers);
@@ -70,7 +84,8 @@ fn phi3_policy_takes_v_o_gate_up_down_and_keeps_the_rest() {
 fn untouched_tensors_and_subgraphs_are_kept_byte_for_byte() {
     let src = fixture("phi35-tiny-fp32-cpu");
     let m = Model::load(&src).unwrap();
-    let p = plan::plan(&m, &PlanOptions::default()).unwrap();
+    // Unfused, so that every node but the MatMuls stays (the fused case drops the SiLU).
+    let p = plan::plan(&m, &PlanOptions { fuse_mlp: false, ..Default::default() }).unwrap();
     let out = scratch("keep-bytes");
     rewrite::rewrite(&m, &p, &opts(Format::Q4, 32), &out, &mut NoProgress).unwrap();
     let r = Model::load(&out).unwrap();
@@ -110,8 +125,9 @@ fn written_codes_decode_to_what_the_codec_encodes() {
         let out = scratch(&format!("decode-{format}"));
         let report = rewrite::rewrite(&m, &p, &opts(format, group), &out, &mut NoProgress).unwrap();
         let r = Model::load(&out).unwrap();
+        let mut scr = qins::codec::Scratch::new();
         for (t, layer) in p.targets.iter().zip(&report.layers) {
-            let base = if t.is_split() { format!("{}.v", t.weight) } else { t.weight.clone() };
+            let base = rewrite::encoded_base(t);
             let codes = r.initializer(&format!("{base}.qins_codes")).unwrap();
             let scales = r.initializer(&format!("{base}.qins_scales")).unwrap();
             let layout = Layout::new(format, t.k, t.n(), group);
@@ -127,8 +143,25 @@ fn written_codes_decode_to_what_the_codec_encodes() {
             let enc = Encoded { layout, codes: r.tensor_bytes(codes).unwrap().into_owned(), scales };
             let decoded = enc.decode_kn();
             let w = m.tensor_bytes(m.initializer(&t.weight).unwrap()).unwrap();
-            let orig =
-                WeightSource::new(&w, Elem::F32, t.k, t.n_total).unwrap().columns(t.cols.clone()).to_dense_bytes();
+            let orig = match &t.swiglu {
+                // The fused weight: check the staging against the two originals here too.
+                Some(s) => {
+                    let staged = rewrite::staged_source(&m, t, &mut scr).unwrap().to_dense_bytes();
+                    let uw = m.tensor_bytes(m.initializer(&s.up_weight).unwrap()).unwrap();
+                    let f = |b: &[u8], i: usize| f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
+                    let i = t.cols.len();
+                    for kk in [0, t.k - 1] {
+                        for j in [0, 9, i - 1] {
+                            assert_eq!(f(&staged, kk * 2 * i + qins::codec::swiglu_row(j, false)), f(&w, kk * i + j));
+                            assert_eq!(f(&staged, kk * 2 * i + qins::codec::swiglu_row(j, true)), f(&uw, kk * i + j));
+                        }
+                    }
+                    staged
+                }
+                None => {
+                    WeightSource::new(&w, Elem::F32, t.k, t.n_total).unwrap().columns(t.cols.clone()).to_dense_bytes()
+                }
+            };
             let orig: Vec<f32> = orig.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             let see: f64 = decoded.iter().zip(&orig).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let sxx: f64 = orig.iter().map(|a| (*a as f64).powi(2)).sum();
@@ -209,6 +242,11 @@ fn include_exclude_and_qkv_split_options() {
     let excl = PlanOptions { exclude: vec![regex::Regex::new("mlp").unwrap()], ..Default::default() };
     let p = plan::plan(&m, &excl).unwrap();
     assert_eq!(p.targets.len(), 4, "only qkv (V) and o_proj of 2 layers remain");
+    // Without its up projection a gate stays a plain QinsMatMul.
+    let no_up = PlanOptions { exclude: vec![regex::Regex::new("up_proj").unwrap()], ..Default::default() };
+    let p = plan::plan(&m, &no_up).unwrap();
+    assert_eq!(p.targets.len(), 8);
+    assert!(p.targets.iter().all(|t| t.swiglu.is_none()));
     let incl = PlanOptions {
         preset: Preset::None,
         include: vec![regex::Regex::new("lm_head").unwrap()],

@@ -174,6 +174,10 @@ struct Select {
     /// Q,K,V output widths of packed qkv weights, if the model does not tell.
     #[arg(long, value_parser = parse_qkv_split)]
     qkv_split: Option<[usize; 3]>,
+    /// Keep gate and up as two QinsMatMuls followed by the graph's own activation, instead of
+    /// one fused QinsMatMul (swiglu=1) that also applies silu(gate) * up.
+    #[arg(long)]
+    no_fuse_mlp: bool,
 }
 
 impl Select {
@@ -183,6 +187,7 @@ impl Select {
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             qkv_split: self.qkv_split,
+            fuse_mlp: !self.no_fuse_mlp,
         }
     }
 }
@@ -481,7 +486,13 @@ fn print_inspect(m: &Model, p: &plan::Plan) {
             verdict
         );
     }
-    println!("{} of {} MatMuls would become QINS", p.targets.len(), p.candidates.len());
+    let fused = p.targets.iter().filter(|t| t.swiglu.is_some()).count();
+    println!(
+        "{} of {} MatMuls would become QINS, as {} QinsMatMul nodes ({fused} gate/up pairs fused with their SiLU)",
+        p.targets.len() + fused,
+        p.candidates.len(),
+        p.targets.len()
+    );
 }
 
 fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) {

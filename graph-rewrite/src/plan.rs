@@ -94,11 +94,14 @@ pub struct PlanOptions {
     pub exclude: Vec<Regex>,
     /// Output widths of Q, K and V in a packed qkv weight, when the model does not say.
     pub qkv_split: Option<[usize; 3]>,
+    /// Fuse each taken gate/up pair and its `silu(gate) * up` into one QinsMatMul
+    /// (`swiglu = 1`), where the graph has that pattern.
+    pub fuse_mlp: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { preset: Preset::Phi3, include: vec![], exclude: vec![], qkv_split: None }
+        PlanOptions { preset: Preset::Phi3, include: vec![], exclude: vec![], qkv_split: None, fuse_mlp: true }
     }
 }
 
@@ -119,11 +122,28 @@ pub struct Target {
     pub cols: Range<usize>,
     #[serde(skip)]
     pub elem: Elem,
+    /// The up projection and activation this gate absorbs, when fused.
+    pub swiglu: Option<SwiGlu>,
+}
+
+/// What a fused gate target takes over: `silu(A Wg) * (A Wu)` becomes one QinsMatMul with
+/// `swiglu = 1` over both weights (docs/FORMAT.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct SwiGlu {
+    /// The up projection's MatMul node, its name and its `[K, I]` weight.
+    pub up_node: usize,
+    pub up_name: String,
+    pub up_weight: String,
+    /// The Sigmoid, the Mul of silu and the Mul by up: they go.
+    pub act_nodes: [usize; 3],
+    /// The last Mul's output, which the fused node now produces.
+    pub output: String,
 }
 
 impl Target {
+    /// Columns of the encoded weight: both projections' for a fused SwiGLU.
     pub fn n(&self) -> usize {
-        self.cols.len()
+        self.cols.len() * if self.swiglu.is_some() { 2 } else { 1 }
     }
 
     /// True when only the tail columns `cols` are encoded and `0..cols.start` stay float.
@@ -283,6 +303,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
                     n_total,
                     cols,
                     elem,
+                    swiglu: None,
                 });
             }
         }
@@ -309,7 +330,96 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
         }
         bail!(why);
     }
+    if opts.fuse_mlp {
+        fuse_swiglu(graph, &mut targets);
+    }
     Ok(Plan { targets, candidates })
+}
+
+/// Pairs each gate target with the up target and activation it feeds, where the graph has
+/// exactly `Mul(Mul(G, Sigmoid(G)), U)` with `G = MatMul(X, Wg)`, `U = MatMul(X, Wu)` (the
+/// builder's and Hugging Face's SiLU), nothing else reading `G`, `U` or the intermediates,
+/// and both weights `[K, I]` of one type with `I % 8 == 0`. The up target then leaves the
+/// list. Anything else stays two QinsMatMuls.
+fn fuse_swiglu(graph: &GraphProto, targets: &mut Vec<Target>) {
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for x in &n.input {
+            readers.entry(x.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name()).collect();
+    let by_node: HashMap<usize, usize> = targets.iter().enumerate().map(|(i, t)| (t.node, i)).collect();
+    // The one node reading `x`, if that is all that reads it (graph outputs count as readers).
+    let sole_reader = |x: &str| match readers.get(x).map(Vec::as_slice) {
+        Some(&[r]) if !outputs.contains(x) => Some(r),
+        _ => None,
+    };
+    let op = |i: usize, ty: &str| graph.node[i].op_type() == ty && graph.node[i].domain().is_empty();
+    let mut absorbed = Vec::new();
+    for ti in 0..targets.len() {
+        let t = &targets[ti];
+        if t.role != Role::Gate || t.is_split() || !t.n().is_multiple_of(qins::codec::SWIGLU_TILE) {
+            continue;
+        }
+        let gate = &graph.node[t.node];
+        let g = gate.output[0].as_str();
+        let found = (|| {
+            let rs = readers.get(g)?;
+            if rs.len() != 2 || outputs.contains(g) {
+                return None;
+            }
+            let sig = *rs.iter().find(|&&r| op(r, "Sigmoid"))?;
+            let mul1 = *rs.iter().find(|&&r| r != sig && op(r, "Mul"))?;
+            let s_out = graph.node[sig].output.first()?.as_str();
+            let m1 = &graph.node[mul1];
+            if sole_reader(s_out)? != mul1
+                || !(m1.input.len() == 2 && m1.input.iter().any(|x| x == g) && m1.input.iter().any(|x| x == s_out))
+            {
+                return None;
+            }
+            let mul2 = sole_reader(m1.output.first()?)?;
+            let m2 = &graph.node[mul2];
+            if !op(mul2, "Mul") || m2.input.len() != 2 {
+                return None;
+            }
+            let u_out = m2.input.iter().find(|x| *x != &m1.output[0])?;
+            let (un, ui) = graph
+                .node
+                .iter()
+                .enumerate()
+                .find(|(_, n)| n.output.first() == Some(u_out))
+                .and_then(|(i, _)| by_node.get(&i).map(|&ti| (i, ti)))?;
+            let up = &targets[ui];
+            let same = up.role == Role::Up
+                && !up.is_split()
+                && up.swiglu.is_none()
+                && graph.node[un].input.first() == gate.input.first()
+                && (up.k, up.n_total, up.elem) == (t.k, t.n_total, t.elem);
+            if !same || sole_reader(u_out)? != mul2 {
+                return None;
+            }
+            Some((
+                ui,
+                SwiGlu {
+                    up_node: un,
+                    up_name: up.name.clone(),
+                    up_weight: up.weight.clone(),
+                    act_nodes: [sig, mul1, mul2],
+                    output: m2.output.first()?.clone(),
+                },
+            ))
+        })();
+        if let Some((ui, sg)) = found {
+            targets[ti].swiglu = Some(sg);
+            absorbed.push(ui);
+        }
+    }
+    let mut i = 0;
+    targets.retain(|_| {
+        i += 1;
+        !absorbed.contains(&(i - 1))
+    });
 }
 
 /// Parses `--qkv-split Q,K,V`.

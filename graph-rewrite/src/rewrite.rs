@@ -3,7 +3,7 @@
 use crate::plan::{Plan, Target};
 use crate::report::{LayerReport, RewriteReport};
 use anyhow::{anyhow, bail, Context, Result};
-use qins::codec::{encode_matrix, Encoded, Format, Layout, Scratch, TensorStats, WeightSource};
+use qins::codec::{encode_matrix, stage_swiglu, Encoded, Format, Layout, Scratch, TensorStats, WeightSource};
 use qins::onnx::build::{attr_int, node, tensor_deferred, DEFERRED};
 use qins::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto};
 use qins::onnx::{dtype, external_ref, save_model, AtomicDir, Model, SaveOptions};
@@ -78,11 +78,21 @@ pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Resul
     let graph = proto.graph.as_mut().ok_or_else(|| anyhow!("model has no graph"))?;
     let by_node: HashMap<usize, (usize, &Target)> =
         plan.targets.iter().enumerate().map(|(i, t)| (t.node, (i, t))).collect();
+    // The up MatMuls and activations that fused gate targets absorb.
+    let absorbed: HashSet<usize> = plan
+        .targets
+        .iter()
+        .filter_map(|t| t.swiglu.as_ref())
+        .flat_map(|s| std::iter::once(s.up_node).chain(s.act_nodes))
+        .collect();
     let old_nodes = std::mem::take(&mut graph.node);
     let mut new_inits: Vec<TensorProto> = Vec::new();
     let mut replaced: HashSet<String> = HashSet::new();
     let names: HashSet<String> = old_nodes.iter().flat_map(|n| n.output.iter().cloned()).collect();
     for (idx, n) in old_nodes.into_iter().enumerate() {
+        if absorbed.contains(&idx) {
+            continue;
+        }
         let Some(&(ti, t)) = by_node.get(&idx) else {
             graph.node.push(n);
             continue;
@@ -92,20 +102,24 @@ pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Resul
             Format::F32 => (dtype::FLOAT, dtype::FLOAT),
             _ => (dtype::UINT8, dtype::FLOAT16),
         };
-        let base = if t.is_split() { format!("{}.v", t.weight) } else { t.weight.clone() };
+        let base = encoded_base(t);
         let codes = format!("{base}.qins_codes");
         let scales = format!("{base}.qins_scales");
         new_inits.push(tensor_deferred(&codes, codes_dt, &layout.codes_shape(), &job_key(&Job::Codes(ti))));
         new_inits.push(tensor_deferred(&scales, scales_dt, &layout.scales_shape(), &job_key(&Job::Scales(ti))));
         let a = n.input[0].as_str();
-        let out = n.output[0].as_str();
+        let out = t.swiglu.as_ref().map_or(n.output[0].as_str(), |s| s.output.as_str());
         let attrs = || {
-            vec![
+            let mut v = vec![
                 attr_int("K", t.k as i64),
                 attr_int("N", t.n() as i64),
                 attr_int("bits", opts.format.bits() as i64),
                 attr_int("group_size", layout.group as i64),
-            ]
+            ];
+            if t.swiglu.is_some() {
+                v.push(attr_int("swiglu", 1));
+            }
+            v
         };
         if t.is_split() {
             let unique = |s: String| {
@@ -140,6 +154,9 @@ pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Resul
             graph.node.push(node(OP, DOMAIN, &format!("{}_QINS", n.name()), &[a, &codes, &scales], &[out], attrs()));
         }
         replaced.insert(t.weight.clone());
+        if let Some(s) = &t.swiglu {
+            replaced.insert(s.up_weight.clone());
+        }
     }
     // A float weight goes only when no node, here or in a subgraph, still reads it (a tied
     // embedding can share its weight with a MatMul).
@@ -242,7 +259,7 @@ pub fn rewrite<'m>(
             Job::FloatPart(i) => {
                 let target = &plan.targets[i];
                 // The encoded columns are the tail (V of packed qkv); the head stays float.
-                let part = full_weight(model, target)?.columns(0..target.cols.start).to_dense_bytes();
+                let part = full_weight(model, &target.weight, target)?.columns(0..target.cols.start).to_dense_bytes();
                 input_bytes += part.len() as u64;
                 progress.advance(part.len() as u64, &target.name);
                 Ok(Cow::Owned(part))
@@ -268,17 +285,36 @@ pub fn rewrite<'m>(
     Ok(report)
 }
 
-/// The encoded columns of a target's weight.
-pub fn weight_source<'a>(model: &'a Model, t: &Target) -> Result<WeightSource<'a>> {
-    Ok(full_weight(model, t)?.columns(t.cols.clone()))
+/// Name stem of a target's codes and scales initializers.
+pub fn encoded_base(t: &Target) -> String {
+    if t.swiglu.is_some() {
+        format!("{}.swiglu", t.weight)
+    } else if t.is_split() {
+        format!("{}.v", t.weight)
+    } else {
+        t.weight.clone()
+    }
 }
 
-/// A target's whole stored weight.
-fn full_weight<'a>(model: &'a Model, t: &Target) -> Result<WeightSource<'a>> {
-    let w = model.initializer(&t.weight).ok_or_else(|| anyhow!("initializer {} vanished", t.weight))?;
+/// The weight a target encodes, as a dense `[K, n()]` matrix in `scratch`: its columns, or
+/// for a fused SwiGLU both projections interleaved (`qins::codec::swiglu_row`).
+pub fn staged_source<'s>(model: &Model, t: &Target, scratch: &'s mut Scratch) -> Result<WeightSource<'s>> {
+    let gate = full_weight(model, &t.weight, t)?.columns(t.cols.clone());
+    match &t.swiglu {
+        None => Ok(gate.stage(scratch)),
+        Some(s) => {
+            let up = full_weight(model, &s.up_weight, t)?;
+            stage_swiglu(&gate, &up, scratch).with_context(|| format!("fuse {} with {}", t.name, s.up_name))
+        }
+    }
+}
+
+/// A stored `[K, n_total]` weight of `t`'s shape and type.
+fn full_weight<'a>(model: &'a Model, name: &str, t: &Target) -> Result<WeightSource<'a>> {
+    let w = model.initializer(name).ok_or_else(|| anyhow!("initializer {name} vanished"))?;
     let bytes = match model.tensor_bytes(w)? {
         Cow::Borrowed(b) => b,
-        Cow::Owned(_) => bail!("{}: weights stored as typed fields are not supported; re-save with raw data", t.weight),
+        Cow::Owned(_) => bail!("{name}: weights stored as typed fields are not supported; re-save with raw data"),
     };
     Ok(WeightSource::new(bytes, t.elem, t.k, t.n_total)?)
 }
@@ -289,7 +325,7 @@ fn encode_target(
     opts: &RewriteOptions,
     scratch: &mut Scratch,
 ) -> Result<(Encoded, TensorStats)> {
-    let src = weight_source(model, t)?.stage(scratch);
+    let src = staged_source(model, t, scratch)?;
     let layout = Layout::new(opts.format, t.k, t.n(), opts.group);
     let (enc, rows) = encode_matrix(src, layout).with_context(|| format!("encode {}", t.name))?;
     let stats = TensorStats::from_rows(&rows, layout.bits_per_weight());

@@ -3,7 +3,7 @@
 
 use crate::plan::{Plan, Target};
 use crate::report::short;
-use crate::rewrite::weight_source;
+use crate::rewrite::staged_source;
 use anyhow::Result;
 use qins::codec::{
     baseline_bits_per_weight, baseline_roundtrip, encode_matrix, Baseline, Format, Layout, Scratch, TensorStats,
@@ -90,7 +90,7 @@ pub fn roundtrip(
     let mut scratch = Scratch::new();
     for t in &plan.targets {
         progress(t);
-        let src = weight_source(model, t)?.stage(&mut scratch);
+        let src = staged_source(model, t, &mut scratch)?;
         let mut stats = Vec::new();
         for m in &methods {
             stats.push(match m {

@@ -199,6 +199,16 @@ impl KernelInfo {
         Ok(v)
     }
 
+    /// An optional int attribute: `default` where the node does not carry it. Any other
+    /// failure (an attribute of another type) is an error that names it.
+    pub fn attr_i64_or(&self, name: &CStr, default: i64) -> Result<i64> {
+        match self.attr_i64(name) {
+            // ORT's words for an absent attribute (OpNodeProtoHelper::GetAttr).
+            Err(e) if e.msg.contains("No attribute with name") => Ok(default),
+            r => r,
+        }
+    }
+
     /// Whether input `index` is a constant initializer (its value fixed for the session).
     pub fn input_is_constant(&self, index: usize) -> Result<bool> {
         let mut constant: c_int = 0;

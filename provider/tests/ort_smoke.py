@@ -180,6 +180,34 @@ def test_numerics():
                 assert err < tol, f"bits={bits} K={k} N={n} G={g} {dtype.__name__} A{lead}: rel err {err:.3e}"
 
 
+def swiglu_row(j, up):
+    """qins::codec::swiglu_row: stored channel of fused output j's gate (or up)."""
+    return 16 * (j // 8) + j % 8 + (8 if up else 0)
+
+
+def test_swiglu():
+    # The fused op against silu(A Wg) * (A Wu) from the decoded weight's gate and up channels.
+    for bits, k, n, g in ((4, 96, 32, 32), (8, 70, 48, 16), (6, 64, 16, 64)):
+        codes, scales, w = random_weight(k, n, bits, g)
+        wg = w[:, [swiglu_row(j, False) for j in range(n // 2)]].astype(np.float64)
+        wu = w[:, [swiglu_row(j, True) for j in range(n // 2)]].astype(np.float64)
+        for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-3)):
+            t = onnx_type(dtype)
+            node = qnode_attrs("A", "codes", "scales", "Y", "q", K=k, N=n, bits=bits, group_size=g, swiglu=1)
+            inits = [onnx.numpy_helper.from_array(codes, "codes"), onnx.numpy_helper.from_array(scales, "scales")]
+            m = model([node], [helper.make_tensor_value_info("A", t, None)], [helper.make_tensor_value_info("Y", t, None)], inits)
+            sess = session(m)
+            for lead in ((1,), (2, 3), (17,)):
+                a = (4 * RNG.standard_normal(lead + (k,))).astype(dtype)
+                (y,) = sess.run(None, {"A": a})
+                assert y.shape == lead + (n // 2,), (y.shape, lead)
+                a64 = a.astype(np.float64)
+                gate, up = a64 @ wg, a64 @ wu
+                ref = gate / (1 + np.exp(-gate)) * up
+                err = rel_err(y, ref)
+                assert err < tol, f"swiglu bits={bits} K={k} N={n} {dtype.__name__} A{lead}: rel err {err:.3e}"
+
+
 def test_empty_and_1d():
     k, n, bits, g = 64, 8, 8, 32
     codes, scales, w = random_weight(k, n, bits, g)
@@ -279,6 +307,9 @@ def test_bad_attributes_raise():
         (dict(bits=32, group_size=32), "group_size must equal K"),
         (dict(group_size=None), "group_size"),
         (dict(K=None), "'K'"),
+        (dict(swiglu=2), "swiglu=2"),
+        (dict(swiglu=1), "multiple of 16"),
+        (dict(swiglu=1.0), "swiglu"),
     ]
     for override, needle in bad:
         attrs = dict(K=k, N=n, bits=bits, group_size=g)

@@ -4,10 +4,13 @@ graph, the way bench_matmul.py times a node: a model of L copies and a model of 
 alternately; per copy = (median_L - median_1) / (L - 1). Sizes the gain of fusing the
 activation into a QINS kernel (docs/BENCHMARKS.md). argv: OUT_JSON
 """
-import json, statistics, sys, time
+import json, os, sys
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import per_copy_us  # noqa: E402
 
 N, L, REPS = 8192, 64, 30
 
@@ -45,18 +48,7 @@ def run(count, m, gid):
 
 rows = []
 for gid, m in enumerate((1, 16, 128), start=1):
-    one, many = run(1, m, gid), run(L, m, gid)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        for s, io, ro, _ in (one, many):
-            s.run_with_iobinding(io, ro)
-    t1, tl = [], []
-    for _ in range(REPS):
-        for s, io, ro, _ in (many, one):
-            t = time.perf_counter()
-            s.run_with_iobinding(io, ro)
-            (tl if s is many[0] else t1).append(time.perf_counter() - t)
-    us = (statistics.median(tl) - statistics.median(t1)) / (L - 1) * 1e6
+    us = per_copy_us(lambda count, m=m, gid=gid: run(count, m, gid), L, REPS)
     rows.append(dict(M=m, N=N, us_per_silu_mul=us))
     print(f"M={m:<4} N={N}: Sigmoid + Mul + Mul {us:6.2f} us per occurrence", flush=True)
 json.dump(dict(rows=rows), open(sys.argv[1], "w"), indent=1)

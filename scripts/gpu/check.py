@@ -9,6 +9,7 @@ activation type:
        CUDA-core path rounds only the output);
   f32: 16 u^2 with u = 2^-24 times K (accumulation order), except that decode + cuBLAS runs
        on ORT's cuBLAS handle, whose TF32 setting it inherits: 16 (2^-11)^2 there.
+The fused SwiGLU (swiglu=1) runs the same way over its own shapes.
 Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs;
 chains of three nodes, each reading the previous one's output (the kernels overlap their
 predecessor where QINS_CUDA_PDL=1, as run.sh's check sets), plain and in a CUDA graph.
@@ -78,9 +79,9 @@ def tolerance(act, k, path):
     return 16 * 2.0**-48 * k
 
 
-def run_case(bits, act, k, n, g, ms):
+def run_case(bits, act, k, n, g, ms, swiglu=False):
     codes, scales = random_weight(rng, bits, k, n, g)
-    model = qins_model(k, n, bits, g, act)
+    model = qins_model(k, n, bits, g, act, swiglu=swiglu)
     cpu, gpu = session(model, False), session(model, True)
     assert "CUDAExecutionProvider" in gpu.get_providers()
     dt = np.float16 if act == "f16" else np.float32
@@ -92,7 +93,7 @@ def run_case(bits, act, k, n, g, ms):
         io = gpu.io_binding()
         for name, v in feeds.items():
             io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0))
-        y = ort.OrtValue.ortvalue_from_numpy(np.full((m, n), np.nan, dtype=dt), "cuda", 0)
+        y = ort.OrtValue.ortvalue_from_numpy(np.full((m, n // 2 if swiglu else n), np.nan, dtype=dt), "cuda", 0)
         io.bind_ortvalue_output("Y_0", y)
         gpu.run_with_iobinding(io)
         got = y.numpy().astype(np.float64)
@@ -100,8 +101,11 @@ def run_case(bits, act, k, n, g, ms):
         nmse = float(((got - ref) ** 2).sum() / max((ref**2).sum(), 1e-30)) if finite else float("inf")
         path = path_of(bits, act, k, g, m)
         tol = tolerance(act, k, path)
+        if swiglu:
+            # Fused in the tensor-core kernel; elsewhere a [M, N] product, then qins_swiglu_*.
+            path = ("swiglu " if path == "tensor-core" else "swiglu+") + path
         ok = finite and nmse <= tol
-        out.append(dict(bits=bits, act=act, K=k, N=n, G=g, M=m, nmse=nmse, tol=tol, ok=ok, path=path))
+        out.append(dict(bits=bits, act=act, K=k, N=n, G=g, M=m, nmse=nmse, tol=tol, ok=ok, path=path, swiglu=swiglu))
         print(f"{'ok  ' if ok else 'FAIL'} q{bits:<2} {act} K={k:<5} N={n:<5} G={g:<5} M={m:<5} {path:<14} nmse {nmse:.2e} (tol {tol:.1e})",
               flush=True)
     return out
@@ -232,6 +236,17 @@ for bits in (8, 6, 4, 32):
             mm = [m for m in ms if m * k * n <= 2048 * 3072 * 3072 and m <= MAX_M]
             results += run_case(bits, act, k, n, g, mm)
 if not PREFILL:
+    # The fused SwiGLU (swiglu=1): N = 2 I, a multiple of 16. Phi-3.5's gate/up at the token
+    # kernel's plans (q4 g32 at 4 tiles, q8 g128 at 2), small and odd-group layouts that take
+    # the product-then-combine path, and M past the token kernel.
+    sg_shapes = [(200, 48, 30), (520, 1008, 64), (3072, 16384, 32)] if QUICK else \
+        [(64, 16, 64), (200, 48, 30), (520, 1008, 64), (1000, 144, 1000), (3072, 16384, 32), (3072, 16384, 128)]
+    sg_ms = [1, 3, 17] if QUICK else [1, 2, 5, 8, 9, 16, 17, 300]
+    for bits in (8, 6, 4):
+        for act in ("f16", "f32"):
+            for k, n, g in sg_shapes:
+                mm = [m for m in sg_ms if m * k * n <= 2048 * 3072 * 3072 and m <= MAX_M]
+                results += run_case(bits, act, k, n, g, mm, swiglu=True)
     results += graph_case()
     results += chain_cases()
     results += bad_input_case()

@@ -48,9 +48,10 @@ def random_weight(rng, bits, k, n, g):
     return kp_codes, scales
 
 
-def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=False):
+def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=False, swiglu=False):
     """A model of `count` QinsMatMul nodes on one input A. Weights are initializers when given
-    (a list of (codes, scales)), else graph inputs codes_i / scales_i."""
+    (a list of (codes, scales)), else graph inputs codes_i / scales_i. swiglu: the fused
+    SwiGLU op (N = gate and up channels together, Y [..., N / 2])."""
     t = TensorProto.FLOAT16 if act == "f16" else TensorProto.FLOAT
     lead = [f"d{i}" for i in range(batch_dims)]
     # free_k: A's last dim left symbolic, so that ORT lets a wrong K reach the op.
@@ -67,8 +68,8 @@ def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=F
             from onnx import numpy_helper
             inits += [numpy_helper.from_array(weights[i][0], c), numpy_helper.from_array(weights[i][1], s)]
         nodes.append(helper.make_node("QinsMatMul", ["A", c, s], [f"Y_{i}"], domain="com.qins", name=f"q{i}",
-                                      K=k, N=n, bits=bits, group_size=g))
-        outputs.append(helper.make_tensor_value_info(f"Y_{i}", t, lead + [n]))
+                                      K=k, N=n, bits=bits, group_size=g, **({"swiglu": 1} if swiglu else {})))
+        outputs.append(helper.make_tensor_value_info(f"Y_{i}", t, lead + [n // 2 if swiglu else n]))
     graph = helper.make_graph(nodes, "qins", inputs, outputs, initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.qins", 1)],
                              ir_version=10)
@@ -118,3 +119,25 @@ def graph_time(launch, reps, launches=20):
             b.synchronize()
             ts.append(cp.cuda.get_elapsed_time(a, b) * 1e-3 / launches)
     return statistics.median(ts)
+
+
+def per_copy_us(make, L, reps=30, warm_s=0.3):
+    """Microseconds per copy of a subgraph, the way the kernel table times a node: `make(count)`
+    returns (session, io_binding, run_options, keep-alive) for a model of `count` copies, run
+    in a CUDA graph; a model of L copies and one of 1 are replayed alternately (each replay
+    ends in a stream sync), and per copy = (median_L - median_1) / (L - 1), which cancels the
+    fixed cost of a run."""
+    import statistics
+    import time
+    one, many = make(1), make(L)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < warm_s:
+        for s, io, ro, _ in (one, many):
+            s.run_with_iobinding(io, ro)
+    t1, tl = [], []
+    for _ in range(reps):
+        for s, io, ro, _ in (many, one):
+            t = time.perf_counter()
+            s.run_with_iobinding(io, ro)
+            (tl if s is many[0] else t1).append(time.perf_counter() - t)
+    return (statistics.median(tl) - statistics.median(t1)) / (L - 1) * 1e6

@@ -93,7 +93,7 @@ for k, n in shapes:
                 smem = max((64 if bits == 6 else 256) * 256, w * 16 * t_ * (mtc + 1) * 4)
                 ftc.max_dynamic_shared_size_bytes = smem
                 tints = (np.int32(m), np.int32(k), np.int32(n), np.int32(row_bytes(bits, k)),
-                         np.int32(-(-k // g)), np.int32(cpg))
+                         np.int32(-(-k // g)), np.int32(cpg), np.int32(0))  # swiglu off
                 grid = (-(-n // (16 * t_)), -(-m // mtc))
                 y.fill(cp.nan)
                 ftc(grid, (32 * w,), (a, cs_[0], ss[0], y) + tints, shared_mem=smem)

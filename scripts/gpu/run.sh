@@ -49,6 +49,7 @@ for step in "$@"; do
           python3 scripts/gpu/bench_decode.py .gpuart /tmp/decode-quick.json --quick > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
         echo "$tool (bench_decode.py --quick): rc $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1)"
       done ;;
+    bench-swiglu) python3 scripts/gpu/bench_swiglu.py "$LIB" "$OUT/bench_swiglu.json" 2>&1 | grep -v "plugin EP" | tail -12 ;;
     bench) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" 2>&1 | grep -v "plugin EP" | tail -60 ;;
     bench-cublas) QINS_CUDA_GEMV_MAX_M=0 QINS_CUDA_PREFILL=off python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul_cublas.json" --qins-only 2>&1 | grep -v "plugin EP" | tail -20 ;;
     bench-pdl)

@@ -136,6 +136,31 @@ impl<'a> WeightSource<'a> {
     }
 }
 
+/// The fused SwiGLU weight of `gate` and `up` (both `[K, I]`, `I % 8 == 0`, one element type)
+/// as a dense `[K, 2I]` matrix in `scratch`, its columns ordered by [`super::swiglu_row`].
+pub fn stage_swiglu<'s>(
+    gate: &WeightSource,
+    up: &WeightSource,
+    scratch: &'s mut Scratch,
+) -> Result<WeightSource<'s>, EncodeError> {
+    let (k, i, elem) = (gate.k, gate.n, gate.elem);
+    if up.k != k || up.n != i || up.elem != elem || !i.is_multiple_of(super::SWIGLU_TILE) {
+        return Err(EncodeError::Shape { lk: k, ln: i, k: up.k, n: up.n });
+    }
+    let eb = elem.bytes();
+    let t = super::SWIGLU_TILE * eb;
+    let buf = scratch.get(k * 2 * i * eb);
+    for (kk, dst) in buf.chunks_exact_mut(2 * i * eb).enumerate() {
+        let (gs, us) = ((kk * gate.ld + gate.col0) * eb, (kk * up.ld + up.col0) * eb);
+        let (g, u) = (&gate.bytes[gs..gs + i * eb], &up.bytes[us..us + i * eb]);
+        for (j, d) in dst.chunks_exact_mut(2 * t).enumerate() {
+            d[..t].copy_from_slice(&g[j * t..(j + 1) * t]);
+            d[t..].copy_from_slice(&u[j * t..(j + 1) * t]);
+        }
+    }
+    Ok(WeightSource { bytes: buf, elem, k, ld: 2 * i, col0: 0, n: 2 * i })
+}
+
 /// Reusable memory for [`WeightSource::stage`], backed by huge pages where the kernel
 /// grants them.
 #[derive(Default)]

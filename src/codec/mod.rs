@@ -20,7 +20,7 @@ mod encode;
 mod stats;
 
 pub use baseline::{baseline_bits_per_weight, baseline_roundtrip, Baseline};
-pub use encode::{encode_matrix, encode_rows, Elem, EncodeError, Scratch, WeightSource};
+pub use encode::{encode_matrix, encode_rows, stage_swiglu, Elem, EncodeError, Scratch, WeightSource};
 pub use stats::{RowErr, TensorStats};
 
 use std::sync::OnceLock;
@@ -240,6 +240,33 @@ impl Layout {
     }
 }
 
+/// Output channels of one half-tile of the fused SwiGLU layout (`swiglu = 1`, docs/FORMAT.md).
+pub const SWIGLU_TILE: usize = 8;
+
+/// Stored row (output channel of the encoded `[K, 2I]` weight) that holds output `j` of a
+/// fused SwiGLU's gate (`up = false`) or up projection. Every 16 stored rows are 8 gate
+/// channels then the same 8 up channels: the CUDA token kernel's 16-channel tile then holds
+/// both factors of its 8 outputs, in the same thread (mma rows g and g + 8).
+pub const fn swiglu_row(j: usize, up: bool) -> usize {
+    2 * SWIGLU_TILE * (j / SWIGLU_TILE) + j % SWIGLU_TILE + if up { SWIGLU_TILE } else { 0 }
+}
+
+/// `silu(g) * u` = `g / (1 + e^-g) * u` in f32: the fused op's epilogue, on every path.
+pub fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+/// Applies the fused SwiGLU epilogue to `m` rows of a `[m, 2I]` product laid out by
+/// [`swiglu_row`], giving `[m, I]`.
+pub fn swiglu_combine(y2: &[f32], m: usize, y: &mut [f32]) {
+    let i = y.len() / m.max(1);
+    for (out, row) in y.chunks_exact_mut(i).zip(y2.chunks_exact(2 * i)) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = silu_mul(row[swiglu_row(j, false)], row[swiglu_row(j, true)]);
+        }
+    }
+}
+
 /// An encoded weight: the two tensors the QINS op takes besides the activations.
 #[derive(Clone, Debug)]
 pub struct Encoded {
@@ -396,6 +423,36 @@ pub fn decode_z(z: f32, s: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn swiglu_staging_follows_swiglu_row() {
+        let (k, i) = (3, 24);
+        let g: Vec<f32> = (0..k * i).map(|v| v as f32).collect();
+        let u: Vec<f32> = (0..k * i).map(|v| -(v as f32) - 1.0).collect();
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (gb, ub) = (bytes(&g), bytes(&u));
+        let gs = WeightSource::new(&gb, Elem::F32, k, i).unwrap();
+        let us = WeightSource::new(&ub, Elem::F32, k, i).unwrap();
+        let mut scratch = Scratch::new();
+        let w = stage_swiglu(&gs, &us, &mut scratch).unwrap().to_dense_bytes();
+        let at = |kk: usize, c: usize| {
+            let o = (kk * 2 * i + c) * 4;
+            f32::from_le_bytes(w[o..o + 4].try_into().unwrap())
+        };
+        for kk in 0..k {
+            for j in 0..i {
+                assert_eq!(at(kk, swiglu_row(j, false)), g[kk * i + j]);
+                assert_eq!(at(kk, swiglu_row(j, true)), u[kk * i + j]);
+            }
+        }
+        let odd = WeightSource::new(&gb[..k * 12 * 4], Elem::F32, k, 12).unwrap();
+        assert!(stage_swiglu(&odd, &odd, &mut scratch).is_err());
+        let mut y = [0.0f32; 8];
+        let y2: Vec<f32> = (0..16).map(|v| v as f32 - 4.0).collect();
+        swiglu_combine(&y2, 1, &mut y);
+        assert_eq!(y[1], silu_mul(-3.0, 5.0));
+        assert!((silu_mul(2.0, 3.0) - 2.0 / (1.0 + (-2.0f32).exp()) * 3.0).abs() < 1e-6);
+    }
 
     #[test]
     fn lut_is_monotone_and_zero_is_exact() {

@@ -291,6 +291,56 @@ pub fn qins_matmul_f16_with(
     Ok(())
 }
 
+/// The fused SwiGLU (`swiglu = 1`): `y[M, N/2] = silu(a Wg) * (a Wu)`, the product taken in
+/// f32 over the whole `[K, N]` weight and combined by [`qins::codec::swiglu_combine`]. f16
+/// activations are widened once and the output rounded once, as for the plain product.
+pub fn qins_swiglu_with<T: SwigluAct>(
+    opts: &Options,
+    par: &dyn ParallelFor,
+    a: &[T],
+    m: usize,
+    w: &Weights,
+    y: &mut [T],
+) -> Result<()> {
+    let n = w.layout.n;
+    if m.checked_mul(n / 2) != Some(y.len()) {
+        return Err(Error::invalid(format!("Y has {} elements; M={m}, N/2={} needs M*N/2", y.len(), n / 2)));
+    }
+    let af = T::widen(a);
+    let mut y2 = vec![0f32; m * n];
+    qins_matmul_f32_with(opts, par, &af, m, w, &mut y2)?;
+    let mut yf = vec![0f32; y.len()];
+    qins::codec::swiglu_combine(&y2, m, &mut yf);
+    T::narrow(&yf, y);
+    Ok(())
+}
+
+/// Activation types of [`qins_swiglu_with`].
+pub trait SwigluAct: Copy {
+    fn widen(a: &[Self]) -> std::borrow::Cow<'_, [f32]>;
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+impl SwigluAct for f32 {
+    fn widen(a: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(a)
+    }
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl SwigluAct for f16 {
+    fn widen(a: &[f16]) -> std::borrow::Cow<'_, [f32]> {
+        let mut af = vec![0f32; a.len()];
+        a.convert_to_f32_slice(&mut af);
+        std::borrow::Cow::Owned(af)
+    }
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
 fn check_lens(a: usize, y: usize, m: usize, w: &Weights) -> Result<()> {
     let Layout { k, n, .. } = w.layout;
     if m.checked_mul(k) != Some(a) || m.checked_mul(n) != Some(y) {
@@ -510,9 +560,11 @@ impl Kernel for CpuQinsMatMul {
         // The session's intra-op pool: its size is the user's choice, and its threads are the
         // ones that will otherwise sit spinning for the next op.
         let opts = Options::default();
-        match node.act {
-            Act::F32 => qins_matmul_f32_with(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
-            Act::F16 => qins_matmul_f16_with(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
+        match (node.act, node.swiglu) {
+            (Act::F32, true) => qins_swiglu_with::<f32>(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
+            (Act::F16, true) => qins_swiglu_with::<f16>(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
+            (Act::F32, false) => qins_matmul_f32_with(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
+            (Act::F16, false) => qins_matmul_f16_with(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
         }
         .map_err(|e| e.context(node.describe()))
     }

@@ -108,6 +108,7 @@ fn row_tile(m: usize) -> usize {
 }
 
 /// Device buffers of one run.
+#[derive(Clone, Copy)]
 pub struct Buffers {
     pub a: *const c_void,
     pub codes: *const c_void,
@@ -116,6 +117,10 @@ pub struct Buffers {
     /// Codes and scales are constant initializers: no kernel writes them, so a kernel launched
     /// to overlap its predecessor may read them before `wait_prior_grid()`.
     pub weights_constant: bool,
+    /// The fused SwiGLU epilogue goes in the kernel: `y` is `[M, N / 2]`. Only the tensor-core
+    /// token kernel takes it; every other path gets a `[M, N]` buffer and
+    /// [`swiglu_combine`] after it.
+    pub swiglu: bool,
 }
 
 /// Where the tensor-core kernel applies the group scale (`SC_*` in kernels/qins_matmul.cu).
@@ -307,7 +312,7 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
     let f = mods.function_with_smem(Image::Matmul, name, smem)?;
     let grid_y = u32::try_from(m.div_ceil(mt)).ok().filter(|&y| y <= 65535);
     let grid_y = grid_y.ok_or_else(|| Error::invalid(format!("M={m} is too large for one launch")))?;
-    let args = tc_args(b, None, m, l, cpg_shift);
+    let args = tc_args(b, None, m, l, cpg_shift).i32(b.swiglu as i32);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
     // gemv_tc requests its first weights before it waits for the previous kernel (so that
     // they are on their way while that kernel finishes): it may overlap only where no kernel
@@ -325,6 +330,9 @@ pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: us
     // SAFETY: as promised by the caller.
     if unsafe { gemv_tc(mods, stream, node, m, b)? } {
         return Ok(());
+    }
+    if b.swiglu {
+        return Err(Error::fail("internal: the CUDA-core kernel has no SwiGLU epilogue"));
     }
     let l = &node.layout;
     let mt = row_tile(m);
@@ -429,24 +437,47 @@ impl CudaQinsMatMul {
             scales: scales_ptr,
             y: y_ptr,
             weights_constant: self.weights_constant,
+            swiglu: false,
         };
-        let l = &node.layout;
+        if !node.swiglu {
+            return self.product(ctx, &mods, stream, shape.m, &b);
+        }
         let tc = tc_applies(node, a_ptr);
-        if shape.m <= gemv_max_m(tc) {
+        // SAFETY: the buffers were checked against the layout by `node.check`, `y` as
+        // [M, N / 2] for the fused epilogue.
+        if shape.m <= gemv_max_m(tc)
+            && unsafe { gemv_tc(&mods, stream, node, shape.m, &Buffers { swiglu: true, ..b })? }
+        {
+            return Ok(());
+        }
+        // Elsewhere the product goes to scratch and a second kernel applies the epilogue.
+        let elem = if node.act == Act::F16 { 2 } else { 4 };
+        let y2 = ctx.scratch(c"Cuda", mods.device, shape.m * node.layout.n * elem)?;
+        self.product(ctx, &mods, stream, shape.m, &Buffers { y: y2.ptr, ..b })?;
+        // SAFETY: `y2` holds the [M, N] product, `y` is [M, N / 2].
+        unsafe { swiglu_combine(&mods, stream, node.act, y2.ptr, y_ptr, shape.m, node.layout.n / 2) }
+    }
+
+    /// `Y = A W` into `b.y` (`[M, N]`) on the path `M` picks (the module docs).
+    fn product(&self, ctx: &KernelCtx, mods: &super::Loaded, stream: *mut c_void, m: usize, b: &Buffers) -> Result<()> {
+        let node = &self.node;
+        let l = &node.layout;
+        let tc = tc_applies(node, b.a);
+        if m <= gemv_max_m(tc) {
             // SAFETY: the buffers were checked against the layout by `node.check`.
-            return unsafe { gemv(&mods, stream, node, shape.m, &b) };
+            return unsafe { gemv(mods, stream, node, m, b) };
         }
         let handle = ctx.resource(CUDA_RESOURCE_VERSION, CUBLAS_HANDLE)?;
         // Without a cuBLAS handle the code-domain kernels take every M.
-        if shape.m <= prefill_max_m() || handle.is_null() {
+        if m <= prefill_max_m() || handle.is_null() {
             // SAFETY: the buffers were checked against the layout by `node.check`.
-            if unsafe { prefill(&mods, ctx, node, shape.m, !handle.is_null(), &b)? } {
+            if unsafe { prefill(mods, ctx, node, m, !handle.is_null(), b)? } {
                 return Ok(());
             }
         }
         if handle.is_null() {
             // SAFETY: as above.
-            return unsafe { gemv(&mods, stream, node, shape.m, &b) };
+            return unsafe { gemv(mods, stream, node, m, b) };
         }
         let blas = cublas()?;
         let (elem, dtype, f16) = match node.act {
@@ -456,10 +487,33 @@ impl CudaQinsMatMul {
         let w = ctx.scratch(c"Cuda", mods.device, l.n * l.k * elem)?;
         // SAFETY: `w` holds N x K elements; the other buffers were checked against the layout.
         unsafe {
-            decode(&mods, stream, l, f16, codes_ptr, scales_ptr, w.ptr)?;
-            blas.gemm_rowmajor_abt(handle, stream, dtype, shape.m, l.n, l.k, a_ptr, w.ptr, y_ptr)
+            decode(mods, stream, l, f16, b.codes, b.scales, w.ptr)?;
+            blas.gemm_rowmajor_abt(handle, stream, dtype, m, l.n, l.k, b.a, w.ptr, b.y)
         }
     }
+}
+
+/// The fused SwiGLU's epilogue over a `[m, 2 half]` product in `y2` (`qins_swiglu_*` in
+/// kernels/qins_matmul.cu).
+///
+/// # Safety
+/// `y2` and `y` are device buffers of `m * 2 half` and `m * half` elements of `act`'s type.
+unsafe fn swiglu_combine(
+    mods: &super::Loaded,
+    stream: *mut c_void,
+    act: Act,
+    y2: *const c_void,
+    y: *mut c_void,
+    m: usize,
+    half: usize,
+) -> Result<()> {
+    let name = if act == Act::F16 { c"qins_swiglu_f16" } else { c"qins_swiglu_f32" };
+    let f = mods.function(Image::Matmul, name)?;
+    let total = m * half;
+    let blocks = total.div_ceil(256).min(65535 * 8) as u32;
+    let args = Args::new().ptr(y2).ptr(y).i64(total as i64).i32(half as i32);
+    // SAFETY: as the caller promises; the arguments follow the kernel's list.
+    unsafe { launch(f, (blocks, 1, 1), (256, 1), 0, stream, &args, mods.after(true)) }
 }
 
 #[cfg(test)]
@@ -506,6 +560,16 @@ mod tests {
                     assert!(contains(images::QINS_DECODE, name.to_bytes()), "{name:?} missing");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn swiglu_epilogue_is_embedded() {
+        if !crate::cuda::built_with_kernels() {
+            return;
+        }
+        for name in [c"qins_swiglu_f16", c"qins_swiglu_f32"] {
+            assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
         }
     }
 

@@ -70,6 +70,21 @@ pub fn scales_expectation(l: &Layout) -> TensorInfo {
     TensorInfo { elem, shape: vec![l.n as i64, l.groups() as i64] }
 }
 
+/// Checks the fused SwiGLU attribute against the layout: `N` is the encoded width `2I`,
+/// a whole number of 16-row tiles (docs/FORMAT.md, [`qins::codec::swiglu_row`]).
+pub fn swiglu_from_attr(v: i64, l: &Layout) -> Result<bool> {
+    match v {
+        0 => Ok(false),
+        1 if l.n.is_multiple_of(2 * qins::codec::SWIGLU_TILE) => Ok(true),
+        1 => Err(Error::invalid(format!(
+            "attribute swiglu=1 needs N (gate and up channels together) to be a multiple of {}, got N={}",
+            2 * qins::codec::SWIGLU_TILE,
+            l.n
+        ))),
+        v => Err(Error::invalid(format!("attribute swiglu={v} must be 0 or 1"))),
+    }
+}
+
 /// Shapes of one run, derived from the (checked) inputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunShape {
@@ -86,34 +101,45 @@ pub struct Node {
     pub name: String,
     pub layout: Layout,
     pub act: Act,
+    /// `swiglu = 1`: `Y = silu(A Wg) * (A Wu)`, `[..., N / 2]`, from one weight holding both.
+    pub swiglu: bool,
 }
 
 impl Node {
     pub fn from_info(info: &KernelInfo, act: Act) -> Result<Node> {
         let name = info.node_name().unwrap_or_default();
         let get = |a: &CStr| info.attr_i64(a);
-        let layout = (|| layout_from_attrs(get(c"K")?, get(c"N")?, get(c"bits")?, get(c"group_size")?))()
-            .map_err(|e| e.context(format!("QinsMatMul node '{name}'")))?;
-        Ok(Node { name, layout, act })
+        let (layout, swiglu) = (|| {
+            let l = layout_from_attrs(get(c"K")?, get(c"N")?, get(c"bits")?, get(c"group_size")?)?;
+            Ok((l, swiglu_from_attr(info.attr_i64_or(c"swiglu", 0)?, &l)?))
+        })()
+        .map_err(|e: Error| e.context(format!("QinsMatMul node '{name}'")))?;
+        Ok(Node { name, layout, act, swiglu })
     }
 
     /// Prefix for errors about this node.
     pub fn describe(&self) -> String {
         let l = &self.layout;
         format!(
-            "QinsMatMul node '{}' (K={}, N={}, bits={}, group_size={})",
+            "QinsMatMul node '{}' (K={}, N={}, bits={}, group_size={}{})",
             self.name,
             l.k,
             l.n,
             l.format.bits(),
-            l.group
+            l.group,
+            if self.swiglu { ", swiglu=1" } else { "" }
         )
     }
 
     /// Checks the inputs against the attributes; everything a kernel relies on to index its
     /// buffers safely is established here.
     pub fn check(&self, inputs: usize, a: &TensorInfo, codes: &TensorInfo, scales: &TensorInfo) -> Result<RunShape> {
-        check_inputs(&self.layout, self.act, inputs, a, codes, scales).map_err(|e| e.context(self.describe()))
+        let mut r =
+            check_inputs(&self.layout, self.act, inputs, a, codes, scales).map_err(|e| e.context(self.describe()))?;
+        if let (true, Some(last)) = (self.swiglu, r.out_shape.last_mut()) {
+            *last = (self.layout.n / 2) as i64;
+        }
+        Ok(r)
     }
 }
 
@@ -251,6 +277,20 @@ mod tests {
             assert!(e.msg.contains(want), "{e} should mention {want}");
         }
         assert!(check_inputs(&l, Act::F32, 2, &a, &codes, &scales).is_err());
+    }
+
+    #[test]
+    fn swiglu_attribute_is_validated() {
+        let l = layout_from_attrs(64, 32, 4, 32).unwrap();
+        assert!(!swiglu_from_attr(0, &l).unwrap());
+        assert!(swiglu_from_attr(1, &l).unwrap());
+        assert!(swiglu_from_attr(2, &l).unwrap_err().msg.contains("0 or 1"));
+        let odd = layout_from_attrs(64, 24, 4, 32).unwrap();
+        assert!(swiglu_from_attr(1, &odd).unwrap_err().msg.contains("multiple of 16"));
+        let node = Node { name: "n".into(), layout: l, act: Act::F32, swiglu: true };
+        let codes = ti(elem::UINT8, &[32, Format::Q4.row_bytes(64) as i64]);
+        let r = node.check(3, &ti(elem::FLOAT, &[2, 64]), &codes, &ti(elem::FLOAT16, &[32, 2])).unwrap();
+        assert_eq!(r.out_shape, vec![2, 16]);
     }
 
     #[test]

@@ -255,3 +255,49 @@ fn parallel_and_sequential_runs_agree() {
         assert_eq!(y1, y2, "M={m}");
     }
 }
+
+#[test]
+fn swiglu_matches_f64_reference() {
+    // The fused op against silu(gate) * up computed in f64 from the decoded weight's gate and
+    // up rows (codec::swiglu_row), so a wrong pairing or a missing activation fails.
+    let mut rng = Rng(11);
+    for (format, k, n, group, m) in
+        [(Format::Q4, 96, 32, 32, 1), (Format::Q8, 70, 48, 16, 5), (Format::Q6, 64, 16, 64, 17)]
+    {
+        let e = encode(format, k, n, group, &mut rng);
+        let owned = OwnedWeights::from_encoded(&e);
+        let w = owned.view().unwrap();
+        let wd = e.decode_kn();
+        let a: Vec<f32> = (0..m * k).map(|_| rng.gauss() as f32 * 4.0).collect();
+        let mut y = vec![f32::NAN; m * n / 2];
+        qins_swiglu_with::<f32>(&Options::default(), &Sequential, &a, m, &w, &mut y).unwrap();
+        let ah: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut yh = vec![f16::NAN; m * n / 2];
+        qins_swiglu_with::<f16>(&Options::default(), &Sequential, &ah, m, &w, &mut yh).unwrap();
+        let (mut num, mut numh, mut den) = (0f64, 0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n / 2 {
+                let dot = |col: usize, a: &dyn Fn(usize) -> f64| {
+                    (0..k).map(|p| a(i * k + p) * wd[p * n + col] as f64).sum::<f64>()
+                };
+                let f = |x: &dyn Fn(usize) -> f64| {
+                    let (g, u) = (dot(codec::swiglu_row(j, false), x), dot(codec::swiglu_row(j, true), x));
+                    g / (1.0 + (-g).exp()) * u
+                };
+                let r = f(&|p| a[p] as f64);
+                let rh = f(&|p| ah[p].to_f64());
+                num += (y[i * n / 2 + j] as f64 - r).powi(2);
+                numh += (yh[i * n / 2 + j].to_f64() - rh).powi(2);
+                den += r * r;
+            }
+        }
+        let (err, errh) = ((num / den).sqrt(), (numh / den).sqrt());
+        assert!(err < 1e-5, "{format} K={k} N={n} M={m}: f32 rel err {err:e}");
+        assert!(errh < 1e-3, "{format} K={k} N={n} M={m}: f16 rel err {errh:e}");
+    }
+    let e = encode(Format::Q4, 64, 32, 32, &mut rng);
+    let owned = OwnedWeights::from_encoded(&e);
+    let mut y = vec![0f32; 15];
+    let err = qins_swiglu_with::<f32>(&Options::default(), &Sequential, &[0.0; 64], 1, &owned.view().unwrap(), &mut y);
+    assert!(err.is_err());
+}
