@@ -49,7 +49,8 @@ fn tiny_fixtures_f32_mode_matches_and_integer_modes_stay_close() {
     for name in ["phi35-tiny-fp32-cpu", "llama-gqa-tiny-fp32-cpu"] {
         let src = fixture(name);
         let base = scratch(&format!("parity-{name}"));
-        // f32 mode: the split qkv and the decoded weights must leave the logits as they were.
+        // f32 mode: the split qkv, the fused SwiGLU and the decoded weights must leave the logits
+        // as they were.
         let f32_dir = base.join("f32");
         rewrite(&src, &f32_dir, Format::F32, 0);
         let p = compare(&src, &f32_dir, &windows);

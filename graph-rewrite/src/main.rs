@@ -477,6 +477,15 @@ fn print_inspect(m: &Model, p: &plan::Plan) {
             }
             (None, _) => "yes".into(),
         };
+        // A fused pair is one op: say so on both of its MatMuls.
+        let fused = p.targets.iter().find_map(|t| {
+            let s = t.swiglu.as_ref()?;
+            (t.name == c.name || s.up_name == c.name).then_some("gate, up and their SiLU fused into one op (swiglu=1)")
+        });
+        let verdict = match fused {
+            Some(f) => format!("{verdict}: {f}"),
+            None => verdict,
+        };
         println!(
             "{:<48} {:<8} {:>13} {:<8} {}",
             short(&c.name, 48),
