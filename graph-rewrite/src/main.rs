@@ -373,7 +373,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut i = 0;
             let r = roundtrip::roundtrip(&m, &p, group, &mut |t| {
                 i += 1;
-                eprint!("\r[{i}/{total}] {:<60}", short(&t.name, 60));
+                eprint!("\r[{i}/{total}] {:<60}", short(&t.label(), 60));
             })?;
             eprintln!();
             print!("{}", r.table(per_tensor));
@@ -513,7 +513,7 @@ fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) {
         let (b, a) = ((t.k * t.n() * t.elem.bytes()) as u64, l.stored_bytes() as u64);
         before += b;
         after += a;
-        println!("{:<48} {:>13} {:>10} {:>10}", short(&t.name, 48), format!("{}x{}", t.k, t.n()), b, a);
+        println!("{:<48} {:>13} {:>10} {:>10}", short(&t.label(), 48), format!("{}x{}", t.k, t.n()), b, a);
     }
     let total: u64 = m.data_files().iter().map(|(_, l)| l).sum();
     println!(

@@ -146,6 +146,14 @@ impl Target {
         self.cols.len() * if self.swiglu.is_some() { 2 } else { 1 }
     }
 
+    /// The node name, marked `+up` for a fused SwiGLU (whose weight holds both projections).
+    pub fn label(&self) -> String {
+        match &self.swiglu {
+            Some(_) => format!("{} +up", self.name),
+            None => self.name.clone(),
+        }
+    }
+
     /// True when only the tail columns `cols` are encoded and `0..cols.start` stay float.
     pub fn is_split(&self) -> bool {
         debug_assert_eq!(self.cols.end, self.n_total, "only a tail of columns can be split off");

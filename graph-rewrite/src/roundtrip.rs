@@ -105,7 +105,7 @@ pub fn roundtrip(
                 }
             });
         }
-        tensors.push(TensorRow { name: t.name.clone(), shape: [t.k, t.n()], stats });
+        tensors.push(TensorRow { name: t.label(), shape: [t.k, t.n()], stats });
     }
     let weights: Vec<f64> = tensors.iter().map(|r| (r.shape[0] * r.shape[1]) as f64).collect();
     let total_w: f64 = weights.iter().sum();
