@@ -457,6 +457,47 @@ mod tests {
         assert_eq!(layer_of("/model/layers.12/mlp/up_proj/MatMul"), Some(12));
     }
 
+    /// The SwiGLU fusion takes a layer only where nothing else reads the values it removes.
+    #[test]
+    fn swiglu_fusion_refuses_shared_intermediates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/phi35-tiny-fp32-cpu");
+        let model = Model::load(&dir).unwrap();
+        let unfused = plan(&model, &PlanOptions { fuse_mlp: false, ..Default::default() }).unwrap().targets;
+        let fused_layers = |g: &GraphProto| {
+            let mut t = unfused.clone();
+            fuse_swiglu(g, &mut t);
+            let mut l: Vec<usize> = t.iter().filter(|t| t.swiglu.is_some()).filter_map(|t| t.layer).collect();
+            l.sort();
+            l
+        };
+        let graph = model.graph().clone();
+        assert_eq!(fused_layers(&graph), vec![0, 1]);
+        let output_of = |layer: usize, role: Role| {
+            let t = unfused.iter().find(|t| t.layer == Some(layer) && t.role == role).unwrap();
+            graph.node[t.node].output[0].clone()
+        };
+        let sigmoid_of = |layer: usize| {
+            let g = output_of(layer, Role::Gate);
+            let n = graph.node.iter().find(|n| n.op_type() == "Sigmoid" && n.input[0] == g).unwrap();
+            n.output[0].clone()
+        };
+        let extra_reader = |x: String| {
+            let mut g = graph.clone();
+            g.node.push(qins::onnx::build::node("Identity", "", "extra", &[&x], &["extra_out"], vec![]));
+            g
+        };
+        // Another reader of the gate product, of the sigmoid, or of the up product.
+        assert_eq!(fused_layers(&extra_reader(output_of(0, Role::Gate))), vec![1]);
+        assert_eq!(fused_layers(&extra_reader(sigmoid_of(1))), vec![0]);
+        assert_eq!(fused_layers(&extra_reader(output_of(1, Role::Up))), vec![0]);
+        // The up product as a graph output.
+        let mut g = graph.clone();
+        let mut vi = g.output[0].clone();
+        vi.name = Some(output_of(0, Role::Up));
+        g.output.push(vi);
+        assert_eq!(fused_layers(&g), vec![1]);
+    }
+
     #[test]
     fn policy_keeps_q_k_and_lm_head_float() {
         let p = Preset::Phi3;
