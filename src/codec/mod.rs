@@ -245,8 +245,8 @@ pub const SWIGLU_TILE: usize = 8;
 
 /// Stored row (output channel of the encoded `[K, 2I]` weight) that holds output `j` of a
 /// fused SwiGLU's gate (`up = false`) or up projection. Every 16 stored rows are 8 gate
-/// channels then the same 8 up channels: the CUDA token kernel's 16-channel tile then holds
-/// both factors of its 8 outputs, in the same thread (mma rows g and g + 8).
+/// channels then the same 8 up channels: a block of the CUDA token kernel, which takes whole
+/// 16-channel tiles, then holds both factors of its outputs.
 pub const fn swiglu_row(j: usize, up: bool) -> usize {
     2 * SWIGLU_TILE * (j / SWIGLU_TILE) + j % SWIGLU_TILE + if up { SWIGLU_TILE } else { 0 }
 }
