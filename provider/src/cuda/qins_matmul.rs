@@ -108,7 +108,6 @@ fn row_tile(m: usize) -> usize {
 }
 
 /// Device buffers of one run.
-#[derive(Clone, Copy)]
 pub struct Buffers {
     pub a: *const c_void,
     pub codes: *const c_void,
@@ -117,10 +116,6 @@ pub struct Buffers {
     /// Codes and scales are constant initializers: no kernel writes them, so a kernel launched
     /// to overlap its predecessor may read them before `wait_prior_grid()`.
     pub weights_constant: bool,
-    /// The fused SwiGLU epilogue goes in the kernel: `y` is `[M, N / 2]`. Only the tensor-core
-    /// token kernel takes it; every other path gets a `[M, N]` buffer and
-    /// [`swiglu_combine`] after it.
-    pub swiglu: bool,
 }
 
 /// Where the tensor-core kernel applies the group scale (`SC_*` in kernels/qins_matmul.cu).
@@ -290,11 +285,20 @@ pub(crate) fn tc_args(
 }
 
 /// The tensor-core kernel (f16 activations, packed codes, K % 8 == 0, A 16-byte aligned, no
-/// chunk across groups); false where it does not apply.
+/// chunk across groups); false where it does not apply. `swiglu`: the kernel applies the fused
+/// SwiGLU epilogue and `b.y` is `[M, N / 2]` (every other path writes the `[M, N]` product and
+/// [`swiglu_combine`] follows).
 ///
 /// # Safety
 /// As [`gemv`].
-unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usize, b: &Buffers) -> Result<bool> {
+unsafe fn gemv_tc(
+    mods: &super::Loaded,
+    stream: *mut c_void,
+    node: &Node,
+    m: usize,
+    b: &Buffers,
+    swiglu: bool,
+) -> Result<bool> {
     let l = &node.layout;
     if !tc_applies(node, b.a) {
         return Ok(false);
@@ -312,7 +316,7 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
     let f = mods.function_with_smem(Image::Matmul, name, smem)?;
     let grid_y = u32::try_from(m.div_ceil(mt)).ok().filter(|&y| y <= 65535);
     let grid_y = grid_y.ok_or_else(|| Error::invalid(format!("M={m} is too large for one launch")))?;
-    let args = tc_args(b, None, m, l, cpg_shift).i32(b.swiglu as i32);
+    let args = tc_args(b, None, m, l, cpg_shift).i32(swiglu as i32);
     // SAFETY: the buffers are as the caller promises; the arguments follow the kernel's list.
     // gemv_tc requests its first weights before it waits for the previous kernel (so that
     // they are on their way while that kernel finishes): it may overlap only where no kernel
@@ -328,11 +332,8 @@ unsafe fn gemv_tc(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usi
 /// The buffers are device memory of the node's layout and `m` rows, on the current context.
 pub unsafe fn gemv(mods: &super::Loaded, stream: *mut c_void, node: &Node, m: usize, b: &Buffers) -> Result<()> {
     // SAFETY: as promised by the caller.
-    if unsafe { gemv_tc(mods, stream, node, m, b)? } {
+    if unsafe { gemv_tc(mods, stream, node, m, b, false)? } {
         return Ok(());
-    }
-    if b.swiglu {
-        return Err(Error::fail("internal: the CUDA-core kernel has no SwiGLU epilogue"));
     }
     let l = &node.layout;
     let mt = row_tile(m);
@@ -437,7 +438,6 @@ impl CudaQinsMatMul {
             scales: scales_ptr,
             y: y_ptr,
             weights_constant: self.weights_constant,
-            swiglu: false,
         };
         if !node.swiglu {
             return self.product(ctx, &mods, stream, shape.m, &b);
@@ -445,9 +445,7 @@ impl CudaQinsMatMul {
         let tc = tc_applies(node, a_ptr);
         // SAFETY: the buffers were checked against the layout by `node.check`, `y` as
         // [M, N / 2] for the fused epilogue.
-        if shape.m <= gemv_max_m(tc)
-            && unsafe { gemv_tc(&mods, stream, node, shape.m, &Buffers { swiglu: true, ..b })? }
-        {
+        if shape.m <= gemv_max_m(tc) && unsafe { gemv_tc(&mods, stream, node, shape.m, &b, true)? } {
             return Ok(());
         }
         // Elsewhere the product goes to scratch and a second kernel applies the epilogue.
