@@ -283,18 +283,16 @@ pub fn qins_matmul_f16_with(
     if m == 0 {
         return Ok(());
     }
-    let mut af = vec![0f32; a.len()];
-    a.convert_to_f32_slice(&mut af);
     let mut yf = vec![0f32; y.len()];
-    qins_matmul_f32_with(opts, par, &af, m, w, &mut yf)?;
-    y.convert_from_f32_slice(&yf);
+    qins_matmul_f32_with(opts, par, &f16::widen(a), m, w, &mut yf)?;
+    f16::narrow(&yf, y);
     Ok(())
 }
 
 /// The fused SwiGLU (`swiglu = 1`): `y[M, N/2] = silu(a Wg) * (a Wu)`, the product taken in
 /// f32 over the whole `[K, N]` weight and combined by [`qins::codec::swiglu_combine`]. f16
 /// activations are widened once and the output rounded once, as for the plain product.
-pub fn qins_swiglu_with<T: SwigluAct>(
+pub fn qins_swiglu_with<T: ActElem>(
     opts: &Options,
     par: &dyn ParallelFor,
     a: &[T],
@@ -315,13 +313,14 @@ pub fn qins_swiglu_with<T: SwigluAct>(
     Ok(())
 }
 
-/// Activation types of [`qins_swiglu_with`].
-pub trait SwigluAct: Copy {
+/// Activation element types: the kernels compute in f32, so f16 activations are widened once
+/// and outputs rounded once.
+pub trait ActElem: Copy {
     fn widen(a: &[Self]) -> std::borrow::Cow<'_, [f32]>;
     fn narrow(src: &[f32], dst: &mut [Self]);
 }
 
-impl SwigluAct for f32 {
+impl ActElem for f32 {
     fn widen(a: &[f32]) -> std::borrow::Cow<'_, [f32]> {
         std::borrow::Cow::Borrowed(a)
     }
@@ -330,7 +329,7 @@ impl SwigluAct for f32 {
     }
 }
 
-impl SwigluAct for f16 {
+impl ActElem for f16 {
     fn widen(a: &[f16]) -> std::borrow::Cow<'_, [f32]> {
         let mut af = vec![0f32; a.len()];
         a.convert_to_f32_slice(&mut af);
