@@ -148,10 +148,7 @@ impl Target {
 
     /// The node name, marked `+up` for a fused SwiGLU (whose weight holds both projections).
     pub fn label(&self) -> String {
-        match &self.swiglu {
-            Some(_) => format!("{} +up", self.name),
-            None => self.name.clone(),
-        }
+        label(&self.name, self.swiglu.is_some())
     }
 
     /// True when only the tail columns `cols` are encoded and `0..cols.start` stay float.
@@ -178,6 +175,15 @@ pub struct Candidate {
 pub struct Plan {
     pub targets: Vec<Target>,
     pub candidates: Vec<Candidate>,
+}
+
+/// A target's name for tables: marked `+up` where the gate took in its up projection.
+pub fn label(name: &str, fused: bool) -> String {
+    if fused {
+        format!("{name} +up")
+    } else {
+        name.to_string()
+    }
 }
 
 pub fn role_of(name: &str) -> Role {

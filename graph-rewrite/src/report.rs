@@ -15,9 +15,6 @@ pub struct LayerReport {
     pub weight: String,
     /// The up projection fused into this gate's op (`swiglu = 1`), if any.
     pub fused_up: Option<String>,
-    /// `name`, marked `+up` where fused (for tables).
-    #[serde(skip)]
-    pub label: String,
     /// `[K, N]` of the encoded part.
     pub shape: [usize; 2],
     /// Column range of the stored weight that was encoded.
@@ -38,7 +35,6 @@ impl LayerReport {
             layer: t.layer,
             weight: t.weight.clone(),
             fused_up: t.swiglu.as_ref().map(|s| s.up_name.clone()),
-            label: t.label(),
             shape: [t.k, t.n()],
             cols: [t.cols.start, t.cols.end],
             format: layout.format.name().into(),
@@ -116,7 +112,7 @@ impl RewriteReport {
             let _ = writeln!(
                 s,
                 "{:<44} {:>13} {:>4} {:>5} {:>10.7} {:>9.2e} {:>9.2e} {:>9.2e} {:>6.3} {:>10} {:>10}",
-                short(&l.label, 44),
+                short(&crate::plan::label(&l.name, l.fused_up.is_some()), 44),
                 format!("{}x{}", l.shape[0], l.shape[1]),
                 l.format,
                 l.group,
