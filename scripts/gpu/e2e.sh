@@ -26,6 +26,12 @@ built_models() {
     [ -d $W/$m ] && echo $W/$m
   done
 }
+# `--include lm_head` where the builder's int4 model quantized lm_head (for MatMulNBits'
+# coverage in the "all" rewrites), else nothing.
+int4_extra() {
+  python3 -c "import onnx; m = onnx.load('$W/onnx-int4/model.onnx', load_external_data=False); \
+    print('--include lm_head' if any('lm_head' in n.name for n in m.graph.node if n.op_type == 'MatMulNBits') else '')"
+}
 for step in "$@"; do
   case $step in
     hf) python3 "$E/device-phi35.py" hf "$E/fx" 2>&1 | tail -3 ;;
@@ -37,8 +43,7 @@ for step in "$@"; do
     rewrite-all)
       # MatMulNBits' coverage instead of the default one: the whole qkv projection too (and
       # lm_head where the builder's int4 model quantized it), for a comparison at equal bytes.
-      extra=$(python3 -c "import onnx; m = onnx.load('$W/onnx-int4/model.onnx', load_external_data=False); \
-        print('--include lm_head' if any('lm_head' in n.name for n in m.graph.node if n.op_type == 'MatMulNBits') else '')")
+      extra=$(int4_extra)
       echo "MatMulNBits int4 coverage: $(python3 -c "import onnx, collections; m = onnx.load('$W/onnx-int4/model.onnx', load_external_data=False); \
         print(dict(collections.Counter(n.name.split('/')[-2] for n in m.graph.node if n.op_type == 'MatMulNBits')))")"
       "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-all --bits 4 --group 32 --include qkv_proj $extra --force -q \
@@ -51,9 +56,7 @@ for step in "$@"; do
       # to show what the fused SwiGLU op gives in the same run.
       "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-nofuse --bits 4 --group 32 --no-fuse-mlp --force -q 2>&1 | tail -3
       [ -d $W/qins-q4-all ] && "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-all-nofuse --bits 4 --group 32 \
-        --include qkv_proj $(python3 -c "import onnx; m = onnx.load('$W/onnx-int4/model.onnx', load_external_data=False); \
-        print('--include lm_head' if any('lm_head' in n.name for n in m.graph.node if n.op_type == 'MatMulNBits') else '')") \
-        --no-fuse-mlp --force -q 2>&1 | tail -3
+        --include qkv_proj $(int4_extra) --no-fuse-mlp --force -q 2>&1 | tail -3
       du -sh $W/qins-*-nofuse ;;
     graph)
       # The decode step replayed from a CUDA graph by a Python prototype of the engine's
