@@ -33,6 +33,13 @@ struct Fmt<4> {
     static constexpr int CH = 32, LUT = 16;
     static __device__ __forceinline__ const float* lut() { return qins_lut4; }
 };
+// Plain f16 weights (the float part of a mixed node, docs/FORMAT.md): rows of K halves, no
+// scale, no table; 8 of them a 16-byte chunk. Only the tensor-core token kernel reads them.
+template <>
+struct Fmt<16> {
+    static constexpr int CH = 8, LUT = 0;
+    static __device__ __forceinline__ const float* lut() { return nullptr; }
+};
 // bits = 32: z kept as a float, [N, K] with no padding; one f32 scale per output channel.
 template <>
 struct Fmt<32> {

@@ -276,8 +276,10 @@ constexpr int SC_WEIGHT = 0, SC_STEP = 1, SC_CHUNK = 2;
 template <int BITS, int MT, int W, int U, int SC, int T, bool PIPE = false>
 __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint8_t* __restrict__ codes,
                                          const __half* __restrict__ scales, __half* __restrict__ Y, int M, int K,
-                                         int N, int row_bytes, int groups, int cpg_shift, int swiglu) {
+                                         int N, int row_bytes, int groups, int cpg_shift, int swiglu, int bx,
+                                         int ldy) {
     constexpr int CH = Fmt<BITS>::CH;
+    constexpr bool PLAIN = BITS == 16;  // f16 weights: no table, no scales
     constexpr int CB = CH * BITS / 8;  // bytes a chunk
     constexpr int STEPS = CH / 4;
     constexpr int HALVES = MT / 8;
@@ -290,14 +292,14 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     const int g = lane >> 2, q = lane & 3;
     const uint32_t lane4 = 4 * lane;
     const uint32_t tbase = static_cast<uint32_t>(__cvta_generic_to_shared(tc_smem));
-    const int n0 = blockIdx.x * 16 * T, m0 = blockIdx.y * MT;
+    const int n0 = bx * 16 * T, m0 = blockIdx.y * MT;
     const uint8_t* rp[R];
     const __half* sp[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const long long row = min(n0 + 16 * (r >> 1) + g + 8 * (r & 1), N - 1);
         rp[r] = codes + row * row_bytes + q * CB;
-        sp[r] = scales + row * groups;
+        sp[r] = PLAIN ? nullptr : scales + row * groups;
     }
     const uint4* ap[HALVES];
     bool a_ok[HALVES];
@@ -361,7 +363,7 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
         __half2 sh[R];
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            sv[r] = __ldg(sp[r] + grp);
+            sv[r] = PLAIN ? __float2half_rn(1.0f) : __ldg(sp[r] + grp);
             sh[r] = __half2half2(sv[r]);
         }
         [[maybe_unused]] float acc[2][T][HALVES][4];
@@ -434,7 +436,11 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     } else {
         load_round(warp);
     }
-    stage_tc_table<BITS>();
+    if constexpr (PLAIN) {
+        __syncthreads();
+    } else {
+        stage_tc_table<BITS>();
+    }
     // Only the codes above were read before this (the launcher overlaps this kernel with the
     // previous one only where they are constant initializers).
     wait_prior_grid();
@@ -488,16 +494,15 @@ __device__ __forceinline__ void gemv_tc(const __half* __restrict__ A, const uint
     if (swiglu) {
         // Tile t holds the gate of outputs n0 / 2 + 8 t .. + 7 in its first 8 channels and
         // their up in the next 8 (N % 16 == 0, checked by the host).
-        const int half = N >> 1;
         for (int i = threadIdx.x; i < 8 * T * MO; i += blockDim.x) {
             const int j = i / MO, m = i % MO, c = swiglu_row(j);
             if (n0 + c < N && m0 + m < M)
-                Y[(long long)(m0 + m) * half + (n0 >> 1) + j] = __float2half_rn(silu_mul(sum_at(c, m), sum_at(c + 8, m)));
+                Y[(long long)(m0 + m) * ldy + (n0 >> 1) + j] = __float2half_rn(silu_mul(sum_at(c, m), sum_at(c + 8, m)));
         }
     } else {
         for (int i = threadIdx.x; i < 16 * T * MO; i += blockDim.x) {
             const int c = i / MO, m = i % MO;
-            if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * N + n0 + c] = __float2half_rn(sum_at(c, m));
+            if (n0 + c < N && m0 + m < M) Y[(long long)(m0 + m) * ldy + n0 + c] = __float2half_rn(sum_at(c, m));
         }
     }
 }
@@ -539,7 +544,8 @@ extern "C" __global__ void qins_swiglu_f32(const float* y2, float* y, long long 
     extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                                  \
         NAME(const __half* A, const uint8_t* codes, const __half* scales, __half* Y, int M, int K, int N,      \
              int row_bytes, int groups, int cpg_shift, int swiglu) {                                            \
-        gemv_tc<BITS, MT, W, U, CS, T, PIPE>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift, swiglu); \
+        gemv_tc<BITS, MT, W, U, CS, T, PIPE>(A, codes, scales, Y, M, K, N, row_bytes, groups, cpg_shift, swiglu, \
+                                             blockIdx.x, swiglu ? N >> 1 : N);                                \
     }
 #define QINS_GEMV_TC(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, false, NAME)
 #define QINS_GEMV_TC_P(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, true, NAME)
@@ -584,3 +590,60 @@ QINS_GEMV_TC_PIPE(8)
 QINS_GEMV_TC_PIPE(4)
 QINS_GEMV_TC_P(6, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q6_m8_w16_u2_p)
 QINS_GEMV_TC_P(4, 16, 8, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q4_m16_w8_u2_p)
+
+// Mixed nodes (a `float_weight` input, docs/FORMAT.md): Y[M, NF + N] = [A WF^T | A W] in one
+// launch. The first ceil(NF / 16) blocks multiply the plain f16 rows of WF [NF, K] with the
+// kernel above (BITS = 16: the rows' halves go to the mma as they are), the rest the codes,
+// writing from column NF; both with the row stride NF + N. Why: Phi-3.5's packed qkv keeps
+// Q and K in f16 and V in QINS, which otherwise costs a cuBLAS launch, the QINS launch and a
+// Concat. The QINS part runs in 16-channel blocks with the scale on each pair (the launcher's
+// pick for the V width at every format); the float part in blocks of 16 TF channels.
+// Contract: as the kernels above, plus NF need not be a multiple of 16 TF (the tile's rows
+// past NF are clamped and not written) and WF is 16-byte aligned with K % 8 == 0.
+#define QINS_GEMV_TC_MIX(BITS, MT, W, TF, PIPE, NAME)                                                          \
+    extern "C" __global__ void __launch_bounds__(W * 32, 2)                                                    \
+        NAME(const __half* A, const __half* WF, const uint8_t* codes, const __half* scales, __half* Y, int M,  \
+             int K, int NF, int N, int row_bytes, int groups, int cpg_shift) {                                 \
+        const int fb = (NF + 16 * TF - 1) / (16 * TF);                                                         \
+        if ((int)blockIdx.x < fb) {                                                                            \
+            gemv_tc<16, MT, W, 2, SC_WEIGHT, TF, PIPE>(A, reinterpret_cast<const uint8_t*>(WF), nullptr, Y, M, K, \
+                                                       NF, 2 * K, 0, 0, 0, blockIdx.x, NF + N);                  \
+        } else {                                                                                               \
+            gemv_tc<BITS, MT, W, 2, SC_WEIGHT, 1, PIPE>(A, codes, scales, Y + NF, M, K, N, row_bytes, groups,   \
+                                                        cpg_shift, 0, blockIdx.x - fb, NF + N);                \
+        }                                                                                                      \
+    }
+// What the launcher takes (`mix_plan`), from direct timings at Phi-3.5's qkv (K = 3072, 6144
+// float and 3072 QINS channels; scripts/gpu/probe_mix.py, docs/BENCHMARKS.md): 8 warps, the
+// float part in blocks of 32 (_f2) or 48 (_f3) channels, so that each lane streams 4 or 6
+// float rows per activation load: q4 g32 at M = 1 took 19.4 us with _w8f2 against 20.2 with
+// 16-channel float blocks of 16 warps (the first version, kept as the _m8 baseline); q8 g128
+// 20.9 with _w8f3 against 23.2; at M = 16, _f2 22.8 (q4) and 24.9 (q8) against 27.5 and 28.4.
+#define QINS_GEMV_TC_MIX_ALL(BITS, PIPE16)                                                        \
+    QINS_GEMV_TC_MIX(BITS, 8, 16, 1, true, qins_gemv_tc_mix_q##BITS##_m8)                        \
+    QINS_GEMV_TC_MIX(BITS, 8, 8, 2, true, qins_gemv_tc_mix_q##BITS##_m8_w8f2)                    \
+    QINS_GEMV_TC_MIX(BITS, 8, 8, 3, true, qins_gemv_tc_mix_q##BITS##_m8_w8f3)                    \
+    QINS_GEMV_TC_MIX(BITS, 16, 8, 1, PIPE16, qins_gemv_tc_mix_q##BITS##_m16)                     \
+    QINS_GEMV_TC_MIX(BITS, 16, 8, 2, PIPE16, qins_gemv_tc_mix_q##BITS##_m16_f2)
+QINS_GEMV_TC_MIX_ALL(8, false)
+QINS_GEMV_TC_MIX_ALL(6, false)
+QINS_GEMV_TC_MIX_ALL(4, true)
+
+// Copies a [M, N] product into columns off .. off + N of a [M, ldy] output: the QINS part of a
+// mixed node on the paths that write a dense product (decode + cuBLAS keeps its own stride).
+template <typename T>
+__device__ __forceinline__ void copy_cols(const T* __restrict__ src, T* __restrict__ y, long long total, int n, int ldy,
+                                          int off) {
+    wait_prior_grid();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long m = i / n;
+        y[m * ldy + off + (i - m * n)] = src[i];
+    }
+}
+extern "C" __global__ void qins_copy_cols_f16(const __half* src, __half* y, long long total, int n, int ldy, int off) {
+    copy_cols<__half>(src, y, total, n, ldy, off);
+}
+extern "C" __global__ void qins_copy_cols_f32(const float* src, float* y, long long total, int n, int ldy, int off) {
+    copy_cols<float>(src, y, total, n, ldy, off);
+}

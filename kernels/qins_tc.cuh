@@ -84,7 +84,11 @@ template <int BITS, bool SCALE, int SHIFT = TC_SPREAD>
 __device__ __forceinline__ void tc_pairs(const Chunk& ch, int s, uint32_t tbase, uint32_t lane_b, __half2 sc,
                                          uint32_t& p01, uint32_t& p23) {
     auto look = [&](uint32_t off) { return tc_lookup(tbase, off >> SHIFT); };
-    if constexpr (BITS == 8) {
+    if constexpr (BITS == 16) {
+        // Already f16 pairs in k order; plain weights carry no scale.
+        p01 = ch.w[2 * s];
+        p23 = ch.w[2 * s + 1];
+    } else if constexpr (BITS == 8) {
         const uint32_t w = ch.w[s];
         const uint32_t v0 = look(byte_addr<0>(w, lane_b)), v1 = look(byte_addr<1>(w, lane_b));
         const uint32_t v2 = look(byte_addr<2>(w, lane_b)), v3 = look(byte_addr<3>(w, lane_b));

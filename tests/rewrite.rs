@@ -60,9 +60,34 @@ fn phi3_policy_takes_v_o_gate_up_down_and_keeps_the_rest() {
         assert_eq!(after_model.graph().node.iter().filter(swiglu).count(), layers);
         assert_eq!(after.get("Sigmoid").copied().unwrap_or(0) + layers, before["Sigmoid"], "{name}");
         assert_eq!(after.get("Mul").copied().unwrap_or(0) + 2 * layers, before["Mul"], "{name}");
-        // lm_head plus the float Q/K part of each split qkv.
-        assert_eq!(after["MatMul"], 1 + layers);
-        assert_eq!(after.get("Concat").copied().unwrap_or(0), before.get("Concat").copied().unwrap_or(0) + layers);
+        // Only lm_head stays a MatMul: each split qkv is one QinsMatMul with its float Q/K
+        // columns as input 3, stored transposed.
+        assert_eq!(after["MatMul"], 1);
+        assert_eq!(after.get("Concat"), before.get("Concat"), "{name}");
+        for t in p.targets.iter().filter(|t| t.role == Role::Qkv) {
+            assert!(t.mixed);
+            let n = after_model.graph().node.iter().find(|n| n.name() == format!("{}_QINS", t.name)).unwrap();
+            assert_eq!(n.input.len(), 4, "{name} {}", t.name);
+            let wf = after_model.initializer(&n.input[3]).unwrap();
+            assert_eq!(wf.dims, vec![t.cols.start as i64, t.k as i64]);
+            let (orig, got) =
+                (m.tensor_bytes(m.initializer(&t.weight).unwrap()).unwrap(), after_model.tensor_bytes(wf).unwrap());
+            let eb = t.elem.bytes();
+            for (kk, j) in [(0, 0), (1, 5), (t.k - 1, t.cols.start - 1), (t.k / 2, t.cols.start / 3)] {
+                let src = (kk * t.n_total + j) * eb;
+                let dst = (j * t.k + kk) * eb;
+                assert_eq!(orig[src..src + eb], got[dst..dst + eb], "{name} {} at k={kk} n={j}", t.name);
+            }
+        }
+        // Unmixed: a float MatMul and a Concat beside each split qkv's QinsMatMul.
+        let split = plan::plan(&m, &PlanOptions { fuse_qkv: false, ..Default::default() }).unwrap();
+        assert!(split.targets.iter().all(|t| !t.mixed));
+        let out2 = scratch(&format!("policy-split-{name}"));
+        rewrite::rewrite(&m, &split, &opts(Format::Q8, 32), &out2, &mut NoProgress).unwrap();
+        let after2 = count_ops(&Model::load(&out2).unwrap().proto);
+        assert_eq!(after2["MatMul"], 1 + layers);
+        assert_eq!(after2["QinsMatMul"], 4 * layers);
+        assert_eq!(after2.get("Concat").copied().unwrap_or(0), before.get("Concat").copied().unwrap_or(0) + layers);
         for op in ["GroupQueryAttention", "SkipSimplifiedLayerNormalization", "If", "Gather"] {
             assert_eq!(after.get(op), before.get(op), "{name}: {op} count changed");
         }

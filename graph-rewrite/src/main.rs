@@ -178,6 +178,10 @@ struct Select {
     /// one fused QinsMatMul (swiglu=1) that also applies silu(gate) * up.
     #[arg(long)]
     no_fuse_mlp: bool,
+    /// Write a split qkv as a float MatMul, a QinsMatMul and a Concat, instead of one
+    /// QinsMatMul that takes the float Q/K columns as its float_weight input.
+    #[arg(long)]
+    no_fuse_qkv: bool,
 }
 
 impl Select {
@@ -188,6 +192,7 @@ impl Select {
             exclude: self.exclude.clone(),
             qkv_split: self.qkv_split,
             fuse_mlp: !self.no_fuse_mlp,
+            fuse_qkv: !self.no_fuse_qkv,
         }
     }
 }

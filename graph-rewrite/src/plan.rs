@@ -97,11 +97,21 @@ pub struct PlanOptions {
     /// Fuse each taken gate/up pair and its `silu(gate) * up` into one QinsMatMul
     /// (`swiglu = 1`), where the graph has that pattern.
     pub fuse_mlp: bool,
+    /// Keep the float Q/K columns of a split qkv in the same QinsMatMul (its `float_weight`
+    /// input) instead of a float MatMul and a Concat beside it.
+    pub fuse_qkv: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { preset: Preset::Phi3, include: vec![], exclude: vec![], qkv_split: None, fuse_mlp: true }
+        PlanOptions {
+            preset: Preset::Phi3,
+            include: vec![],
+            exclude: vec![],
+            qkv_split: None,
+            fuse_mlp: true,
+            fuse_qkv: true,
+        }
     }
 }
 
@@ -124,6 +134,9 @@ pub struct Target {
     pub elem: Elem,
     /// The up projection and activation this gate absorbs, when fused.
     pub swiglu: Option<SwiGlu>,
+    /// A split weight whose float columns become the node's `float_weight` input (stored
+    /// transposed, `[cols.start, K]`), so that one node writes the whole output.
+    pub mixed: bool,
 }
 
 /// What a fused gate target takes over: `silu(A Wg) * (A Wu)` becomes one QinsMatMul with
@@ -307,6 +320,8 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
                     0..n_total
                 };
                 cand.cols = Some(cols.clone());
+                // float_weight must have the activations' type, which the op takes as f32 or f16.
+                let mixed = cols.start > 0 && opts.fuse_qkv && matches!(elem, Elem::F32 | Elem::F16);
                 targets.push(Target {
                     node: idx,
                     name,
@@ -318,6 +333,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
                     cols,
                     elem,
                     swiglu: None,
+                    mixed,
                 });
             }
         }

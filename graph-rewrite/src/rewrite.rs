@@ -71,8 +71,9 @@ fn parse_job(loc: &str) -> Option<Job> {
     })
 }
 
-/// Edits the graph: each target becomes a QinsMatMul (plus a float MatMul and a Concat
-/// for a split weight). Returns the new model; its new tensors are deferred.
+/// Edits the graph: each target becomes a QinsMatMul (a split weight's float columns go in as
+/// its `float_weight`, or, unmixed, into a float MatMul and a Concat beside it). Returns the
+/// new model; its new tensors are deferred.
 pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Result<ModelProto> {
     let mut proto = model.proto.clone();
     let graph = proto.graph.as_mut().ok_or_else(|| anyhow!("model has no graph"))?;
@@ -121,7 +122,14 @@ pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Resul
             }
             v
         };
-        if t.is_split() {
+        if t.mixed {
+            let float_w = format!("{}.float_part_t", t.weight);
+            let float_dt = model.initializer(&t.weight).map(|w| w.data_type()).unwrap_or(dtype::FLOAT);
+            let shape = [t.cols.start as i64, t.k as i64];
+            new_inits.push(tensor_deferred(&float_w, float_dt, &shape, &job_key(&Job::FloatPart(ti))));
+            let inputs = [a, codes.as_str(), scales.as_str(), float_w.as_str()];
+            graph.node.push(node(OP, DOMAIN, &format!("{}_QINS", n.name()), &inputs, &[out], attrs()));
+        } else if t.is_split() {
             let unique = |s: String| {
                 if names.contains(&s) {
                     format!("{s}_qins")
@@ -259,7 +267,8 @@ pub fn rewrite<'m>(
             Job::FloatPart(i) => {
                 let target = &plan.targets[i];
                 // The encoded columns are the tail (V of packed qkv); the head stays float.
-                let part = full_weight(model, &target.weight, target)?.columns(0..target.cols.start).to_dense_bytes();
+                let head = full_weight(model, &target.weight, target)?.columns(0..target.cols.start);
+                let part = if target.mixed { head.to_transposed_bytes() } else { head.to_dense_bytes() };
                 input_bytes += part.len() as u64;
                 progress.advance(part.len() as u64, &target.name);
                 Ok(Cow::Owned(part))

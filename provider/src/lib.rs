@@ -171,7 +171,15 @@ mod tests {
                 assert_eq!(name, ops::qins_matmul::OP_NAME);
                 let ep = std::ffi::CStr::from_ptr(o.GetExecutionProviderType.unwrap()(raw));
                 assert_eq!(ep, if i < 2 { ops::CPU_EP } else { ops::CUDA_EP });
-                assert_eq!(o.GetInputTypeCount.unwrap()(raw), 3);
+                assert_eq!(o.GetInputTypeCount.unwrap()(raw), 4);
+                // float_weight (input 3) is optional and has A's type; the rest are required.
+                let ch = |i| o.GetInputCharacteristic.unwrap()(raw, i);
+                use ort_sys::OrtCustomOpInputOutputCharacteristic::{INPUT_OUTPUT_OPTIONAL, INPUT_OUTPUT_REQUIRED};
+                assert_eq!(
+                    [ch(0), ch(1), ch(2), ch(3)],
+                    [INPUT_OUTPUT_REQUIRED, INPUT_OUTPUT_REQUIRED, INPUT_OUTPUT_REQUIRED, INPUT_OUTPUT_OPTIONAL]
+                );
+                assert_eq!(o.GetInputType.unwrap()(raw, 3), o.GetInputType.unwrap()(raw, 0));
                 assert_eq!(o.GetOutputTypeCount.unwrap()(raw), 1);
                 // Out-of-range indices must not read past the tables.
                 let undef = ort_sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;

@@ -209,6 +209,15 @@ impl KernelInfo {
         }
     }
 
+    /// Inputs the node has (an optional one left out at the end is not counted).
+    pub fn input_count(&self) -> Result<usize> {
+        let mut n = 0usize;
+        // SAFETY: valid info and out pointer.
+        let st = unsafe { (self.api.0.KernelInfo_GetInputCount)(self.ptr, &mut n) };
+        self.api.check(st, "KernelInfo_GetInputCount")?;
+        Ok(n)
+    }
+
     /// Whether input `index` is a constant initializer (its value fixed for the session).
     pub fn input_is_constant(&self, index: usize) -> Result<bool> {
         let mut constant: c_int = 0;
@@ -271,6 +280,23 @@ impl KernelCtx {
         }
         let info = tensor_info(self.api, v)?;
         Ok(Tensor { api: self.api, value: v.cast_mut(), info, _ctx: std::marker::PhantomData })
+    }
+
+    /// Input `index` where the node gives it (an optional input left out is either past the
+    /// count or null, depending on its position).
+    pub fn optional_input(&self, index: usize) -> Result<Option<Tensor<'_>>> {
+        if index >= self.input_count()? {
+            return Ok(None);
+        }
+        let mut v: *const OrtValue = ptr::null();
+        // SAFETY: as in `input`, with the index checked against the count.
+        let st = unsafe { (self.api.0.KernelContext_GetInput)(self.ptr, index, &mut v) };
+        self.api.check(st, "KernelContext_GetInput")?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        let info = tensor_info(self.api, v)?;
+        Ok(Some(Tensor { api: self.api, value: v.cast_mut(), info, _ctx: std::marker::PhantomData }))
     }
 
     /// Allocates output `index` with `shape`.

@@ -208,6 +208,52 @@ def test_swiglu():
                 assert err < tol, f"swiglu bits={bits} K={k} N={n} {dtype.__name__} A{lead}: rel err {err:.3e}"
 
 
+def test_float_weight():
+    # A mixed node: Y = [A WF^T | A W], WF stored [NF, K] in A's type; the float part must be
+    # exact to f32 accumulation, the QINS part as the plain op. Also as a graph input (not an
+    # initializer), 3-D A, and M = 0.
+    for bits, k, n, g, nf in ((4, 96, 32, 32, 64), (8, 70, 24, 16, 40), (6, 64, 8, 64, 3)):
+        codes, scales, w = random_weight(k, n, bits, g)
+        for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-3)):
+            t = onnx_type(dtype)
+            wf = RNG.standard_normal((nf, k)).astype(dtype)
+            for as_input in (False, True):
+                node = helper.make_node("QinsMatMul", ["A", "codes", "scales", "WF"], ["Y"], name="mix", domain="com.qins", K=k, N=n, bits=bits, group_size=g)
+                inits = [onnx.numpy_helper.from_array(codes, "codes"), onnx.numpy_helper.from_array(scales, "scales")]
+                ins = [helper.make_tensor_value_info("A", t, None)]
+                if as_input:
+                    ins.append(helper.make_tensor_value_info("WF", t, [nf, k]))
+                else:
+                    inits.append(onnx.numpy_helper.from_array(wf, "WF"))
+                sess = session(model([node], ins, [helper.make_tensor_value_info("Y", t, None)], inits))
+                for lead in ((1,), (2, 3), (17,), (0,)):
+                    a = (RNG.standard_normal(lead + (k,))).astype(dtype)
+                    feeds = {"A": a, "WF": wf} if as_input else {"A": a}
+                    (y,) = sess.run(None, feeds)
+                    assert y.shape == lead + (nf + n,), (y.shape, lead)
+                    if lead == (0,):
+                        continue
+                    a64 = a.astype(np.float64)
+                    ref = np.concatenate([a64 @ wf.astype(np.float64).T, a64 @ w], axis=-1)
+                    for part, sl in (("float", slice(0, nf)), ("qins", slice(nf, nf + n))):
+                        err = rel_err(y[..., sl], ref[..., sl])
+                        assert err < tol, f"float_weight bits={bits} {part} {dtype.__name__} A{lead}: rel err {err:.3e}"
+    # Bad float weights: wrong type, wrong K, and with swiglu=1.
+    k, n, bits, g = 64, 16, 8, 32
+    codes, scales, _ = random_weight(k, n, bits, g)
+    base = [onnx.numpy_helper.from_array(codes, "codes"), onnx.numpy_helper.from_array(scales, "scales")]
+    for wf, attrs, needle in (
+        # A type that is not A's: ORT itself refuses the node (the registered type constraint).
+        (np.zeros((8, k), np.float16), {}, "no kernel def matches"),
+        (np.zeros((8, k + 1), np.float32), {}, "K=64"),
+        (np.zeros((8, k), np.float32), {"swiglu": 1}, "does not take a float_weight"),
+    ):
+        node = helper.make_node("QinsMatMul", ["A", "codes", "scales", "WF"], ["Y"], name="bad", domain="com.qins", K=k, N=n, bits=bits, group_size=g, **attrs)
+        ins = [helper.make_tensor_value_info("A", TensorProto.FLOAT, None), helper.make_tensor_value_info("WF", onnx_type(wf.dtype.type), list(wf.shape))]
+        m = model([node], ins, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], base)
+        expect_ort_error(lambda m=m, wf=wf: session(m, quiet=True).run(None, {"A": np.zeros((2, k), np.float32), "WF": wf}), needle)
+
+
 def test_empty_and_1d():
     k, n, bits, g = 64, 8, 8, 32
     codes, scales, w = random_weight(k, n, bits, g)

@@ -9,7 +9,9 @@ activation type:
        CUDA-core path rounds only the output);
   f32: 16 u^2 with u = 2^-24 times K (accumulation order), except that decode + cuBLAS runs
        on ORT's cuBLAS handle, whose TF32 setting it inherits: 16 (2^-11)^2 there.
-The fused SwiGLU (swiglu=1) runs the same way over its own shapes.
+The fused SwiGLU (swiglu=1) and mixed nodes (a float_weight input: one tensor-core launch up to
+M = 16 with f16, else cuBLAS for the float part and a column copy) run the same way over their
+own shapes.
 Also: a CUDA graph (enable_cuda_graph) replayed with new inputs must give new, right outputs;
 chains of three nodes, each reading the previous one's output (the kernels overlap their
 predecessor where QINS_CUDA_PDL=1, as run.sh's check sets), plain and in a CUDA graph.
@@ -79,9 +81,9 @@ def tolerance(act, k, path):
     return 16 * 2.0**-48 * k
 
 
-def run_case(bits, act, k, n, g, ms, swiglu=False):
+def run_case(bits, act, k, n, g, ms, swiglu=False, nf=0):
     codes, scales = random_weight(rng, bits, k, n, g)
-    model = qins_model(k, n, bits, g, act, swiglu=swiglu)
+    model = qins_model(k, n, bits, g, act, swiglu=swiglu, nf=nf)
     cpu, gpu = session(model, False), session(model, True)
     assert "CUDAExecutionProvider" in gpu.get_providers()
     dt = np.float16 if act == "f16" else np.float32
@@ -89,23 +91,38 @@ def run_case(bits, act, k, n, g, ms, swiglu=False):
     for m in ms:
         a = rng.standard_normal((m, k)).astype(dt)
         feeds = {"A": a, "codes_0": codes, "scales_0": scales}
+        if nf:
+            feeds["WF_0"] = rng.standard_normal((nf, k)).astype(dt)
         ref = cpu.run(None, feeds)[0].astype(np.float64)
         io = gpu.io_binding()
         for name, v in feeds.items():
             io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0))
-        y = ort.OrtValue.ortvalue_from_numpy(np.full((m, n // 2 if swiglu else n), np.nan, dtype=dt), "cuda", 0)
+        y = ort.OrtValue.ortvalue_from_numpy(np.full((m, n // 2 if swiglu else nf + n), np.nan, dtype=dt), "cuda", 0)
         io.bind_ortvalue_output("Y_0", y)
         gpu.run_with_iobinding(io)
         got = y.numpy().astype(np.float64)
         finite = bool(np.isfinite(got).all())
-        nmse = float(((got - ref) ** 2).sum() / max((ref**2).sum(), 1e-30)) if finite else float("inf")
+        # A mixed node's two parts separately: the float part's larger values would otherwise
+        # hide the QINS part's error.
+        parts = [slice(0, nf), slice(nf, None)] if nf else [slice(None)]
+        nmse = max(float(((got[:, p] - ref[:, p]) ** 2).sum() / max((ref[:, p] ** 2).sum(), 1e-30)) for p in parts) \
+            if finite else float("inf")
         path = path_of(bits, act, k, g, m)
         tol = tolerance(act, k, path)
         if swiglu:
             # Fused in the tensor-core kernel; elsewhere a [M, N] product, then qins_swiglu_*.
             path = ("swiglu " if path == "tensor-core" else "swiglu+") + path
+        if nf:
+            # One launch for both parts on the tensor-core kernel; elsewhere the float part on
+            # cuBLAS (TF32 for f32, as ORT's handle is set), so its tolerance.
+            if path == "tensor-core":
+                path = "mixed tensor-core"
+            else:
+                path = "mixed cublas+" + path
+                tol = tolerance(act, k, path)
         ok = finite and nmse <= tol
-        out.append(dict(bits=bits, act=act, K=k, N=n, G=g, M=m, nmse=nmse, tol=tol, ok=ok, path=path, swiglu=swiglu))
+        out.append(dict(bits=bits, act=act, K=k, N=n, G=g, M=m, nmse=nmse, tol=tol, ok=ok, path=path, swiglu=swiglu,
+                        nf=nf))
         print(f"{'ok  ' if ok else 'FAIL'} q{bits:<2} {act} K={k:<5} N={n:<5} G={g:<5} M={m:<5} {path:<14} nmse {nmse:.2e} (tol {tol:.1e})",
               flush=True)
     return out
@@ -247,6 +264,17 @@ if not PREFILL:
             for k, n, g in sg_shapes:
                 mm = [m for m in sg_ms if m * k * n <= 2048 * 3072 * 3072 and m <= MAX_M]
                 results += run_case(bits, act, k, n, g, mm, swiglu=True)
+    # Mixed nodes: Phi-3.5's qkv (6144 float Q/K columns, 3072 V) and small odd ones (NF not a
+    # multiple of 16, K not of the group), across the single-launch kernel's two row tiles.
+    mx_shapes = [(3072, 3072, 32, 6144), (200, 37, 32, 24)] if QUICK else \
+        [(64, 16, 64, 16), (200, 37, 32, 24), (200, 37, 30, 5), (520, 999, 64, 1001), (3072, 3072, 32, 6144),
+         (3072, 3072, 128, 6144)]
+    mx_ms = [1, 9, 17] if QUICK else [1, 2, 5, 8, 9, 16, 17, 300]
+    for bits in (8, 6, 4):
+        for act in ("f16", "f32"):
+            for k, n, g, nf in mx_shapes:
+                mm = [m for m in mx_ms if m * k * (n + nf) <= 2048 * 3072 * 3072 and m <= MAX_M]
+                results += run_case(bits, act, k, n, g, mm, nf=nf)
     results += graph_case()
     results += chain_cases()
     results += bad_input_case()

@@ -48,10 +48,11 @@ def random_weight(rng, bits, k, n, g):
     return kp_codes, scales
 
 
-def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=False, swiglu=False):
+def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=False, swiglu=False, nf=0):
     """A model of `count` QinsMatMul nodes on one input A. Weights are initializers when given
     (a list of (codes, scales)), else graph inputs codes_i / scales_i. swiglu: the fused
-    SwiGLU op (N = gate and up channels together, Y [..., N / 2])."""
+    SwiGLU op (N = gate and up channels together, Y [..., N / 2]). nf > 0: a mixed node with a
+    float_weight input WF_i [nf, K] (A's type), Y [..., nf + N]."""
     t = TensorProto.FLOAT16 if act == "f16" else TensorProto.FLOAT
     lead = [f"d{i}" for i in range(batch_dims)]
     # free_k: A's last dim left symbolic, so that ORT lets a wrong K reach the op.
@@ -67,9 +68,13 @@ def qins_model(k, n, bits, g, act, count=1, weights=None, batch_dims=1, free_k=F
         else:
             from onnx import numpy_helper
             inits += [numpy_helper.from_array(weights[i][0], c), numpy_helper.from_array(weights[i][1], s)]
-        nodes.append(helper.make_node("QinsMatMul", ["A", c, s], [f"Y_{i}"], domain="com.qins", name=f"q{i}",
+        ins = ["A", c, s]
+        if nf:
+            ins.append(f"WF_{i}")
+            inputs.append(helper.make_tensor_value_info(f"WF_{i}", t, [nf, k]))
+        nodes.append(helper.make_node("QinsMatMul", ins, [f"Y_{i}"], domain="com.qins", name=f"q{i}",
                                       K=k, N=n, bits=bits, group_size=g, **({"swiglu": 1} if swiglu else {})))
-        outputs.append(helper.make_tensor_value_info(f"Y_{i}", t, lead + [n // 2 if swiglu else n]))
+        outputs.append(helper.make_tensor_value_info(f"Y_{i}", t, lead + [n // 2 if swiglu else nf + n]))
     graph = helper.make_graph(nodes, "qins", inputs, outputs, initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.qins", 1)],
                              ir_version=10)

@@ -5,7 +5,7 @@
 # `qins-bench generate --device cuda --cuda-graph` (the generation engine, KV cache on the GPU:
 # its IOBinding loop, then its CUDA-graph loop), all models in one run. `graph`: the Python
 # prototype of the graph loop (scripts/gpu/graph_decode.py), as a cross-check.
-#   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] [rewrite-nofuse] bench [bench-tiles1]
+#   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] [rewrite-nofuse] [rewrite-split] bench [bench-tiles1]
 #     [bench-noprefill] [bench-pdl] [graph]   (after run.sh unpacked ORT GPU)
 # Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
 # the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
@@ -22,7 +22,7 @@ export QINS_PROVIDER_LIB=$E/libqins_provider.so
 [ -d /tmp/genai/onnxruntime_genai ] || python3 -m pip install -q --no-deps --target /tmp/genai "$E"/onnxruntime_genai-*.whl
 # The model folders the build and rewrite steps have made so far, in table order.
 built_models() {
-  for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-all qins-q4-all qins-q4-nofuse qins-q4-all-nofuse; do
+  for m in onnx-fp16 onnx-int8 onnx-int4 qins-q8 qins-q4 qins-q8-split qins-q4-split qins-q8-all qins-q4-all qins-q4-nofuse qins-q4-all-nofuse; do
     [ -d $W/$m ] && echo $W/$m
   done
 }
@@ -58,6 +58,12 @@ for step in "$@"; do
       [ -d $W/qins-q4-all ] && "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-all-nofuse --bits 4 --group 32 \
         --include qkv_proj $(int4_extra) --no-fuse-mlp --force -q 2>&1 | tail -3
       du -sh $W/qins-*-nofuse ;;
+    rewrite-split)
+      # q8 and q4 with each qkv written as a f16 MatMul, a QinsMatMul and a Concat
+      # (--no-fuse-qkv), to show what the mixed node (float_weight) gives in the same run.
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8-split --bits 8 --group 128 --no-fuse-qkv --force -q 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-split --bits 4 --group 32 --no-fuse-qkv --force -q 2>&1 | tail -3
+      du -sh $W/qins-*-split ;;
     graph)
       # The decode step replayed from a CUDA graph by a Python prototype of the engine's
       # graph loop, as a cross-check of its numbers.

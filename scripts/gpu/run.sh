@@ -44,12 +44,22 @@ for step in "$@"; do
           echo "$tool (check.py --quick --prefill $c:2): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1) $(grep -E 'passed' /tmp/s.log | tail -1)"
         done; echo "$tool prefill: rc $r"
       done
+      # The mixed kernels (float_weight), every variant, launched directly: under racecheck
+      # check.py reaches them only with f16 up to M = 16, where its f32 cases take cuBLAS.
+      for tool in memcheck racecheck; do
+        PROBE_MIX_CHECK_ONLY=1 compute-sanitizer --tool $tool --kernel-name kns=qins_gemv_tc_mix --print-limit 20 \
+          --error-exitcode 3 python3 scripts/gpu/probe_mix.py .gpuart /tmp/mix-check.json > /tmp/s.log 2>&1; r=$?
+        cat /tmp/s.log >> "$OUT/sanitize.log"
+        echo "$tool (probe_mix.py, check only): rc $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1)"
+      done
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 3 \
           python3 scripts/gpu/bench_decode.py .gpuart /tmp/decode-quick.json --quick > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
         echo "$tool (bench_decode.py --quick): rc $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1)"
       done ;;
     bench-swiglu) python3 scripts/gpu/bench_swiglu.py "$LIB" "$OUT/bench_swiglu.json" 2>&1 | grep -v "plugin EP" | tail -12 ;;
+    probe-mix) python3 scripts/gpu/probe_mix.py .gpuart "$OUT/probe_mix.json" 2>&1 | tail -30 ;;
+    bench-qkv) python3 scripts/gpu/bench_qkv.py "$LIB" "$OUT/bench_qkv.json" 2>&1 | grep -v "plugin EP" | tail -12 ;;
     bench) python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul.json" 2>&1 | grep -v "plugin EP" | tail -60 ;;
     bench-cublas) QINS_CUDA_GEMV_MAX_M=0 QINS_CUDA_PREFILL=off python3 scripts/gpu/bench_matmul.py "$LIB" "$OUT/bench_matmul_cublas.json" --qins-only 2>&1 | grep -v "plugin EP" | tail -20 ;;
     bench-pdl)

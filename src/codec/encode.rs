@@ -124,6 +124,27 @@ impl<'a> WeightSource<'a> {
         WeightSource { bytes: buf, elem: self.elem, k: self.k, ld: self.n, col0: 0, n: self.n }
     }
 
+    /// The window's bytes transposed, as a dense `[n, K]` matrix of the same element type
+    /// (a mixed QinsMatMul's `float_weight`, docs/FORMAT.md).
+    pub fn to_transposed_bytes(&self) -> Vec<u8> {
+        let eb = self.elem.bytes();
+        let mut out = vec![0u8; self.k * self.n * eb];
+        // Blocks of 64 x 64 elements keep both sides' lines in cache.
+        const B: usize = 64;
+        for k0 in (0..self.k).step_by(B) {
+            for n0 in (0..self.n).step_by(B) {
+                for k in k0..self.k.min(k0 + B) {
+                    let row = (k * self.ld + self.col0) * eb;
+                    for j in n0..self.n.min(n0 + B) {
+                        let (src, dst) = (row + j * eb, (j * self.k + k) * eb);
+                        out[dst..dst + eb].copy_from_slice(&self.bytes[src..src + eb]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The window's bytes as a dense `[K, n]` matrix (a copy when it is a column window).
     pub fn to_dense_bytes(&self) -> Vec<u8> {
         let eb = self.elem.bytes();

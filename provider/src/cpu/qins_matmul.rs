@@ -65,6 +65,10 @@ pub enum WeightData<'a> {
     Packed { codes: &'a [u8], scales: &'a [f16] },
     /// `bits` 32: `z` as f32 `[N, K]` and one f32 scale per output channel `[N, 1]`.
     F32 { z: &'a [f32], scales: &'a [f32] },
+    /// Not an encoding: plain f32 weights `[N, K]` (a mixed node's `float_weight`), with the
+    /// layout of bits 32 and no scale. The kernels read them as bits 32 rows without the
+    /// decode, so the float part runs through the same loops.
+    Plain { w: &'a [f32] },
 }
 
 /// A checked view of one encoded weight.
@@ -89,7 +93,8 @@ impl<'a> Weights<'a> {
         let (codes_len, scales_len) = match data {
             WeightData::Packed { codes, scales } if format.is_integer() => (codes.len(), scales.len()),
             WeightData::F32 { z, scales } if format == Format::F32 => (z.len(), scales.len()),
-            _ => return bad("packed codes go with bits 4/6/8, f32 z with bits 32".into()),
+            WeightData::Plain { w } if format == Format::F32 => (w.len(), n),
+            _ => return bad("packed codes go with bits 4/6/8, f32 z and plain weights with bits 32".into()),
         };
         let row = if format == Format::F32 { k } else { format.row_bytes(k) };
         let (want_codes, want_scales) = (n.checked_mul(row), n.checked_mul(layout.groups()));
@@ -310,6 +315,41 @@ pub fn qins_swiglu_with<T: ActElem>(
     let mut yf = vec![0f32; y.len()];
     qins::codec::swiglu_combine(&y2, m, &mut yf);
     T::narrow(&yf, y);
+    Ok(())
+}
+
+/// A mixed node (`float_weight` given): `y[M, NF + N] = [a WF^T | a W]`, `wf` the plain
+/// `[NF, K]` weight in the activations' type. Both products are taken in f32 by the same
+/// loops ([`WeightData::Plain`] for the float part); f16 is widened once and rounded once.
+/// f16 `wf` is widened on every call: an f16 model on the CPU pays that copy for its Q/K.
+#[allow(clippy::too_many_arguments)]
+pub fn qins_matmul_mixed_with<T: ActElem>(
+    opts: &Options,
+    par: &dyn ParallelFor,
+    a: &[T],
+    m: usize,
+    wf: &[T],
+    nf: usize,
+    w: &Weights,
+    y: &mut [T],
+) -> Result<()> {
+    let Layout { k, n, .. } = w.layout;
+    let width = nf + n;
+    if m.checked_mul(width) != Some(y.len()) {
+        return Err(Error::invalid(format!("Y has {} elements; M={m}, NF + N={width} needs M*(NF+N)", y.len())));
+    }
+    let wf = T::widen(wf);
+    let plain = Weights::new(Layout { format: Format::F32, k, n: nf, group: k }, WeightData::Plain { w: &wf })?;
+    let af = T::widen(a);
+    let (mut yf, mut yq) = (vec![0f32; m * nf], vec![0f32; m * n]);
+    qins_matmul_f32_with(opts, par, &af, m, &plain, &mut yf)?;
+    qins_matmul_f32_with(opts, par, &af, m, w, &mut yq)?;
+    let mut out = vec![0f32; y.len()];
+    for ((row, f), q) in out.chunks_exact_mut(width).zip(yf.chunks_exact(nf)).zip(yq.chunks_exact(n)) {
+        row[..nf].copy_from_slice(f);
+        row[nf..].copy_from_slice(q);
+    }
+    T::narrow(&out, y);
     Ok(())
 }
 
@@ -539,14 +579,14 @@ impl Kernel for CpuQinsMatMul {
     fn compute(&self, ctx: &KernelCtx) -> Result<()> {
         let node = &self.node;
         let inputs = ctx.input_count()?;
-        if inputs != 3 {
+        if !(3..=4).contains(&inputs) {
             return Err(Error::invalid(format!(
-                "{}: expected 3 inputs (A, codes, scales), got {inputs}",
+                "{}: expected 3 inputs (A, codes, scales) and an optional float_weight, got {inputs}",
                 node.describe()
             )));
         }
-        let (a, codes, scales) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?);
-        let shape = node.check(inputs, &a.info, &codes.info, &scales.info)?;
+        let (a, codes, scales, wf) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?, ctx.optional_input(3)?);
+        let shape = node.check(inputs, &a.info, &codes.info, &scales.info, wf.as_ref().map(|t| &t.info))?;
         let y = ctx.output(0, &shape.out_shape)?;
         if shape.m == 0 {
             return Ok(());
@@ -559,6 +599,32 @@ impl Kernel for CpuQinsMatMul {
         // The session's intra-op pool: its size is the user's choice, and its threads are the
         // ones that will otherwise sit spinning for the next op.
         let opts = Options::default();
+        if let Some(wf) = wf {
+            let nf = shape.nf;
+            return match node.act {
+                Act::F32 => qins_matmul_mixed_with::<f32>(
+                    &opts,
+                    ctx,
+                    a.slice()?,
+                    shape.m,
+                    wf.slice()?,
+                    nf,
+                    &w,
+                    y.into_slice_mut()?,
+                ),
+                Act::F16 => qins_matmul_mixed_with::<f16>(
+                    &opts,
+                    ctx,
+                    a.slice()?,
+                    shape.m,
+                    wf.slice()?,
+                    nf,
+                    &w,
+                    y.into_slice_mut()?,
+                ),
+            }
+            .map_err(|e| e.context(node.describe()));
+        }
         match (node.act, node.swiglu) {
             (Act::F32, true) => qins_swiglu_with::<f32>(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),
             (Act::F16, true) => qins_swiglu_with::<f16>(&opts, ctx, a.slice()?, shape.m, &w, y.into_slice_mut()?),

@@ -75,7 +75,9 @@ pub fn cublas() -> Result<&'static Cublas> {
 }
 
 impl Cublas {
-    /// Row-major `Y[M, N] = A[M, K] W[N, K]^T` in `dtype` (R_16F or R_32F), f32 accumulation.
+    /// Row-major `Y[M, N] = A[M, K] W[N, K]^T` in `dtype` (R_16F or R_32F), f32 accumulation,
+    /// `Y`'s rows `ldy >= N` elements apart (a mixed node writes its float part into the first
+    /// columns of a wider output).
     ///
     /// # Safety
     /// `handle` is a live cuBLAS handle; the pointers are device buffers of those shapes.
@@ -91,10 +93,11 @@ impl Cublas {
         a: *const c_void,
         w: *const c_void,
         y: *mut c_void,
+        ldy: usize,
     ) -> Result<()> {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let dim = |v: usize| c_int::try_from(v).map_err(|_| Error::fail(format!("dimension {v} too large for cuBLAS")));
-        let (m, n, k) = (dim(m)?, dim(n)?, dim(k)?);
+        let (m, n, k, ldy) = (dim(m)?, dim(n)?, dim(k)?, dim(ldy)?);
         // SAFETY: per the caller's contract.
         let st = unsafe { (self.set_stream)(handle, stream) };
         if st != 0 {
@@ -121,7 +124,7 @@ impl Cublas {
                 (&beta as *const f32).cast(),
                 y,
                 dtype,
-                n,
+                ldy,
                 COMPUTE_32F,
                 GEMM_DEFAULT,
             )

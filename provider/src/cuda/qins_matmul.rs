@@ -326,6 +326,76 @@ unsafe fn gemv_tc(
     Ok(true)
 }
 
+/// The mixed tensor-core kernel (`QINS_GEMV_TC_MIX` in kernels/qins_matmul.cu) for up to 16
+/// rows, where the tensor-core kernel applies; false otherwise.
+///
+/// # Safety
+/// As [`gemv`], and `wf` is device memory of `[nf, K]` f16, 16-byte aligned.
+unsafe fn gemv_tc_mixed(
+    mods: &super::Loaded,
+    stream: *mut c_void,
+    node: &Node,
+    m: usize,
+    nf: usize,
+    wf: *const c_void,
+    b: &Buffers,
+) -> Result<bool> {
+    let l = &node.layout;
+    let (Some(cpg_shift), true) = (tc_cpg_shift(l), tc_applies(node, b.a) && m <= TC_MAX_M) else {
+        return Ok(false);
+    };
+    let Some(MixPlan { name, threads, mt, tf }) = mix_plan(l.format, m) else {
+        return Ok(false);
+    };
+    let smem = tc_smem(l.format, mt, threads, tf);
+    let f = mods.function_with_smem(Image::Matmul, name, smem)?;
+    let blocks = nf.div_ceil(16 * tf) + l.n.div_ceil(16);
+    let blocks = u32::try_from(blocks).map_err(|_| Error::invalid(format!("NF={nf} is too large for one launch")))?;
+    let args = Args::new()
+        .ptr(b.a)
+        .ptr(wf)
+        .ptr(b.codes)
+        .ptr(b.scales)
+        .ptr(b.y)
+        .i32(m as i32)
+        .i32(l.k as i32)
+        .i32(nf as i32)
+        .i32(l.n as i32)
+        .i32(l.row_bytes() as i32)
+        .i32(l.groups() as i32)
+        .i32(cpg_shift);
+    // SAFETY: as the caller promises; the arguments follow the kernel's list. The float weight
+    // is read before the wait too, so overlap needs it constant as well (`weights_constant`).
+    unsafe { launch(f, (blocks, 1, 1), (threads, 1), smem, stream, &args, mods.after(b.weights_constant))? };
+    Ok(true)
+}
+
+/// One launch of the mixed kernel: entry point, threads, row tile, and 16-channel tiles a
+/// block of the float part.
+struct MixPlan {
+    name: &'static CStr,
+    threads: u32,
+    mt: usize,
+    tf: usize,
+}
+
+/// The mixed kernel for `m` rows (at most 16): 8 warps, the float part in blocks of 32
+/// channels (q4, and every format at 9-16 rows) or 48 (q8 and q6 up to 8 rows), as measured
+/// fastest at Phi-3.5's qkv (kernels/qins_matmul.cu, `QINS_GEMV_TC_MIX_ALL`). q6 follows q8
+/// (its blocks carry as many bytes a code as q8's, nearly).
+fn mix_plan(format: Format, m: usize) -> Option<MixPlan> {
+    let (name, mt, tf) = match (format, m > 8) {
+        (Format::Q4, false) => (c"qins_gemv_tc_mix_q4_m8_w8f2", 8, 2),
+        (Format::Q6, false) => (c"qins_gemv_tc_mix_q6_m8_w8f3", 8, 3),
+        (Format::Q8, false) => (c"qins_gemv_tc_mix_q8_m8_w8f3", 8, 3),
+        (Format::Q4, true) => (c"qins_gemv_tc_mix_q4_m16_f2", 16, 2),
+        (Format::Q6, true) => (c"qins_gemv_tc_mix_q6_m16_f2", 16, 2),
+        (Format::Q8, true) => (c"qins_gemv_tc_mix_q8_m16_f2", 16, 2),
+        (Format::F32, _) => return None,
+    };
+    Some(MixPlan { name, threads: 256, mt, tf })
+}
+
 /// The code-domain kernel over all `m` rows: the tensor-core one where it applies.
 ///
 /// # Safety
@@ -398,8 +468,10 @@ pub(crate) fn create(info: &KernelInfo, act: Act) -> Result<Box<dyn Kernel>> {
     if !(fits(l.k) && fits(l.n) && fits(l.row_bytes()) && fits(4 * l.k) && fits(l.groups())) {
         return Err(Error::invalid(format!("{}: too large for the CUDA kernels", node.describe())));
     }
-    // Inputs 1 and 2: codes and scales.
-    let weights_constant = info.input_is_constant(1)? && info.input_is_constant(2)?;
+    // Inputs 1 and 2: codes and scales; 3, where given, the float weight.
+    let weights_constant = info.input_is_constant(1)?
+        && info.input_is_constant(2)?
+        && (info.input_count()? < 4 || info.input_is_constant(3).unwrap_or(false));
     Ok(Box::new(CudaQinsMatMul { node, weights_constant }))
 }
 
@@ -413,11 +485,13 @@ impl CudaQinsMatMul {
     fn run(&self, ctx: &KernelCtx) -> Result<()> {
         let node = &self.node;
         let inputs = ctx.input_count()?;
-        if inputs != 3 {
-            return Err(Error::invalid(format!("expected 3 inputs (A, codes, scales), got {inputs}")));
+        if !(3..=4).contains(&inputs) {
+            return Err(Error::invalid(format!(
+                "expected 3 inputs (A, codes, scales) and an optional float_weight, got {inputs}"
+            )));
         }
-        let (a, codes, scales) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?);
-        let shape = node.check(inputs, &a.info, &codes.info, &scales.info)?;
+        let (a, codes, scales, wf) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?, ctx.optional_input(3)?);
+        let shape = node.check(inputs, &a.info, &codes.info, &scales.info, wf.as_ref().map(|t| &t.info))?;
         let y = ctx.output(0, &shape.out_shape)?;
         if shape.m == 0 {
             return Ok(());
@@ -439,6 +513,13 @@ impl CudaQinsMatMul {
             y: y_ptr,
             weights_constant: self.weights_constant,
         };
+        if let Some(wf) = wf {
+            let wf_ptr = match node.act {
+                Act::F32 => wf.raw::<f32>()?,
+                Act::F16 => wf.raw::<half::f16>()?,
+            };
+            return self.mixed(ctx, &mods, stream, shape.m, shape.nf, wf_ptr, &b);
+        }
         if !node.swiglu {
             return self.product(ctx, &mods, stream, shape.m, &b);
         }
@@ -454,6 +535,52 @@ impl CudaQinsMatMul {
         self.product(ctx, &mods, stream, shape.m, &Buffers { y: y2.ptr, ..b })?;
         // SAFETY: `y2` holds the [M, N] product, `y` is [M, N / 2].
         unsafe { swiglu_combine(&mods, stream, node.act, y2.ptr, y_ptr, shape.m, node.layout.n / 2) }
+    }
+
+    /// A mixed node: `Y[M, NF + N] = [A WF^T | A W]`. Up to 16 f16 rows, one launch of the
+    /// tensor-core kernel does both parts (`qins_gemv_tc_mix_*`); elsewhere cuBLAS writes the
+    /// float part straight into `Y`'s first columns and the QINS product goes through scratch
+    /// into the rest.
+    #[allow(clippy::too_many_arguments)]
+    fn mixed(
+        &self,
+        ctx: &KernelCtx,
+        mods: &super::Loaded,
+        stream: *mut c_void,
+        m: usize,
+        nf: usize,
+        wf: *const c_void,
+        b: &Buffers,
+    ) -> Result<()> {
+        let node = &self.node;
+        let l = &node.layout;
+        let width = nf + l.n;
+        if m <= gemv_max_m(true) && (wf as usize).is_multiple_of(16) {
+            // SAFETY: the buffers were checked against the layout and `wf` as [NF, K].
+            if unsafe { gemv_tc_mixed(mods, stream, node, m, nf, wf, b)? } {
+                return Ok(());
+            }
+        }
+        let handle = ctx.resource(CUDA_RESOURCE_VERSION, CUBLAS_HANDLE)?;
+        if handle.is_null() {
+            return Err(Error::fail("a float_weight input needs ORT's cuBLAS handle, and the CUDA EP gave none"));
+        }
+        let (elem, dtype) = match node.act {
+            Act::F16 => (2, R_16F),
+            Act::F32 => (4, R_32F),
+        };
+        // SAFETY: `wf` is [NF, K] and `y` [M, NF + N], checked by `node.check`.
+        unsafe { cublas()?.gemm_rowmajor_abt(handle, stream, dtype, m, nf, l.k, b.a, wf, b.y, width)? };
+        let yq = ctx.scratch(c"Cuda", mods.device, m * l.n * elem)?;
+        self.product(ctx, mods, stream, m, &Buffers { y: yq.ptr, ..*b })?;
+        let name = if node.act == Act::F16 { c"qins_copy_cols_f16" } else { c"qins_copy_cols_f32" };
+        let f = mods.function(Image::Matmul, name)?;
+        let total = m * l.n;
+        let blocks = total.div_ceil(256).min(65535 * 8) as u32;
+        let args = Args::new().ptr(yq.ptr).ptr(b.y).i64(total as i64).i32(l.n as i32).i32(width as i32).i32(nf as i32);
+        // SAFETY: `yq` holds the [M, N] product and `y` is [M, NF + N]; the arguments follow the
+        // kernel's list.
+        unsafe { launch(f, (blocks, 1, 1), (256, 1), 0, stream, &args, mods.after(true)) }
     }
 
     /// `Y = A W` into `b.y` (`[M, N]`) on the path `M` picks (the module docs).
@@ -486,7 +613,7 @@ impl CudaQinsMatMul {
         // SAFETY: `w` holds N x K elements; the other buffers were checked against the layout.
         unsafe {
             decode(mods, stream, l, f16, b.codes, b.scales, w.ptr)?;
-            blas.gemm_rowmajor_abt(handle, stream, dtype, m, l.n, l.k, b.a, w.ptr, b.y)
+            blas.gemm_rowmajor_abt(handle, stream, dtype, m, l.n, l.k, b.a, w.ptr, b.y, l.n)
         }
     }
 }
@@ -548,6 +675,11 @@ mod tests {
                         };
                         assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
                     }
+                }
+            }
+            for m in [1, 9] {
+                if let Some(MixPlan { name, .. }) = mix_plan(format, m) {
+                    assert!(contains(images::QINS_MATMUL, name.to_bytes()), "{name:?} missing");
                 }
             }
             for f16 in [true, false] {

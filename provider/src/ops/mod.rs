@@ -30,6 +30,8 @@ pub(crate) struct OpSpec {
     pub name: &'static CStr,
     pub ep: &'static CStr,
     pub inputs: &'static [ONNXTensorElementDataType],
+    /// Inputs past this many are optional.
+    pub required_inputs: usize,
     pub outputs: &'static [ONNXTensorElementDataType],
     pub since_version: c_int,
     pub end_version: c_int,
@@ -69,8 +71,8 @@ impl CustomOp {
         ort.GetInputTypeCount = Some(get_input_count);
         ort.GetOutputType = Some(get_output_type);
         ort.GetOutputTypeCount = Some(get_output_count);
-        ort.GetInputCharacteristic = Some(get_characteristic);
-        ort.GetOutputCharacteristic = Some(get_characteristic);
+        ort.GetInputCharacteristic = Some(get_input_characteristic);
+        ort.GetOutputCharacteristic = Some(get_output_characteristic);
         ort.GetInputMemoryType = Some(get_input_memory_type);
         ort.GetVariadicInputMinArity = Some(variadic_min_arity);
         ort.GetVariadicInputHomogeneity = Some(variadic_homogeneity);
@@ -130,7 +132,21 @@ unsafe extern "system" fn get_output_count(op: *const OrtCustomOp) -> usize {
     unsafe { spec(op) }.map_or(0, |s| s.outputs.len())
 }
 
-unsafe extern "system" fn get_characteristic(_: *const OrtCustomOp, _: usize) -> OrtCustomOpInputOutputCharacteristic {
+unsafe extern "system" fn get_input_characteristic(
+    op: *const OrtCustomOp,
+    index: usize,
+) -> OrtCustomOpInputOutputCharacteristic {
+    // SAFETY: as above.
+    match unsafe { spec(op) } {
+        Some(s) if index >= s.required_inputs => OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL,
+        _ => OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED,
+    }
+}
+
+unsafe extern "system" fn get_output_characteristic(
+    _: *const OrtCustomOp,
+    _: usize,
+) -> OrtCustomOpInputOutputCharacteristic {
     OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
 }
 

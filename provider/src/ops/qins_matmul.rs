@@ -90,8 +90,11 @@ pub fn swiglu_from_attr(v: i64, l: &Layout) -> Result<bool> {
 pub struct RunShape {
     /// Rows of `A` once its leading dims are flattened.
     pub m: usize,
-    /// `A.shape[..-1] + [N]`.
+    /// `A.shape[..-1] + [NF + N]` (`[NF + N / 2]` with `swiglu = 1`).
     pub out_shape: Vec<i64>,
+    /// Output channels of the optional `float_weight` (`[NF, K]`), which come first in `Y`;
+    /// 0 without it.
+    pub nf: usize,
 }
 
 /// One node's attributes, read and validated when ORT creates its kernel.
@@ -132,14 +135,28 @@ impl Node {
     }
 
     /// Checks the inputs against the attributes; everything a kernel relies on to index its
-    /// buffers safely is established here.
-    pub fn check(&self, inputs: usize, a: &TensorInfo, codes: &TensorInfo, scales: &TensorInfo) -> Result<RunShape> {
-        let mut r =
-            check_inputs(&self.layout, self.act, inputs, a, codes, scales).map_err(|e| e.context(self.describe()))?;
-        if let (true, Some(last)) = (self.swiglu, r.out_shape.last_mut()) {
-            *last = (self.layout.n / 2) as i64;
-        }
-        Ok(r)
+    /// buffers safely is established here. `float_weight`: input 3, where the node has it.
+    pub fn check(
+        &self,
+        inputs: usize,
+        a: &TensorInfo,
+        codes: &TensorInfo,
+        scales: &TensorInfo,
+        float_weight: Option<&TensorInfo>,
+    ) -> Result<RunShape> {
+        let run = || {
+            let mut r = check_inputs(&self.layout, self.act, inputs, a, codes, scales, float_weight)?;
+            if self.swiglu {
+                if r.nf > 0 {
+                    return Err(Error::invalid("swiglu=1 does not take a float_weight input"));
+                }
+                if let Some(last) = r.out_shape.last_mut() {
+                    *last = (self.layout.n / 2) as i64;
+                }
+            }
+            Ok(r)
+        };
+        run().map_err(|e: Error| e.context(self.describe()))
     }
 }
 
@@ -151,9 +168,12 @@ pub fn check_inputs(
     a: &TensorInfo,
     codes: &TensorInfo,
     scales: &TensorInfo,
+    float_weight: Option<&TensorInfo>,
 ) -> Result<RunShape> {
-    if inputs != 3 {
-        return Err(Error::invalid(format!("expected 3 inputs (A, codes, scales), got {inputs}")));
+    if !(3..=4).contains(&inputs) {
+        return Err(Error::invalid(format!(
+            "expected 3 inputs (A, codes, scales) and an optional float_weight, got {inputs}"
+        )));
     }
     if a.elem != act.onnx() {
         return Err(Error::invalid(format!("A must be {}, got {a}", elem::name(act.onnx()))));
@@ -174,21 +194,45 @@ pub fn check_inputs(
             return Err(Error::invalid(format!("{what} must be {want}, got {got}")));
         }
     }
+    let nf = match float_weight {
+        None => 0,
+        Some(wf) => {
+            let ok = wf.elem == act.onnx()
+                && matches!(wf.shape[..], [nf, k] if nf >= 1 && k == l.k as i64 && nf <= (1 << 31));
+            if !ok {
+                return Err(Error::invalid(format!(
+                    "float_weight must be {} [NF >= 1, K={}], got {wf}",
+                    elem::name(act.onnx()),
+                    l.k
+                )));
+            }
+            wf.shape[0] as usize
+        }
+    };
+    let width = nf + l.n;
+    if m.checked_mul(width).is_none() || i32::try_from(width).is_err() {
+        return Err(Error::invalid(format!("A {:?} with NF + N = {width} is too large", a.shape)));
+    }
     let mut out_shape = lead.to_vec();
-    out_shape.push(l.n as i64);
-    Ok(RunShape { m, out_shape })
+    out_shape.push(width as i64);
+    Ok(RunShape { m, out_shape, nf })
 }
 
+// A, codes, scales, float_weight (optional, A's type).
 const F32_IO: &[T] = &[
     T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
     T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
     T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
 ];
 const F16_IO: &[T] = &[
     T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
     T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
     T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+    T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
 ];
+/// Inputs from this index on are optional.
+const REQUIRED_INPUTS: usize = 3;
 
 /// One registration per activation type, same name and domain, for execution provider `ep`.
 /// ORT merges the type constraints of same-named ops and picks the kernel by `A`'s type.
@@ -203,6 +247,7 @@ fn ops_for(
         name: OP_NAME,
         ep,
         inputs: io,
+        required_inputs: REQUIRED_INPUTS,
         outputs: &io[..1],
         since_version: OPSET,
         end_version: OPSET,
@@ -259,9 +304,9 @@ mod tests {
         let codes = ti(elem::UINT8, &[7, Format::Q6.row_bytes(100) as i64]);
         let scales = ti(elem::FLOAT16, &[7, 4]);
         let a = ti(elem::FLOAT, &[2, 3, 100]);
-        let r = check_inputs(&l, Act::F32, 3, &a, &codes, &scales).unwrap();
-        assert_eq!(r, RunShape { m: 6, out_shape: vec![2, 3, 7] });
-        let r = check_inputs(&l, Act::F32, 3, &ti(elem::FLOAT, &[0, 100]), &codes, &scales).unwrap();
+        let r = check_inputs(&l, Act::F32, 3, &a, &codes, &scales, None).unwrap();
+        assert_eq!(r, RunShape { m: 6, out_shape: vec![2, 3, 7], nf: 0 });
+        let r = check_inputs(&l, Act::F32, 3, &ti(elem::FLOAT, &[0, 100]), &codes, &scales, None).unwrap();
         assert_eq!(r.m, 0);
         let bad = [
             (ti(elem::FLOAT, &[2, 99]), codes.clone(), scales.clone(), "K=100"),
@@ -273,10 +318,10 @@ mod tests {
             (a.clone(), codes.clone(), ti(elem::FLOAT, &[7, 4]), "scales must be float16"),
         ];
         for (a, c, s, want) in bad {
-            let e = check_inputs(&l, Act::F32, 3, &a, &c, &s).unwrap_err();
+            let e = check_inputs(&l, Act::F32, 3, &a, &c, &s, None).unwrap_err();
             assert!(e.msg.contains(want), "{e} should mention {want}");
         }
-        assert!(check_inputs(&l, Act::F32, 2, &a, &codes, &scales).is_err());
+        assert!(check_inputs(&l, Act::F32, 2, &a, &codes, &scales, None).is_err());
     }
 
     #[test]
@@ -289,7 +334,7 @@ mod tests {
         assert!(swiglu_from_attr(1, &odd).unwrap_err().msg.contains("multiple of 16"));
         let node = Node { name: "n".into(), layout: l, act: Act::F32, swiglu: true };
         let codes = ti(elem::UINT8, &[32, Format::Q4.row_bytes(64) as i64]);
-        let r = node.check(3, &ti(elem::FLOAT, &[2, 64]), &codes, &ti(elem::FLOAT16, &[32, 2])).unwrap();
+        let r = node.check(3, &ti(elem::FLOAT, &[2, 64]), &codes, &ti(elem::FLOAT16, &[32, 2]), None).unwrap();
         assert_eq!(r.out_shape, vec![2, 16]);
     }
 
@@ -297,8 +342,32 @@ mod tests {
     fn f32_format_shapes() {
         let l = layout_from_attrs(10, 3, 32, 10).unwrap();
         let a = ti(elem::FLOAT16, &[10]);
-        let r = check_inputs(&l, Act::F16, 3, &a, &ti(elem::FLOAT, &[3, 10]), &ti(elem::FLOAT, &[3, 1])).unwrap();
-        assert_eq!(r, RunShape { m: 1, out_shape: vec![3] });
-        assert!(check_inputs(&l, Act::F16, 3, &a, &ti(elem::UINT8, &[3, 40]), &ti(elem::FLOAT, &[3, 1])).is_err());
+        let r = check_inputs(&l, Act::F16, 3, &a, &ti(elem::FLOAT, &[3, 10]), &ti(elem::FLOAT, &[3, 1]), None).unwrap();
+        assert_eq!(r, RunShape { m: 1, out_shape: vec![3], nf: 0 });
+        assert!(check_inputs(&l, Act::F16, 3, &a, &ti(elem::UINT8, &[3, 40]), &ti(elem::FLOAT, &[3, 1]), None).is_err());
+    }
+
+    #[test]
+    fn float_weight_is_checked() {
+        let l = layout_from_attrs(64, 32, 4, 32).unwrap();
+        let codes = ti(elem::UINT8, &[32, Format::Q4.row_bytes(64) as i64]);
+        let scales = ti(elem::FLOAT16, &[32, 2]);
+        let a = ti(elem::FLOAT16, &[1, 3, 64]);
+        let wf = ti(elem::FLOAT16, &[40, 64]);
+        let r = check_inputs(&l, Act::F16, 4, &a, &codes, &scales, Some(&wf)).unwrap();
+        assert_eq!(r, RunShape { m: 3, out_shape: vec![1, 3, 72], nf: 40 });
+        for bad in [
+            ti(elem::FLOAT, &[40, 64]),
+            ti(elem::FLOAT16, &[40, 63]),
+            ti(elem::FLOAT16, &[0, 64]),
+            ti(elem::FLOAT16, &[64]),
+        ] {
+            let e = check_inputs(&l, Act::F16, 4, &a, &codes, &scales, Some(&bad)).unwrap_err();
+            assert!(e.msg.contains("float_weight must be float16 [NF >= 1, K=64]"), "{e}");
+        }
+        assert!(check_inputs(&l, Act::F16, 5, &a, &codes, &scales, None).is_err());
+        let node = Node { name: "n".into(), layout: l, act: Act::F16, swiglu: true };
+        let e = node.check(4, &a, &codes, &scales, Some(&wf)).unwrap_err();
+        assert!(e.msg.contains("does not take a float_weight"), "{e}");
     }
 }

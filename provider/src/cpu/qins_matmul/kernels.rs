@@ -75,7 +75,11 @@ unsafe fn chunk<S: Simd, const B: u32, const UNIFORM: bool>(
             } else {
                 (S::load(z), S::load(z.add(16)))
             };
-            (S::decode_z(z0), S::decode_z(z1))
+            if matches!(p.w.data, super::WeightData::Plain { .. }) {
+                (z0, z1)
+            } else {
+                (S::decode_z(z0), S::decode_z(z1))
+            }
         }
     };
     let (s0, s1) = scales::<S, UNIFORM>(p, srow, c);
@@ -96,6 +100,7 @@ unsafe fn row_scales<S: Simd>(p: &Plan, n: usize, srow: *mut f32) {
     match p.w.data {
         super::WeightData::Packed { scales, .. } => S::f16_to_f32(scales.as_ptr().add(n * g), srow, g),
         super::WeightData::F32 { scales, .. } => *srow = *scales.as_ptr().add(n),
+        super::WeightData::Plain { .. } => *srow = 1.0,
     }
 }
 
@@ -104,7 +109,7 @@ unsafe fn row_scales<S: Simd>(p: &Plan, n: usize, srow: *mut f32) {
 unsafe fn row_ptr(p: &Plan, n: usize) -> *const u8 {
     match p.w.data {
         super::WeightData::Packed { codes, .. } => codes.as_ptr().add(n * p.row_bytes),
-        super::WeightData::F32 { z, .. } => z.as_ptr().add(n * p.w.layout.k).cast(),
+        super::WeightData::F32 { z, .. } | super::WeightData::Plain { w: z } => z.as_ptr().add(n * p.w.layout.k).cast(),
     }
 }
 
