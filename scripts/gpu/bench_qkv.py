@@ -9,11 +9,10 @@ argv: LIB OUT_JSON
 """
 import json, os, sys
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import per_copy_us, random_weight  # noqa: E402
+from common import graph_session, per_copy_us, random_weight, time_pair  # noqa: E402
 
 LIB, OUT = sys.argv[1], sys.argv[2]
 K, NF, NV, L, REPS = 3072, 6144, 3072, int(os.environ.get("QKV_L", 16)), 30
@@ -61,27 +60,8 @@ def model(kind, count, bits=None, g=None, ws=None):
                              ir_version=10)
 
 
-GID = [0]
-
-
 def bound(mdl, count, x):
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(LIB)
-    so.log_severity_level = 3
-    s = ort.InferenceSession(mdl.SerializeToString(), so,
-                             providers=[("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})])
-    io = s.io_binding()
-    xv = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-    io.bind_ortvalue_input("X", xv)
-    keep = [xv]
-    for i in range(count):
-        y = ort.OrtValue.ortvalue_from_shape_and_type([x.shape[0], NF + NV], np.float16, "cuda", 0)
-        io.bind_ortvalue_output(f"Y{i}", y)
-        keep.append(y)
-    GID[0] += 1
-    ro = ort.RunOptions()
-    ro.add_run_config_entry("gpu_graph_id", str(GID[0]))
-    return s, io, ro, keep
+    return graph_session(LIB, mdl, count, x, NF + NV)
 
 
 rows = []
@@ -95,16 +75,9 @@ for bits, g in FMTS:
     ws = weights(bits, g, L)
     for m in MS:
         x = rng.standard_normal((m, K)).astype(np.float16)
-        res = {}
-        for kind in ("split", "mixed"):
-            res[kind] = per_copy_us(lambda c, kind=kind: bound(model(kind, c, bits, g, ws), c, x), L, REPS)
-            rows.append(dict(M=m, kind=kind, bits=bits, G=g, us=res[kind]))
-        outs = []
-        for kind in ("split", "mixed"):
-            s, io, ro, keep = bound(model(kind, 1, bits, g, ws), 1, x)
-            s.run_with_iobinding(io)
-            outs.append(keep[1].numpy().astype(np.float64))
-        nmse = float(((outs[0] - outs[1]) ** 2).sum() / max((outs[0] ** 2).sum(), 1e-30))
+        res, nmse = time_pair(lambda kind, c: model(kind, c, bits, g, ws), lambda mdl, c: bound(mdl, c, x),
+                              ("split", "mixed"), L, REPS)
+        rows += [dict(M=m, kind=kind, bits=bits, G=g, us=res[kind]) for kind in ("split", "mixed")]
         rows[-1]["nmse_vs_split"] = nmse
         print(f"M={m:<4} q{bits} g{g}: split {res['split']:7.2f} us, mixed {res['mixed']:7.2f} us "
               f"({res['mixed'] / res['split']:.2f}x), nmse mixed vs split {nmse:.1e}", flush=True)

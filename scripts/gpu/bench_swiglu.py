@@ -10,11 +10,10 @@ argv: LIB OUT_JSON
 """
 import json, os, sys
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import per_copy_us, random_weight  # noqa: E402
+from common import graph_session, per_copy_us, random_weight, time_pair  # noqa: E402
 
 LIB, OUT = sys.argv[1], sys.argv[2]
 K, I, L, REPS = 3072, 8192, int(os.environ.get("SWIGLU_L", 16)), 30
@@ -78,27 +77,8 @@ def model(kind, count, bits=None, g=None, ws=None):
                              ir_version=10)
 
 
-GID = [0]
-
-
 def bound(mdl, count, x):
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(LIB)
-    so.log_severity_level = 3
-    s = ort.InferenceSession(mdl.SerializeToString(), so,
-                             providers=[("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})])
-    io = s.io_binding()
-    xv = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-    io.bind_ortvalue_input("X", xv)
-    keep = [xv]
-    for i in range(count):
-        y = ort.OrtValue.ortvalue_from_shape_and_type([x.shape[0], I], np.float16, "cuda", 0)
-        io.bind_ortvalue_output(f"Y{i}", y)
-        keep.append(y)
-    GID[0] += 1
-    ro = ort.RunOptions()
-    ro.add_run_config_entry("gpu_graph_id", str(GID[0]))
-    return s, io, ro, keep
+    return graph_session(LIB, mdl, count, x, I)
 
 
 rows = []
@@ -111,17 +91,9 @@ for bits, g in FMTS:
     ws = weights(bits, g, L)
     for m in (1, 16, 128):
         x = rng.standard_normal((m, K)).astype(np.float16)
-        res = {}
-        for kind in ("unfused", "fused"):
-            res[kind] = per_copy_us(lambda c, kind=kind: bound(model(kind, c, bits, g, ws), c, x), L, REPS)
-            rows.append(dict(M=m, kind=kind, bits=bits, G=g, us=res[kind]))
-        # Same weights, same X: the two graphs must agree (f16 output, one rounding apart).
-        outs = []
-        for kind in ("unfused", "fused"):
-            s, io, ro, keep = bound(model(kind, 1, bits, g, ws), 1, x)
-            s.run_with_iobinding(io)
-            outs.append(keep[1].numpy().astype(np.float64))
-        nmse = float(((outs[0] - outs[1]) ** 2).sum() / max((outs[0] ** 2).sum(), 1e-30))
+        res, nmse = time_pair(lambda kind, c: model(kind, c, bits, g, ws), lambda mdl, c: bound(mdl, c, x),
+                              ("unfused", "fused"), L, REPS)
+        rows += [dict(M=m, kind=kind, bits=bits, G=g, us=res[kind]) for kind in ("unfused", "fused")]
         rows[-1]["nmse_vs_unfused"] = nmse
         print(f"M={m:<4} q{bits} g{g}: unfused {res['unfused']:7.2f} us, fused {res['fused']:7.2f} us "
               f"({res['fused'] / res['unfused']:.2f}x), nmse fused vs unfused {nmse:.1e}", flush=True)

@@ -126,6 +126,34 @@ def graph_time(launch, reps, launches=20):
     return statistics.median(ts)
 
 
+_GRAPH_ID = [0]
+
+
+def graph_session(lib, model, count, x, width):
+    """(session, io_binding, run_options, keep-alive) for per_copy_us: `model` on the CUDA EP
+    with the library and a CUDA graph of its own id, input X bound to `x` on the GPU and
+    outputs Y0 .. Y{count-1} to [M, width] f16 buffers (keep-alive [X, Y0, ...])."""
+    import numpy as np
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lib)
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), so,
+                             providers=[("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})])
+    io = s.io_binding()
+    xv = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    io.bind_ortvalue_input("X", xv)
+    keep = [xv]
+    for i in range(count):
+        y = ort.OrtValue.ortvalue_from_shape_and_type([x.shape[0], width], np.float16, "cuda", 0)
+        io.bind_ortvalue_output(f"Y{i}", y)
+        keep.append(y)
+    _GRAPH_ID[0] += 1
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("gpu_graph_id", str(_GRAPH_ID[0]))
+    return s, io, ro, keep
+
+
 def per_copy_us(make, L, reps=30, warm_s=0.3):
     """Microseconds per copy of a subgraph, the way the kernel table times a node: `make(count)`
     returns (session, io_binding, run_options, keep-alive) for a model of `count` copies, run
@@ -146,3 +174,18 @@ def per_copy_us(make, L, reps=30, warm_s=0.3):
             s.run_with_iobinding(io, ro)
             (tl if s is many[0] else t1).append(time.perf_counter() - t)
     return (statistics.median(tl) - statistics.median(t1)) / (L - 1) * 1e6
+
+
+def time_pair(make_model, bind, kinds, L, reps=30):
+    """per_copy_us of two forms of one subgraph, `make_model(kind, count)` bound by
+    `bind(model, count)` (graph_session), and the normalised squared difference of their
+    outputs Y0 for the same weights and X: ({kind: us}, nmse of kinds[1] against kinds[0])."""
+    import numpy as np
+    res = {k: per_copy_us(lambda c, k=k: bind(make_model(k, c), c), L, reps) for k in kinds}
+    outs = []
+    for k in kinds:
+        s, io, _, keep = bind(make_model(k, 1), 1)
+        s.run_with_iobinding(io)
+        outs.append(keep[1].numpy().astype(np.float64))
+    nmse = float(((outs[0] - outs[1]) ** 2).sum() / max((outs[0] ** 2).sum(), 1e-30))
+    return res, nmse

@@ -33,9 +33,9 @@ use self::kernels::{Args, PANEL};
 pub use self::simd::Isa;
 use self::simd::{chunk_lane_k, CHUNK};
 use crate::cpu::parallel::{ParallelFor, Rayon};
-use crate::ops::qins_matmul::{Act, Node};
+use crate::ops::qins_matmul::{Act, Node, RunShape};
 use crate::ops::Kernel;
-use crate::ort_api::{Error, KernelCtx, KernelInfo, Result};
+use crate::ort_api::{Elem, Error, KernelCtx, KernelInfo, Result, Tensor};
 
 /// Rows of `A` up to which [`Path::Dot`] is used: past 4 it decodes every row again for each
 /// 4 activation rows, which only pays while decoding is cheap. Measured with
@@ -600,28 +600,23 @@ impl Kernel for CpuQinsMatMul {
         // ones that will otherwise sit spinning for the next op.
         let opts = Options::default();
         if let Some(wf) = wf {
-            let nf = shape.nf;
+            // Both activation types through one generic call: the tensors' element type is
+            // the node's (checked by `node.check`).
+            fn mixed<T: ActElem + Elem>(
+                opts: &Options,
+                ctx: &KernelCtx,
+                a: &Tensor,
+                wf: &Tensor,
+                y: Tensor,
+                shape: &RunShape,
+                w: &Weights,
+            ) -> Result<()> {
+                let (a, wf, y) = (a.slice()?, wf.slice()?, y.into_slice_mut()?);
+                qins_matmul_mixed_with::<T>(opts, ctx, a, shape.m, wf, shape.nf, w, y)
+            }
             return match node.act {
-                Act::F32 => qins_matmul_mixed_with::<f32>(
-                    &opts,
-                    ctx,
-                    a.slice()?,
-                    shape.m,
-                    wf.slice()?,
-                    nf,
-                    &w,
-                    y.into_slice_mut()?,
-                ),
-                Act::F16 => qins_matmul_mixed_with::<f16>(
-                    &opts,
-                    ctx,
-                    a.slice()?,
-                    shape.m,
-                    wf.slice()?,
-                    nf,
-                    &w,
-                    y.into_slice_mut()?,
-                ),
+                Act::F32 => mixed::<f32>(&opts, ctx, &a, &wf, y, &shape, &w),
+                Act::F16 => mixed::<f16>(&opts, ctx, &a, &wf, y, &shape, &w),
             }
             .map_err(|e| e.context(node.describe()));
         }
