@@ -881,6 +881,26 @@ mod tests {
     }
 
     #[test]
+    fn transposed_bytes_of_a_window() {
+        // 2-byte elements (f16/bf16 move as bits) and 4-byte ones, a window that starts past
+        // column 0, and sizes that are not multiples of the 64-element blocks.
+        for (elem, eb) in [(Elem::F16, 2), (Elem::F32, 4)] {
+            let (k, n) = (130, 71);
+            let bytes: Vec<u8> = (0..k * n * eb).map(|i| (i * 7 + i / 251) as u8).collect();
+            let win = WeightSource::new(&bytes, elem, k, n).unwrap().columns(5..69);
+            let t = win.to_transposed_bytes();
+            assert_eq!(t.len(), k * 64 * eb);
+            for j in 0..64 {
+                for kk in 0..k {
+                    let src = (kk * n + 5 + j) * eb;
+                    let dst = (j * k + kk) * eb;
+                    assert_eq!(t[dst..dst + eb], bytes[src..src + eb], "{elem:?} k={kk} j={j}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matrix_and_rows_paths_agree_and_decode_matches_codes() {
         let (k, n) = (200, 70);
         let w_kn = gaussianish(k * n, 3);

@@ -344,12 +344,11 @@ pub fn qins_matmul_mixed_with<T: ActElem>(
     let (mut yf, mut yq) = (vec![0f32; m * nf], vec![0f32; m * n]);
     qins_matmul_f32_with(opts, par, &af, m, &plain, &mut yf)?;
     qins_matmul_f32_with(opts, par, &af, m, w, &mut yq)?;
-    let mut out = vec![0f32; y.len()];
-    for ((row, f), q) in out.chunks_exact_mut(width).zip(yf.chunks_exact(nf)).zip(yq.chunks_exact(n)) {
-        row[..nf].copy_from_slice(f);
-        row[nf..].copy_from_slice(q);
+    // Each output row is its float part then its QINS part, each rounded (f16) once.
+    for ((row, f), q) in y.chunks_exact_mut(width).zip(yf.chunks_exact(nf)).zip(yq.chunks_exact(n)) {
+        T::narrow(f, &mut row[..nf]);
+        T::narrow(q, &mut row[nf..]);
     }
-    T::narrow(&out, y);
     Ok(())
 }
 
