@@ -555,6 +555,10 @@ impl CudaQinsMatMul {
         let node = &self.node;
         let l = &node.layout;
         let width = nf + l.n;
+        // The kernels take NF and the row stride NF + N as 32-bit ints.
+        if i32::try_from(width).is_err() {
+            return Err(Error::invalid(format!("NF + N = {width} is too large for the CUDA kernels")));
+        }
         if m <= gemv_max_m(true) && (wf as usize).is_multiple_of(16) {
             // SAFETY: the buffers were checked against the layout and `wf` as [NF, K].
             if unsafe { gemv_tc_mixed(mods, stream, node, m, nf, wf, b)? } {

@@ -210,7 +210,7 @@ pub fn check_inputs(
         }
     };
     let width = nf + l.n;
-    if m.checked_mul(width).is_none() || i32::try_from(width).is_err() {
+    if m.checked_mul(width).is_none() {
         return Err(Error::invalid(format!("A {:?} with NF + N = {width} is too large", a.shape)));
     }
     let mut out_shape = lead.to_vec();
