@@ -270,16 +270,8 @@ impl KernelCtx {
     }
 
     pub fn input(&self, index: usize) -> Result<Tensor<'_>> {
-        let mut v: *const OrtValue = ptr::null();
-        // SAFETY: valid context and out pointer; ORT bounds-checks nothing here, so callers
-        // check `input_count` first.
-        let st = unsafe { (self.api.0.KernelContext_GetInput)(self.ptr, index, &mut v) };
-        self.api.check(st, "KernelContext_GetInput")?;
-        if v.is_null() {
-            return Err(Error::invalid(format!("input {index} is missing")));
-        }
-        let info = tensor_info(self.api, v)?;
-        Ok(Tensor { api: self.api, value: v.cast_mut(), info, _ctx: std::marker::PhantomData })
+        // SAFETY: ORT bounds-checks nothing here, so callers check `input_count` first.
+        unsafe { self.input_unchecked(index) }?.ok_or_else(|| Error::invalid(format!("input {index} is missing")))
     }
 
     /// Input `index` where the node gives it (an optional input left out is either past the
@@ -288,8 +280,17 @@ impl KernelCtx {
         if index >= self.input_count()? {
             return Ok(None);
         }
+        // SAFETY: the index was checked against the count.
+        unsafe { self.input_unchecked(index) }
+    }
+
+    /// Input `index`, or None where ORT passes a null value.
+    ///
+    /// # Safety
+    /// `index` is below `input_count()`.
+    unsafe fn input_unchecked(&self, index: usize) -> Result<Option<Tensor<'_>>> {
         let mut v: *const OrtValue = ptr::null();
-        // SAFETY: as in `input`, with the index checked against the count.
+        // SAFETY: valid context and out pointer; the index is in range (the caller's contract).
         let st = unsafe { (self.api.0.KernelContext_GetInput)(self.ptr, index, &mut v) };
         self.api.check(st, "KernelContext_GetInput")?;
         if v.is_null() {
