@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the wgmma prototype (gemm_wgmma.cu) and its ablations into .wgart/, beside the
+# library's decode and prefill fat binaries (from .gpuart/, scripts/gpu/stage.sh), for
+# `python3 scripts/gpu/probe_wgmma.py .wgart OUT.json` on the GPU machine (carry .wgart).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+NVCC=${QINS_NVCC:-.deps/cuda/nvidia/cu13/bin/nvcc}
+INC=$(dirname "$(dirname "$NVCC")")/include
+mkdir -p .wgart
+cp .gpuart/qins_decode.fatbin .gpuart/qins_matmul_prefill.fatbin .wgart/
+build() { "$NVCC" -O3 -std=c++17 -fatbin -gencode arch=compute_90a,code=sm_90a -I"$INC" -Ikernels "$@"; }
+build scripts/gpu/proto/gemm_wgmma.cu -o .wgart/qins_matmul_wgmma.fatbin
+build -DWG_NO_DECODE scripts/gpu/proto/gemm_wgmma.cu -o .wgart/wg_NO_DECODE.fatbin
+build -DWG_NO_MMA scripts/gpu/proto/gemm_wgmma.cu -o .wgart/wg_NO_MMA.fatbin
+ls -la .wgart
