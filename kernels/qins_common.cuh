@@ -147,6 +147,21 @@ __device__ __forceinline__ float scale_at(const void* __restrict__ scales, long 
     }
 }
 
+// cp.async (sm_80+): 16 or 4 bytes from global into shared memory, in commit groups.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    // src-size 0 fills the 16 bytes with zeros (rows past M, k past K, chunks past the row).
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
 // Programmatic dependent launch (sm_90+; the launcher's `After::Overlap`): a kernel's blocks may
 // start as the previous kernel's blocks exit, before its writes are visible. This waits until
 // that kernel has completed and flushed. Before it a kernel touches only what no kernel writes:

@@ -49,20 +49,6 @@ struct Prefill {
     static constexpr int SMEM = TABLE + (STAGES * STAGE > SUMS ? STAGES * STAGE : SUMS);
 };
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    // src-size 0 fills the 16 bytes with zeros (rows past M, k past K, chunks past the row).
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
 // 16 bytes at byte `off` of the dynamic shared memory. A C++ load, not asm, so that the
 // compiler may issue it early, yet never before the barrier or cp.async wait that guards it.
 __device__ __forceinline__ uint4 lds128(uint32_t off) {

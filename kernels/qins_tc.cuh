@@ -32,19 +32,25 @@ extern __shared__ __align__(16) uint32_t tc_smem[];
 // One thread an entry: one conversion, then the row's eight 16-byte pieces (four lanes'
 // copies each), started at piece e % 8 so that the 8 lanes of a store phase hit distinct
 // banks. (Converting per piece, as first written, took 20 instructions per 16-byte store.)
+// Table entry e: two f16 as one word (see the contract).
+template <int BITS>
+__device__ __forceinline__ uint32_t tc_table_word(int e) {
+    const float* lut = Fmt<BITS>::lut();
+    uint32_t lo, hi;
+    if constexpr (BITS == 4) {
+        // Byte e holds two codes: the low nibble is the earlier k.
+        lo = __half_as_ushort(__float2half_rn(lut[e & 15]));
+        hi = __half_as_ushort(__float2half_rn(lut[e >> 4]));
+    } else {
+        lo = hi = __half_as_ushort(__float2half_rn(lut[e]));
+    }
+    return lo | (hi << 16);
+}
+
 template <int BITS, int SHIFT = TC_SPREAD>
 __device__ __forceinline__ void stage_tc_table() {
-    const float* lut = Fmt<BITS>::lut();
     for (int e = threadIdx.x; e < TcTable<BITS, SHIFT>::ENTRIES; e += blockDim.x) {
-        uint32_t lo, hi;
-        if constexpr (BITS == 4) {
-            // Byte e holds two codes: the low nibble is the earlier k.
-            lo = __half_as_ushort(__float2half_rn(lut[e & 15]));
-            hi = __half_as_ushort(__float2half_rn(lut[e >> 4]));
-        } else {
-            lo = hi = __half_as_ushort(__float2half_rn(lut[e]));
-        }
-        const uint32_t v = lo | (hi << 16);
+        const uint32_t v = tc_table_word<BITS>(e);
         uint4* row = reinterpret_cast<uint4*>(tc_smem) + e * (TcTable<BITS, SHIFT>::ROW / 16);
 #pragma unroll
         for (int i = 0; i < 8; i++) row[(i + e) & 7] = make_uint4(v, v, v, v);

@@ -126,6 +126,49 @@ def graph_time(launch, reps, launches=20):
     return statistics.median(ts)
 
 
+def prefill_smem(bits, mb, t, wn, wk, stages):
+    """Prefill<...>::SMEM (kernels/qins_matmul_prefill.cu) of one configuration."""
+    ch = 32 if bits == 4 else 16
+    sk = wk * 4 * ch
+    stage = mb * (2 * sk + 16) + wn * wk * 2 * t * 32 * 16
+    table = (64 if bits == 6 else 256) * 128
+    return table + max(stages * stage, (wk - 1) * wn * t * mb * 64)
+
+
+def plain_time(launch, reps=15, launches=20):
+    """As graph_time, without a graph (for library calls that a capture refuses)."""
+    import statistics
+    import cupy as cp
+    for i in range(3):
+        launch(i)
+    ts = []
+    for _ in range(reps):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        for i in range(launches):
+            launch(i)
+        e1.record()
+        e1.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / launches)
+    return statistics.median(ts)
+
+
+# CUDA source of `read_all(p, n16, out)`: each thread streams 16-byte loads, grid-stride, 4 in
+# flight, and XORs them; nothing else. The floor a kernel reading those bytes can reach.
+READ_ALL = r'''
+extern "C" __global__ void __launch_bounds__(256) read_all(const uint4* __restrict__ p, long long n, unsigned* out) {
+    unsigned acc = 0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        uint4 a = __ldg(p + i), b = __ldg(p + i + stride), c = __ldg(p + i + 2 * stride), d = __ldg(p + i + 3 * stride);
+        acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+    }
+    for (; i < n; i += stride) { uint4 a = __ldg(p + i); acc ^= a.x ^ a.y ^ a.z ^ a.w; }
+    if (acc == 0x9e3779b9u) *out = acc;  // never in practice; keeps the loads
+}'''
+
+
 _GRAPH_ID = [0]
 
 

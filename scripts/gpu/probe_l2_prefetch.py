@@ -16,20 +16,9 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import graph_time  # noqa: E402
+from common import READ_ALL, graph_time  # noqa: E402
 
 SRC = r'''
-extern "C" __global__ void __launch_bounds__(256) read_all(const uint4* __restrict__ p, long long n, unsigned* out) {
-    unsigned acc = 0;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < n; i += 4 * stride) {
-        uint4 a = __ldg(p + i), b = __ldg(p + i + stride), c = __ldg(p + i + 2 * stride), d = __ldg(p + i + 3 * stride);
-        acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
-    }
-    for (; i < n; i += stride) { uint4 a = __ldg(p + i); acc ^= a.x ^ a.y ^ a.z ^ a.w; }
-    if (acc == 0x9e3779b9u) *out = acc;
-}
 extern "C" __global__ void wait_ns(long long ns) {
     unsigned long long t0, t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
@@ -51,7 +40,7 @@ extern "C" __global__ void prefetch_lines(const char* p, long long bytes, int ev
     }
 }
 '''
-mod = cp.RawModule(code=SRC, options=("-std=c++17",))
+mod = cp.RawModule(code=READ_ALL + SRC, options=("-std=c++17",))
 read, wait, pf_bulk, pf_lines = (mod.get_function(n) for n in ("read_all", "wait_ns", "prefetch_bulk", "prefetch_lines"))
 sms = cp.cuda.Device().attributes["MultiProcessorCount"]
 out = cp.zeros(1, dtype=cp.uint32)

@@ -11,7 +11,7 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import graph_time, load_module, random_weight, row_bytes  # noqa: E402
+from common import graph_time, load_module, plain_time, prefill_smem as smem, random_weight, row_bytes  # noqa: E402
 
 FAT, OUT = sys.argv[1], sys.argv[2]
 pf = load_module(os.path.join(FAT, "qins_matmul_prefill.fatbin"))
@@ -24,32 +24,6 @@ configs = [tuple(int(v) for v in m.groups()) for m in
 
 def cdiv(a, b):
     return -(-a // b)
-
-
-def smem(bits, mb, t, wn, wk, stages):
-    """Prefill<...>::SMEM."""
-    ch = 32 if bits == 4 else 16
-    sk = wk * 4 * ch
-    stage = mb * (2 * sk + 16) + wn * wk * 2 * t * 32 * 16
-    table = (64 if bits == 6 else 256) * 128
-    return table + max(stages * stage, (wk - 1) * wn * t * mb * 64)
-
-
-def plain_time(launch, reps=15, launches=20):
-    """As graph_time, without a graph (for library calls that a capture refuses)."""
-    import statistics
-    for i in range(3):
-        launch(i)
-    ts = []
-    for _ in range(reps):
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record()
-        for i in range(launches):
-            launch(i)
-        e1.record()
-        e1.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / launches)
-    return statistics.median(ts)
 
 
 def any_time(launch):

@@ -13,7 +13,7 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import graph_time, load_module, random_weight, row_bytes  # noqa: E402
+from common import graph_time, load_module, plain_time, prefill_smem, random_weight, row_bytes  # noqa: E402
 
 FAT, OUT = sys.argv[1], sys.argv[2]
 wgm = load_module(os.path.join(FAT, os.environ.get("WG_FATBIN", "qins_matmul_wgmma.fatbin")))
@@ -31,30 +31,6 @@ def cdiv(a, b):
 def wg_smem(bits, mb, nw, t, stages, minb):
     """Wg<...>::SMEM."""
     return 8192 + 1024 + stages * (mb * 128 + 64 * nw * t * 8 * bits)
-
-
-def tc_smem(bits, mb, t, wn, wk, stages):
-    ch = 32 if bits == 4 else 16
-    sk = wk * 4 * ch
-    stage = mb * (2 * sk + 16) + wn * wk * 2 * t * 32 * 16
-    return (64 if bits == 6 else 256) * 128 + max(stages * stage, (wk - 1) * wn * t * mb * 64)
-
-
-def plain_time(launch, reps=15, launches=20):
-    """As graph_time, without a graph (CuPy refuses cuBLAS calls under capture)."""
-    import statistics
-    for i in range(3):
-        launch(i)
-    ts = []
-    for _ in range(reps):
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record()
-        for i in range(launches):
-            launch(i)
-        e1.record()
-        e1.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(e0, e1) * 1e-3 / launches)
-    return statistics.median(ts)
 
 
 rng = np.random.default_rng(11)
@@ -98,7 +74,7 @@ for k, n in shapes:
                 if kind == "tc":
                     mb, t, wn, wk, stg = cfg
                     name = f"qins_gemm_tc_q{bits}_m{mb}_t{t}_n{wn}_k{wk}_s{stg}"
-                    f, sm = pf.get_function(name), tc_smem(bits, *cfg)
+                    f, sm = pf.get_function(name), prefill_smem(bits, *cfg)
                     grid, block = (cdiv(n, 16 * t * wn), cdiv(m, mb), ks), (32 * wn * wk,)
                     if ks > 1 and mb > 64:
                         continue

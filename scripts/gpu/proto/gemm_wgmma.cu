@@ -40,16 +40,8 @@ struct Wg {
 // Entry e of copy c at byte 32 e + 4 c: the lookup address is [32 (lane & 7), code, 0, 0] >> 3.
 template <int BITS>
 __device__ __forceinline__ void stage_small_table() {
-    const float* lut = Fmt<BITS>::lut();
     for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-        uint32_t lo, hi;
-        if constexpr (BITS == 4) {
-            lo = __half_as_ushort(__float2half_rn(lut[e & 15]));
-            hi = __half_as_ushort(__float2half_rn(lut[e >> 4]));
-        } else {
-            lo = hi = __half_as_ushort(__float2half_rn(lut[e]));
-        }
-        const uint32_t v = lo | (hi << 16);
+        const uint32_t v = tc_table_word<BITS>(e);
         uint4* row = reinterpret_cast<uint4*>(tc_smem) + 2 * e;
         row[0] = row[1] = make_uint4(v, v, v, v);
     }
@@ -108,15 +100,6 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-__device__ __forceinline__ void wg_cp16(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit_wg() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait_wg() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
     uint32_t v;
     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
@@ -171,17 +154,17 @@ __device__ __forceinline__ void gemm_wg(const __half* __restrict__ A, const uint
             for (int i = 0; i < MB / ASTEP; i++) {
                 const int r = ra + i * ASTEP;
                 const bool ok = k < K && m0 + r < M;
-                wg_cp16(slot + r * 128 + ((pa ^ (r & 7)) << 4), ok ? A + (long long)(m0 + r) * K + k : A, ok);
+                cp_async16(slot + r * 128 + ((pa ^ (r & 7)) << 4), ok ? A + (long long)(m0 + r) * K + k : A, ok);
             }
 #pragma unroll
             for (int i = 0; i < ROWS / CSTEP; i++) {
                 const int r = rc + i * CSTEP;
                 const long long n = min(n0 + r, N - 1);
-                wg_cp16(slot + P::ACT + r * P::CROW + (code_chunk<BITS>(r, pc) << 4),
+                cp_async16(slot + P::ACT + r * P::CROW + (code_chunk<BITS>(r, pc) << 4),
                         codes + n * row_bytes + st * P::CROW + 16 * pc, true);
             }
         }
-        cp_async_commit_wg();
+        cp_async_commit();
     };
 
     // This thread's channels (block rows): rows g and g + 8 of the A fragment of each of its
@@ -229,7 +212,7 @@ __device__ __forceinline__ void gemm_wg(const __half* __restrict__ A, const uint
     if (st0 < nst) load_scales(st0, sv);
 
     for (int st = st0; st < nst; st++) {
-        cp_async_wait_wg<STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         fence_proxy_async();
         __syncthreads();
         issue(st + STAGES - 1);
@@ -281,7 +264,7 @@ __device__ __forceinline__ void gemm_wg(const __half* __restrict__ A, const uint
 #pragma unroll
             for (int s = 0; s < 4; s++) sv[i][s] = sn[i][s];
     }
-    cp_async_wait_wg<0>();
+    cp_async_wait<0>();
 #pragma unroll
     for (int t = 0; t < T; t++)
 #pragma unroll
