@@ -29,9 +29,6 @@ struct TcTable {
 };
 extern __shared__ __align__(16) uint32_t tc_smem[];
 
-// One thread an entry: one conversion, then the row's eight 16-byte pieces (four lanes'
-// copies each), started at piece e % 8 so that the 8 lanes of a store phase hit distinct
-// banks. (Converting per piece, as first written, took 20 instructions per 16-byte store.)
 // Table entry e: two f16 as one word (see the contract).
 template <int BITS>
 __device__ __forceinline__ uint32_t tc_table_word(int e) {
@@ -47,6 +44,9 @@ __device__ __forceinline__ uint32_t tc_table_word(int e) {
     return lo | (hi << 16);
 }
 
+// One thread an entry: one conversion, then the row's eight 16-byte pieces (four lanes'
+// copies each), started at piece e % 8 so that the 8 lanes of a store phase hit distinct
+// banks. (Converting per piece, as first written, took 20 instructions per 16-byte store.)
 template <int BITS, int SHIFT = TC_SPREAD>
 __device__ __forceinline__ void stage_tc_table() {
     for (int e = threadIdx.x; e < TcTable<BITS, SHIFT>::ENTRIES; e += blockDim.x) {
