@@ -28,8 +28,8 @@ struct Wg {
     static constexpr int CROW = 8 * BITS;             // bytes of a row's codes in a stage
     static constexpr int CODES = 64 * NW * CROW;
     static constexpr int STAGE = ACT + CODES;         // a multiple of 1024: the swizzle's period
-    // The code table: one 32-bit word an entry as in qins_tc.cuh, but COPIES copies (entry e
-    // of copy c at word 8 e + c) instead of one a lane: 8 KiB, so that two blocks fit a
+    // The code table: one 32-bit word an entry as in qins_tc.cuh, but 8 copies (entry e of
+    // copy c at word 8 e + c) instead of one a lane: 8 KiB, so that two blocks fit a
     // multiprocessor; lanes l and l + 8 k share a copy (a conflict only when two of them look
     // up different entries in the same bank row).
     static constexpr int TABLE = 256 * 4 * 8;
