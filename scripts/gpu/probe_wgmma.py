@@ -6,7 +6,9 @@ CuPy, CUDA graphs of 20 launches replayed (median of 15, CUDA events), rotating 
 copies (>= 256 MB) so that weights come from HBM. Every output is checked against decode
 (kernels/qins_decode.cu) + an f32 matmul by normalised squared error.
 argv: FATBIN_DIR OUT_JSON. Env: WG_SHAPES=KxN,...  WG_FMTS=q8g128,q4g32  WG_MS=128,...  WG_SPLITS=1,2
-WG_FATBIN=wg_NO_DECODE.fatbin (an ablation), WG_NO_TC=1 (skip gemm_tc), WG_VERBOSE=1 (every row)
+WG_FATBIN=wg_NO_DECODE.fatbin (an ablation), WG_NO_TC=1 (skip gemm_tc), WG_VERBOSE=1 (every row),
+WG_TMA=1 (time the TMA prototype, scripts/gpu/proto/gemm_wgmma_tma.cu, instead; WG_TMA_FATBIN=
+wgt_NO_DECODE.fatbin for its ablation)
 """
 import json, os, re, sys
 import cupy as cp
@@ -32,6 +34,30 @@ def wg_smem(bits, mb, nw, t, stages, minb):
     """Wg<...>::SMEM."""
     return 8192 + 1024 + stages * (mb * 128 + 64 * nw * t * 8 * bits)
 
+
+def tensor_map(ptr, dtype, inner, outer, row_bytes, box_inner, box_outer, swizzle):
+    """A CUtensorMap (cuTensorMapEncodeTiled) of a 2-D row-major tensor, copied to the GPU:
+    the TMA kernels take it by pointer. dtype: 0 u8, 6 f16; swizzle: 0 none, 3 128-byte."""
+    import ctypes
+    cuda = ctypes.CDLL("libcuda.so.1")
+    host = np.zeros(256, dtype=np.uint8)
+    off = (-host.ctypes.data) % 64
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    r = cuda.cuTensorMapEncodeTiled(
+        ctypes.c_void_p(host.ctypes.data + off), ctypes.c_int(dtype), u32(2), ctypes.c_void_p(ptr),
+        (u64 * 2)(inner, outer), (u64 * 1)(row_bytes), (u32 * 2)(box_inner, box_outer), (u32 * 2)(1, 1),
+        ctypes.c_int(0), ctypes.c_int(swizzle), ctypes.c_int(3), ctypes.c_int(0))
+    if r != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled: CUresult {r}")
+    return cp.asarray(host[off:off + 128].copy())
+
+
+TMA = os.environ.get("WG_TMA") == "1"
+if TMA:
+    wgt = load_module(os.path.join(FAT, os.environ.get("WG_TMA_FATBIN", "qins_matmul_wgmma_tma.fatbin")))
+    tsrc = open(os.path.join(os.path.dirname(__file__), "proto/gemm_wgmma_tma.cu")).read()
+    tma_configs = [tuple(int(v) for v in m.groups()) for m in
+                   re.finditer(r"QINS_GEMM_WG_TMA\(BITS, (\d+), (\d+), (\d+)\)", tsrc)]
 
 rng = np.random.default_rng(11)
 shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ.get("WG_SHAPES", "3072x3072,3072x8192,8192x3072").split(",")]
@@ -69,9 +95,19 @@ for k, n in shapes:
             rows += [dict(base, kernel="fp16 cuBLAS", us=t_fp * 1e6), dict(base, kernel="decode + cuBLAS", us=t_dc * 1e6)]
             ints = (np.int32(m), np.int32(k), np.int32(n), np.int32(rb), np.int32(groups), np.int32(cpg))
             cands = [("tc", c, z) for c in TC for z in (1, 2)] + [("wg", c, z) for c in configs for z in splits_env]
+            if TMA:
+                cands = [("wgt", c, z) for c in tma_configs for z in splits_env]
             best = {}
             for kind, cfg, ks in cands:
-                if kind == "tc":
+                if kind == "wgt":
+                    mb, nc, stg = cfg
+                    name = f"qins_gemm_wgt_q{bits}_m{mb}_c{nc}_s{stg}"
+                    f = wgt.get_function(name)
+                    sm = 8192 + 1024 + stg * (mb * 128 + 64 * nc * 8 * bits) + 16 * stg
+                    grid, block = (cdiv(n, 64 * nc), cdiv(m, mb), ks), (128 * (nc + 1),)
+                    ta = tensor_map(a.data.ptr, 6, k, m, 2 * k, 64, mb, 3)
+                    tcs = [tensor_map(c.data.ptr, 0, rb, n, rb, 8 * bits, 64 * nc, 0) for c in cs_]
+                elif kind == "tc":
                     mb, t, wn, wk, stg = cfg
                     name = f"qins_gemm_tc_q{bits}_m{mb}_t{t}_n{wn}_k{wk}_s{stg}"
                     f, sm = pf.get_function(name), prefill_smem(bits, *cfg)
@@ -90,7 +126,11 @@ for k, n in shapes:
                 rgrid = (min(cdiv(m * n, 256), 4 * 132),)
 
                 def run(i):
-                    f(grid, block, (a, cs_[i % copies], ss[i % copies], y, part) + ints, shared_mem=sm)
+                    if kind == "wgt":
+                        f(grid, block, (ta, tcs[i % copies], ss[i % copies], y, part, np.int32(m), np.int32(k),
+                                        np.int32(n), np.int32(groups), np.int32(cpg)), shared_mem=sm)
+                    else:
+                        f(grid, block, (a, cs_[i % copies], ss[i % copies], y, part) + ints, shared_mem=sm)
                     if ks > 1:
                         red(rgrid, (256,), (part, y, np.int64(m * n), np.int32(ks)))
                 y.fill(cp.nan)
@@ -106,7 +146,7 @@ for k, n in shapes:
                 elif nmse >= 1e-5:
                     print(f"   FAIL {name}_x{ks} nmse {nmse:.1e}", flush=True)
             line = f"{k}x{n} {fmt:<7} M={m:<5} fp16 {t_fp * 1e6:7.1f}  dec+cuBLAS {t_dc * 1e6:7.1f}"
-            for kind in ("tc", "wg"):
+            for kind in ("tc", "wg", "wgt"):
                 if kind in best:
                     line += f"  {kind} {best[kind][1] * 1e6:7.1f} ({best[kind][1] / t_fp:.2f}x fp16, {best[kind][0]})"
             print(line, flush=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the wgmma prototype (gemm_wgmma.cu) and its ablations into .wgart/, beside the
+# Builds the wgmma prototypes (gemm_wgmma.cu, its ablations, and gemm_wgmma_tma.cu) into .wgart/, beside the
 # library's decode and prefill fat binaries (from .gpuart/, scripts/gpu/stage.sh), for
 # `python3 scripts/gpu/probe_wgmma.py .wgart OUT.json` on the GPU machine (carry .wgart).
 set -euo pipefail
@@ -12,4 +12,6 @@ build() { "$NVCC" -O3 -std=c++17 -fatbin -gencode arch=compute_90a,code=sm_90a -
 build scripts/gpu/proto/gemm_wgmma.cu -o .wgart/qins_matmul_wgmma.fatbin
 build -DWG_NO_DECODE scripts/gpu/proto/gemm_wgmma.cu -o .wgart/wg_NO_DECODE.fatbin
 build -DWG_NO_MMA scripts/gpu/proto/gemm_wgmma.cu -o .wgart/wg_NO_MMA.fatbin
+build -Iscripts/gpu/proto scripts/gpu/proto/gemm_wgmma_tma.cu -o .wgart/qins_matmul_wgmma_tma.fatbin
+build -Iscripts/gpu/proto -DWG_NO_DECODE scripts/gpu/proto/gemm_wgmma_tma.cu -o .wgart/wgt_NO_DECODE.fatbin
 ls -la .wgart

@@ -121,6 +121,45 @@ __device__ __forceinline__ int code_chunk(int r, int c) {
     }
 }
 
+// Group scales of a stage for rows srow (scale-row offsets), one per k16 step: one load a
+// group, as a stage of 64 codes spans 1 to 4 of them.
+template <int BITS, int R>
+__device__ __forceinline__ void wg_scales(const __half* __restrict__ scales, const long long (&srow)[R], int st,
+                                          int groups, int cpg_shift, __half2 (&sv)[R][4]) {
+    int prev = -1;
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+        const int c = BITS == 8 ? 4 * st + s : 2 * st + (s >> 1);
+        const int grp = min(c >> cpg_shift, groups - 1);
+#pragma unroll
+        for (int i = 0; i < R; i++) sv[i][s] = grp != prev ? __half2half2(__ldg(scales + srow[i] + grp)) : sv[i][s > 0 ? s - 1 : 0];
+        prev = grp;
+    }
+}
+
+// A warp's accumulators of one wgmma tile: acc[4 j + 2 h + b] is channel c_h (c0 or c1),
+// activation row m0 + 8 j + 2 q + b. Y in f16, or f32 partial sums of split blockIdx.z.
+template <int MB>
+__device__ __forceinline__ void wg_store(const float (&acc)[MB / 2], int c0, int c1, int m0, int q, int M, int N,
+                                         __half* __restrict__ Y, float* __restrict__ part) {
+#pragma unroll
+    for (int j = 0; j < MB / 8; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int b = 0; b < 2; b++) {
+                const int c = h ? c1 : c0, m = m0 + 8 * j + 2 * q + b;
+                if (c < N && m < M) {
+                    const float v = acc[4 * j + 2 * h + b];
+                    if (part) {
+                        part[((long long)blockIdx.z * M + m) * N + c] = v;
+                    } else {
+                        Y[(long long)m * N + c] = __float2half_rn(v);
+                    }
+                }
+            }
+}
+
 template <int BITS, int MB, int NW, int T, int STAGES>
 __device__ __forceinline__ void gemm_wg(const __half* __restrict__ A, const uint8_t* __restrict__ codes,
                                          const __half* __restrict__ scales, __half* __restrict__ Y,
@@ -176,18 +215,7 @@ __device__ __forceinline__ void gemm_wg(const __half* __restrict__ A, const uint
         row[i] = 64 * (wg * T + (i >> 1)) + 16 * warp + g + 8 * (i & 1);
         srow[i] = (long long)min(n0 + row[i], N - 1) * groups;
     }
-    auto load_scales = [&](int st, __half2 (&sv)[R][4]) {
-        // One load a group: a stage of 64 codes spans 1 to 4 of them.
-        int prev = -1;
-#pragma unroll
-        for (int s = 0; s < 4; s++) {
-            const int c = BITS == 8 ? 4 * st + s : 2 * st + (s >> 1);
-            const int grp = min(c >> cpg_shift, groups - 1);
-#pragma unroll
-            for (int i = 0; i < R; i++) sv[i][s] = grp != prev ? __half2half2(__ldg(scales + srow[i] + grp)) : sv[i][s > 0 ? s - 1 : 0];
-            prev = grp;
-        }
-    };
+    auto load_scales = [&](int st, __half2 (&sv)[R][4]) { wg_scales<BITS, R>(scales, srow, st, groups, cpg_shift, sv); };
     // Byte selectors: this lane's codes 2q, 2q + 1 (q8: in the word at 4 (q >> 1), bytes
     // 2 (q & 1) and + 1; q4: byte q of each 8-byte k16 step).
     const uint32_t sel_a = 0x5504 | ((BITS == 8 ? 2 * (q & 1) : q) << 4);
@@ -270,27 +298,11 @@ __device__ __forceinline__ void gemm_wg(const __half* __restrict__ A, const uint
 #pragma unroll
         for (int i = 0; i < ND; i++) keep(acc[t][i]);
 
-    // acc[t][4 j + 2 h + b]: channel row[2 t + h], activation row 8 j + 2 q + b.
 #pragma unroll
-    for (int t = 0; t < T; t++)
-#pragma unroll
-        for (int j = 0; j < MB / 8; j++)
-#pragma unroll
-            for (int h = 0; h < 2; h++)
-#pragma unroll
-                for (int b = 0; b < 2; b++) {
-                    const int c = n0 + row[2 * t + h], m = m0 + 8 * j + 2 * q + b;
-                    if (c < N && m < M) {
-                        const float v = acc[t][4 * j + 2 * h + b];
-                        if (part) {
-                            part[((long long)blockIdx.z * M + m) * N + c] = v;
-                        } else {
-                            Y[(long long)m * N + c] = __float2half_rn(v);
-                        }
-                    }
-                }
+    for (int t = 0; t < T; t++) wg_store<MB>(acc[t], n0 + row[2 * t], n0 + row[2 * t + 1], m0, q, M, N, Y, part);
 }
 
+#ifndef WG_NO_ENTRIES  // gemm_wgmma_tma.cu takes the helpers only
 #define QINS_GEMM_WG(BITS, MB, NW, T, STAGES, MINB)                                                        \
     extern "C" __global__ void __launch_bounds__(NW * 128, MINB)                                                \
         qins_gemm_wg_q##BITS##_m##MB##_w##NW##_t##T##_s##STAGES(const __half* A, const uint8_t* codes,             \
@@ -308,3 +320,4 @@ __device__ __forceinline__ void gemm_wg(const __half* __restrict__ A, const uint
     QINS_GEMM_WG(BITS, 128, 1, 2, 4, 2)
 QINS_GEMM_WG_ALL(8)
 QINS_GEMM_WG_ALL(4)
+#endif
