@@ -269,9 +269,9 @@ impl KernelCtx {
         Ok(n)
     }
 
+    /// Input `index`, which the node must give (past the count or null is an error).
     pub fn input(&self, index: usize) -> Result<Tensor<'_>> {
-        // SAFETY: ORT bounds-checks nothing here, so callers check `input_count` first.
-        unsafe { self.input_unchecked(index) }?.ok_or_else(|| Error::invalid(format!("input {index} is missing")))
+        self.optional_input(index)?.ok_or_else(|| Error::invalid(format!("input {index} is missing")))
     }
 
     /// Input `index` where the node gives it (an optional input left out is either past the

@@ -33,7 +33,7 @@ use self::kernels::{Args, PANEL};
 pub use self::simd::Isa;
 use self::simd::{chunk_lane_k, CHUNK};
 use crate::cpu::parallel::{ParallelFor, Rayon};
-use crate::ops::qins_matmul::{Act, Node, RunShape};
+use crate::ops::qins_matmul::{check_input_count, Act, Node, RunShape};
 use crate::ops::Kernel;
 use crate::ort_api::{Elem, Error, KernelCtx, KernelInfo, Result, Tensor};
 
@@ -578,12 +578,7 @@ impl Kernel for CpuQinsMatMul {
     fn compute(&self, ctx: &KernelCtx) -> Result<()> {
         let node = &self.node;
         let inputs = ctx.input_count()?;
-        if !(3..=4).contains(&inputs) {
-            return Err(Error::invalid(format!(
-                "{}: expected 3 inputs (A, codes, scales) and an optional float_weight, got {inputs}",
-                node.describe()
-            )));
-        }
+        check_input_count(inputs).map_err(|e| e.context(node.describe()))?;
         let (a, codes, scales, wf) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?, ctx.optional_input(3)?);
         let shape = node.check(inputs, &a.info, &codes.info, &scales.info, wf.as_ref().map(|t| &t.info))?;
         let y = ctx.output(0, &shape.out_shape)?;

@@ -27,7 +27,7 @@ use super::cublas::{cublas, R_16F, R_32F};
 use super::qins_decode::decode;
 use super::qins_matmul_prefill::prefill;
 use super::{launch, modules_for, Args, Image};
-use crate::ops::qins_matmul::{Act, Node};
+use crate::ops::qins_matmul::{check_input_count, Act, Node};
 use crate::ops::Kernel;
 use crate::ort_api::{Error, KernelCtx, KernelInfo, Result};
 
@@ -485,11 +485,7 @@ impl CudaQinsMatMul {
     fn run(&self, ctx: &KernelCtx) -> Result<()> {
         let node = &self.node;
         let inputs = ctx.input_count()?;
-        if !(3..=4).contains(&inputs) {
-            return Err(Error::invalid(format!(
-                "expected 3 inputs (A, codes, scales) and an optional float_weight, got {inputs}"
-            )));
-        }
+        check_input_count(inputs)?;
         let (a, codes, scales, wf) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?, ctx.optional_input(3)?);
         let shape = node.check(inputs, &a.info, &codes.info, &scales.info, wf.as_ref().map(|t| &t.info))?;
         let y = ctx.output(0, &shape.out_shape)?;

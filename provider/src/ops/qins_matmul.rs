@@ -160,6 +160,16 @@ impl Node {
     }
 }
 
+/// The node takes A, codes, scales and, optionally, float_weight. Kernels check this before
+/// they read the inputs, [`check_inputs`] again with the rest.
+pub fn check_input_count(inputs: usize) -> Result<()> {
+    if (3..=4).contains(&inputs) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("expected 3 inputs (A, codes, scales) and an optional float_weight, got {inputs}")))
+    }
+}
+
 /// [`Node::check`] without the node name (unit-testable without ORT).
 pub fn check_inputs(
     l: &Layout,
@@ -170,11 +180,7 @@ pub fn check_inputs(
     scales: &TensorInfo,
     float_weight: Option<&TensorInfo>,
 ) -> Result<RunShape> {
-    if !(3..=4).contains(&inputs) {
-        return Err(Error::invalid(format!(
-            "expected 3 inputs (A, codes, scales) and an optional float_weight, got {inputs}"
-        )));
-    }
+    check_input_count(inputs)?;
     if a.elem != act.onnx() {
         return Err(Error::invalid(format!("A must be {}, got {a}", elem::name(act.onnx()))));
     }
