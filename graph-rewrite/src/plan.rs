@@ -9,7 +9,6 @@ use regex::Regex;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::Path;
 
 /// What a MatMul does in a transformer block, read from its node name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -221,8 +220,15 @@ fn qkv_split(
     opts: &PlanOptions,
 ) -> Result<[usize; 3]> {
     if let Some(s) = opts.qkv_split {
-        if s.iter().sum::<usize>() != n_total {
-            bail!("--qkv-split {s:?} adds up to {}, but the weight has {n_total} columns", s.iter().sum::<usize>());
+        // As `parse_qkv_split` checks for the command line: an empty V would be a weight of
+        // no columns, an empty Q or K no packed qkv at all.
+        if s.contains(&0) {
+            bail!("--qkv-split {},{},{}: every width must be at least 1", s[0], s[1], s[2]);
+        }
+        let sum = s.iter().try_fold(0usize, |a, &x| a.checked_add(x));
+        if sum != Some(n_total) {
+            let sum = sum.map_or_else(|| "more than any weight could have".to_string(), |x| x.to_string());
+            bail!("--qkv-split {},{},{} adds up to {sum}, but the weight has {n_total} columns", s[0], s[1], s[2]);
         }
         return Ok(s);
     }
@@ -234,34 +240,46 @@ fn qkv_split(
         .find_map(|n| {
             let nh = qins::onnx::build::get_int(n, "num_heads")?;
             let kv = qins::onnx::build::get_int(n, "kv_num_heads").unwrap_or(nh);
-            Some((nh as usize, kv as usize))
+            Some((nh, kv))
         })
-        .or_else(|| config_heads(&model.dir));
+        .map(Ok)
+        .or_else(|| config_heads(model).transpose())
+        .transpose()?;
     let Some((nh, kv)) = heads else {
         bail!(
             "{}: cannot tell where V starts in the packed qkv weight (no attention node with num_heads, no genai_config.json/config.json); pass --qkv-split Q,K,V",
             node.name()
         );
     };
-    let units = nh + 2 * kv;
-    if units == 0 || !n_total.is_multiple_of(units) {
+    // Head counts come from the file: checked, so that a hostile one can neither wrap
+    // the arithmetic nor divide by zero.
+    let heads = usize::try_from(nh).ok().zip(usize::try_from(kv).ok()).filter(|&(q, k)| q > 0 && k > 0);
+    let units = heads.and_then(|(q, k)| k.checked_mul(2).and_then(|k2| k2.checked_add(q)));
+    let (Some((nh, kv)), Some(units)) = (heads, units) else {
+        bail!("{}: the model gives {nh} query and {kv} key/value heads, which no attention has", node.name());
+    };
+    if !n_total.is_multiple_of(units) {
         bail!("{}: {n_total} columns do not split into {nh} query and 2x{kv} key/value heads", node.name());
     }
     let hd = n_total / units;
     Ok([nh * hd, kv * hd, kv * hd])
 }
 
-fn config_heads(dir: &Path) -> Option<(usize, usize)> {
-    let read =
-        |f: &str| -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(dir.join(f)).ok()?).ok() };
-    if let Some(v) = read("genai_config.json") {
+/// Head counts from `genai_config.json`, else `config.json`, beside the model.
+fn config_heads(model: &Model) -> Result<Option<(i64, i64)>> {
+    let read = |f: &str| -> Result<Option<serde_json::Value>> {
+        let Some(bytes) = model.folder().read_optional(f, qins::files::MAX_CONFIG_BYTES)? else { return Ok(None) };
+        Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{f} in {}", model.dir.display()))?))
+    };
+    let int = |v: &serde_json::Value| v.as_i64();
+    if let Some(v) = read("genai_config.json")? {
         let d = &v["model"]["decoder"];
-        let nh = d["num_attention_heads"].as_u64()?;
-        return Some((nh as usize, d["num_key_value_heads"].as_u64().unwrap_or(nh) as usize));
+        let Some(nh) = int(&d["num_attention_heads"]) else { return Ok(None) };
+        return Ok(Some((nh, int(&d["num_key_value_heads"]).unwrap_or(nh))));
     }
-    let v = read("config.json")?;
-    let nh = v["num_attention_heads"].as_u64()?;
-    Some((nh as usize, v["num_key_value_heads"].as_u64().unwrap_or(nh) as usize))
+    let Some(v) = read("config.json")? else { return Ok(None) };
+    let Some(nh) = int(&v["num_attention_heads"]) else { return Ok(None) };
+    Ok(Some((nh, int(&v["num_key_value_heads"]).unwrap_or(nh))))
 }
 
 /// Decides the targets. Fails, naming the reason, when nothing matches.
@@ -300,7 +318,11 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
                     dtype::BFLOAT16 => Some(Elem::BF16),
                     _ => None,
                 };
+                // The bytes must be there as the shape says: found now, not after the
+                // encoding of every other weight.
+                let data = model.tensor_bytes(w).map(|_| ()).map_err(|e| format!("its data is unreadable: {e:#}"));
                 match (w.dims.as_slice(), elem) {
+                    (_, Some(_)) if data.is_err() => Err(data.unwrap_err()),
                     (&[k, n], Some(elem)) if k > 0 && n > 0 => {
                         cand.shape = Some([k as usize, n as usize]);
                         Ok((w.name().to_string(), k as usize, n as usize, elem))
@@ -352,11 +374,19 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
         } else if candidates.is_empty() {
             why += "; the model has no MatMul nodes";
         } else {
-            why += &format!(
-                "; {} MatMuls seen (run `qins inspect` to list them), e.g. '{}'",
-                candidates.len(),
-                candidates[0].name
-            );
+            // Say why each one was passed over, most common reason first.
+            let mut reasons: Vec<(String, usize, &str)> = Vec::new();
+            for c in &candidates {
+                let r = c.skipped.clone().unwrap_or_default();
+                match reasons.iter_mut().find(|(x, _, _)| *x == r) {
+                    Some(e) => e.1 += 1,
+                    None => reasons.push((r, 1, &c.name)),
+                }
+            }
+            reasons.sort_by_key(|r| std::cmp::Reverse(r.1));
+            let list: Vec<String> = reasons.iter().map(|(r, n, first)| format!("{n} x {r} (e.g. '{first}')")).collect();
+            why +=
+                &format!(" ({} MatMuls seen, run `qins inspect` to list them): {}", candidates.len(), list.join("; "));
         }
         bail!(why);
     }
@@ -452,12 +482,13 @@ fn fuse_swiglu(graph: &GraphProto, targets: &mut Vec<Target>) {
     });
 }
 
-/// Parses `--qkv-split Q,K,V`.
+/// Parses `--qkv-split Q,K,V`: three widths, each at least 1 (a packed qkv has all three).
 pub fn parse_qkv_split(s: &str) -> Result<[usize; 3]> {
     let v: Vec<usize> =
         s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().context("--qkv-split")?;
-    match v.as_slice() {
-        &[q, k, v] => Ok([q, k, v]),
+    match *v.as_slice() {
+        [q, k, v] if q > 0 && k > 0 && v > 0 => Ok([q, k, v]),
+        [_, _, _] => bail!("--qkv-split widths must all be at least 1 (a packed qkv has Q, K and V columns)"),
         _ => bail!("--qkv-split takes three numbers: Q,K,V"),
     }
 }
@@ -465,6 +496,7 @@ pub fn parse_qkv_split(s: &str) -> Result<[usize; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn roles_of_known_exporters() {
@@ -518,6 +550,20 @@ mod tests {
         vi.name = Some(output_of(0, Role::Up));
         g.output.push(vi);
         assert_eq!(fused_layers(&g), vec![1]);
+    }
+
+    /// A split from the library API is checked as the command line's is: a zero width once
+    /// planned a V of no columns, which panicked in the encoder (found by fuzzing).
+    #[test]
+    fn qkv_split_widths_are_checked() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/phi35-tiny-fp32-cpu");
+        let model = Model::load(&dir).unwrap();
+        for s in [[96, 0, 0], [0, 0, 96], [32, 32, 0], [usize::MAX, 1, 94]] {
+            let e = plan(&model, &PlanOptions { qkv_split: Some(s), ..Default::default() }).unwrap_err();
+            assert!(format!("{e:#}").contains("--qkv-split"), "{s:?}: {e:#}");
+        }
+        assert!(plan(&model, &PlanOptions { qkv_split: Some([32, 32, 32]), ..Default::default() }).is_ok());
+        assert!(parse_qkv_split("960,0,0").is_err() && parse_qkv_split("1,2").is_err());
     }
 
     #[test]

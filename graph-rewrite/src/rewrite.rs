@@ -4,12 +4,13 @@ use crate::plan::{Plan, Target};
 use crate::report::{LayerReport, RewriteReport};
 use anyhow::{anyhow, bail, Context, Result};
 use qins::codec::{encode_matrix, stage_swiglu, Encoded, Format, Layout, Scratch, TensorStats, WeightSource};
+use qins::files::{write_json_output, Inputs};
 use qins::onnx::build::{attr_int, node, tensor_deferred, DEFERRED};
 use qins::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto};
 use qins::onnx::{dtype, external_ref, save_model, AtomicDir, Model, SaveOptions};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// The op domain and name of the QINS matmul (docs/FORMAT.md).
@@ -193,35 +194,6 @@ fn collect_inputs(g: &GraphProto, used: &mut HashSet<String>) {
     used.extend(g.output.iter().map(|o| o.name().to_string()));
 }
 
-/// Refuses outputs that would overwrite or contain the input model.
-fn check_output_path(model: &Model, out: &Path) -> Result<()> {
-    let input_dir = model.dir.canonicalize().unwrap_or_else(|_| model.dir.clone());
-    let mut p = out.to_path_buf();
-    // The output may not exist yet: compare its nearest existing ancestor.
-    let mut suffix = Vec::new();
-    while !p.exists() {
-        match (p.file_name(), p.parent()) {
-            (Some(f), Some(par)) => {
-                suffix.push(f.to_owned());
-                p = if par.as_os_str().is_empty() { PathBuf::from(".") } else { par.to_path_buf() };
-            }
-            _ => break,
-        }
-    }
-    let mut target = p.canonicalize().unwrap_or(p);
-    for s in suffix.iter().rev() {
-        target.push(s);
-    }
-    if input_dir.starts_with(&target) {
-        bail!(
-            "output {} would replace the folder holding the input model ({}); write elsewhere",
-            out.display(),
-            input_dir.display()
-        );
-    }
-    Ok(())
-}
-
 /// Rewrites `model` into the folder `out` (atomically) and returns the report.
 pub fn rewrite<'m>(
     model: &'m Model,
@@ -230,10 +202,12 @@ pub fn rewrite<'m>(
     out: &Path,
     progress: &mut dyn Progress,
 ) -> Result<RewriteReport> {
-    check_output_path(model, out)?;
+    // The model folder holds everything the model references (Model::load sees to that)
+    // and the files copied beside it: the output may not touch it.
+    let out = Inputs::new().with(&model.dir)?.check_output(out, "output")?;
     let t0 = Instant::now();
     let mut proto = rewrite_graph(model, plan, opts)?;
-    let dir = AtomicDir::create(out, opts.force)?;
+    let dir = AtomicDir::create(&out, opts.force)?;
     let onnx_name = model.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or("model.onnx".into());
     let data_name = format!("{onnx_name}.data");
 
@@ -287,7 +261,7 @@ pub fn rewrite<'m>(
 
     let layers: Vec<LayerReport> = layers.into_iter().map(|l| l.expect("every target encoded")).collect();
     let report = RewriteReport::new(model, opts, layers, save, input_bytes, t0.elapsed().as_secs_f64());
-    std::fs::write(dir.path().join("qins_report.json"), serde_json::to_vec_pretty(&report)?)?;
+    write_json_output(&dir.path().join("qins_report.json"), &report)?;
     // Reopen what we wrote: every external reference must resolve before it goes live.
     Model::load(&onnx_path).context("the written model does not reload")?;
     dir.commit()?;
@@ -342,22 +316,35 @@ fn encode_target(
 }
 
 /// Copies the files that travel with a model (genai_config.json, tokenizer files) but not
-/// the model or its data.
+/// the model, its data, subfolders or our own marker files. A symlink is copied as the
+/// file it names if that lies inside the model folder, and refused if it leads out of it;
+/// a FIFO, socket or device is refused (it could block or never end).
 fn copy_sidecars(model: &Model, out: &Path) -> Result<()> {
     let skip: HashSet<String> = model.data_files().into_iter().map(|(f, _)| f).collect();
     for e in std::fs::read_dir(&model.dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if !e.file_type()?.is_file()
+        let ty = e.file_type()?;
+        if ty.is_dir()
             || skip.contains(&name)
             || name.ends_with(".onnx")
             || name.ends_with(".onnx.data")
             || name.ends_with(".onnx_data")
-            || name == "qins_report.json"
+            || qins::files::OUTPUT_MARKERS.contains(&name.as_str())
         {
             continue;
         }
-        std::fs::copy(e.path(), out.join(&name)).with_context(|| format!("copy {name}"))?;
+        let copy = || -> Result<()> {
+            let real = model.folder().inside(Path::new(&e.file_name()))?;
+            if real.is_dir() {
+                return Ok(());
+            }
+            let mut src = qins::files::open_regular(&real)?;
+            let mut dst = std::fs::File::create(out.join(e.file_name()))?;
+            std::io::copy(&mut src, &mut dst)?;
+            Ok(())
+        };
+        copy().with_context(|| format!("copy {name} from the model folder"))?;
     }
     Ok(())
 }

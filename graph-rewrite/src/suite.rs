@@ -233,6 +233,11 @@ impl Selection {
 }
 
 impl CandidateResult {
+    /// True when no selected test produced a number for this candidate.
+    pub fn measured_nothing(&self) -> bool {
+        self.a.is_none() && self.b.is_none() && self.c.is_none() && self.d.is_none() && self.e.is_empty()
+    }
+
     /// The union of two runs of different tests on the same candidate, bars recomputed.
     pub fn merge(self, other: CandidateResult) -> CandidateResult {
         let mut m = CandidateResult {
@@ -260,9 +265,8 @@ pub fn run(
     sel: &Selection,
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<CandidateResult>> {
-    let tok = tokenizers::Tokenizer::from_file(reference_dir.join("tokenizer.json"))
-        .map_err(|e| anyhow::anyhow!("load tokenizer.json: {e}"))
-        .context("the reference model folder needs its tokenizer.json")?;
+    let tok =
+        crate::engine::load_tokenizer(reference_dir).context("the reference model folder needs its tokenizer.json")?;
     let mut results: Vec<CandidateResult> =
         candidates.iter().map(|(n, _)| CandidateResult { model: n.clone(), ..Default::default() }).collect();
     // Text for D and E: the evaluation text, tokenized once.
@@ -472,7 +476,9 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 fn read_roundtrip(dir: &Path) -> Option<RoundTrip> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("qins_report.json")).ok()?).ok()?;
+    let (folder, _) = qins::onnx::resolve_model_path(dir).ok()?;
+    let bytes = folder.read_optional("qins_report.json", qins::files::MAX_CONFIG_BYTES).ok()??;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let layers = v["layers"].as_array()?;
     let (mut w, mut bits) = (0.0, 0.0);
     for l in layers {

@@ -234,7 +234,8 @@ pub fn synthesize_phi3(template: &Path, out: &Path, cfg: &Phi3Config, force: boo
     }
     g.initializer = inits;
 
-    let dir = AtomicDir::create(out, force)?;
+    let out = qins::files::Inputs::new().with(&tpl.dir)?.check_output(out, "output")?;
+    let dir = AtomicDir::create(&out, force)?;
     let mut written = 0u64;
     let resolve = &mut |t: &TensorProto| -> Result<Cow<'static, [u8]>> {
         let r = external_ref(t)?.ok_or_else(|| anyhow!("{} not deferred", t.name()))?;
@@ -252,14 +253,19 @@ pub fn synthesize_phi3(template: &Path, out: &Path, cfg: &Phi3Config, force: boo
         Ok(Cow::Owned(bytes))
     };
     save_model(&mut proto, &dir.path().join("model.onnx"), &SaveOptions::default(), resolve)?;
-    if let Ok(cfg_text) = std::fs::read_to_string(tpl.dir.join("genai_config.json")) {
+    let folder = tpl.folder();
+    if let Some(cfg_text) = folder.read_optional("genai_config.json", qins::files::MAX_CONFIG_BYTES)? {
+        let cfg_text = String::from_utf8(cfg_text).context("genai_config.json is not UTF-8")?;
         std::fs::write(dir.path().join("genai_config.json"), genai_config(&cfg_text, cfg)?)?;
     }
     for f in ["tokenizer.json", "tokenizer_config.json"] {
-        if tpl.dir.join(f).exists() {
-            std::fs::copy(tpl.dir.join(f), dir.path().join(f))?;
+        if let Some(bytes) = folder.read_optional(f, qins::files::MAX_TOKENIZER_BYTES)? {
+            std::fs::write(dir.path().join(f), bytes)?;
         }
     }
+    // The mark that lets a later run replace this folder as ours.
+    let note = serde_json::json!({"synthesized": cfg.parameters(), "template": tpl.path});
+    qins::files::write_json_output(&dir.path().join("qins_synth.json"), &note)?;
     dir.commit()?;
     Ok(written)
 }

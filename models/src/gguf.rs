@@ -10,9 +10,8 @@
 pub mod quant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use memmap2::Mmap;
+use qins::mapped::MappedFile;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub use quant::GgmlType;
@@ -134,7 +133,7 @@ pub struct Gguf {
     pub data_offset: u64,
     meta_index: HashMap<String, usize>,
     tensor_index: HashMap<String, usize>,
-    map: Mmap,
+    map: Box<dyn AsRef<[u8]> + Send + Sync>,
 }
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -142,18 +141,28 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// corrupted count from turning into a giant loop.
 const MAX_DIMS: u32 = 8;
 const MAX_NESTING: u32 = 4;
+/// Metadata values (array elements included) a file may hold. Each takes 32 bytes in
+/// memory but can take 1 in the file, so the file's size alone would allow 32x its size;
+/// real files hold a few hundred thousand (vocabulary, merges, token types: 3 x 256k at
+/// most today).
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
 
 impl Gguf {
+    /// Opens and checks a GGUF file (a regular file; read through a guarded map,
+    /// [`qins::mapped`]).
     pub fn open(path: &Path) -> Result<Gguf> {
-        let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        // SAFETY: read-only map of a file we do not modify; a concurrent writer could change
-        // bytes under us, as with any mmap-based reader.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("map {}", path.display()))?;
-        Self::parse(path, map).with_context(|| format!("{} is not a readable GGUF file", path.display()))
+        let map = MappedFile::open(path)?;
+        Self::parse(path, Box::new(map)).with_context(|| format!("{} is not a readable GGUF file", path.display()))
     }
 
-    fn parse(path: &Path, map: Mmap) -> Result<Gguf> {
-        let mut r = Cursor { buf: &map, pos: 0 };
+    /// Parses a GGUF held in memory (`name` is what messages call it).
+    pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<Gguf> {
+        Self::parse(name, Box::new(bytes)).with_context(|| format!("{} is not a readable GGUF file", name.display()))
+    }
+
+    fn parse(path: &Path, map: Box<dyn AsRef<[u8]> + Send + Sync>) -> Result<Gguf> {
+        let buf: &[u8] = (*map).as_ref();
+        let mut r = Cursor { buf, pos: 0, values: 0 };
         let magic = r.bytes(4).context("file too short for a GGUF header")?;
         if magic != GGUF_MAGIC {
             bail!("bad magic {:02x?} (want \"GGUF\")", magic);
@@ -206,7 +215,7 @@ impl Gguf {
             raw.push((name, dims, ty_id, offset));
         }
         let data_offset = (r.pos as u64).next_multiple_of(alignment);
-        let file_len = map.len() as u64;
+        let file_len = buf.len() as u64;
         if data_offset > file_len {
             bail!("the tensor data section would start at {data_offset}, past the end of the file ({file_len} bytes)");
         }
@@ -304,20 +313,40 @@ impl Gguf {
 
     /// The raw (still quantized) bytes of a tensor; the range was checked at open.
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
-        &self.map[t.file_offset as usize..(t.file_offset + t.n_bytes) as usize]
+        &(*self.map).as_ref()[t.file_offset as usize..(t.file_offset + t.n_bytes) as usize]
     }
 
-    /// The tensor as f32 values in row-major order of [`TensorInfo::shape`].
+    /// The tensor as f32 values in row-major order of [`TensorInfo::shape`]. Fails on a
+    /// value that is not finite: no model works with an Inf or NaN weight, and one would
+    /// only surface later as NaN logits.
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let mut out = vec![0f32; t.numel() as usize];
         quant::dequantize(t.ty, self.tensor_data(t), &mut out).with_context(|| format!("tensor '{}'", t.name))?;
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            bail!("tensor '{}': element {i} is {} (a damaged or hostile file)", t.name, out[i]);
+        }
         Ok(out)
     }
+}
+
+/// Bytes the smallest value of GGUF type `ty` takes in a file.
+fn min_encoded_size(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        // An array: its element type and count.
+        9 => 12,
+        _ => return None,
+    })
 }
 
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Metadata values read so far (bounded by [`MAX_METADATA_VALUES`]).
+    values: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -354,6 +383,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn value(&mut self, ty: u32, depth: u32) -> Result<Value> {
+        self.values += 1;
+        if self.values > MAX_METADATA_VALUES {
+            bail!("more than {MAX_METADATA_VALUES} metadata values; no real model has that many");
+        }
         Ok(match ty {
             0 => Value::U8(self.array::<1>()?[0]),
             1 => Value::I8(self.array::<1>()?[0] as i8),
@@ -374,11 +407,18 @@ impl<'a> Cursor<'a> {
                 }
                 let et = self.u32()?;
                 let n = self.u64()?;
-                // Every element takes at least one byte: a longer count is corruption.
-                if n > self.remaining() {
-                    bail!("array of {n} elements, more than the {} bytes left in the file", self.remaining());
+                // Every element takes at least its smallest encoding in the file: a longer
+                // count is corruption. The memory it may take is bounded separately (each
+                // value counts against MAX_METADATA_VALUES), and capacity grows as values
+                // are actually read, not from the count.
+                let min = min_encoded_size(et).ok_or_else(|| anyhow!("array of unknown value type {et}"))?;
+                if n.checked_mul(min).is_none_or(|b| b > self.remaining()) {
+                    bail!("array of {n} elements, more than the {} bytes left in the file hold", self.remaining());
                 }
-                let mut v = Vec::with_capacity(n as usize);
+                if n > MAX_METADATA_VALUES - self.values {
+                    bail!("array of {n} elements: more than {MAX_METADATA_VALUES} metadata values in all");
+                }
+                let mut v = Vec::with_capacity((n as usize).min(1 << 16));
                 for i in 0..n {
                     v.push(self.value(et, depth + 1).with_context(|| format!("array element {i}"))?);
                 }

@@ -227,8 +227,10 @@ fn f32_le_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// Imports a Llama-architecture GGUF file into `out_dir` (which appears only once
-/// complete). Refuses an existing non-empty `out_dir` unless `overwrite`. Everything is
-/// checked (architecture, tensor shapes and types, tokenizer) before anything is written.
+/// complete, with the report as `qins_import.json`). Refuses an output that is, holds or
+/// lies inside the GGUF, and an existing non-empty `out_dir` unless `overwrite` and it is
+/// an earlier output of ours. Everything is checked (architecture, tensor shapes and
+/// types, tokenizer) before anything is written.
 pub fn import_gguf(
     gguf: &Path,
     out_dir: &Path,
@@ -236,6 +238,7 @@ pub fn import_gguf(
     progress: &mut dyn FnMut(&str),
 ) -> Result<ImportReport> {
     let start = Instant::now();
+    let out_dir = &qins::files::Inputs::new().with(gguf)?.check_output(out_dir, "output")?;
     progress(&format!("reading {}", gguf.display()));
     let g = Gguf::open(gguf)?;
     let cfg = LlamaConfig::from_gguf(&g).with_context(|| format!("{} cannot be imported", gguf.display()))?;
@@ -286,10 +289,9 @@ pub fn import_gguf(
     for e in std::fs::read_dir(dir.path())? {
         bytes_written += e?.metadata()?.len();
     }
-    let out = dir.commit()?;
-    Ok(ImportReport {
+    let report = ImportReport {
         source: gguf.to_path_buf(),
-        out_dir: out,
+        out_dir: out_dir.to_path_buf(),
         gguf_tensors: g.tensors.len(),
         gguf_types: llama::type_counts(&g),
         initializers,
@@ -300,5 +302,9 @@ pub fn import_gguf(
         tokenizer: tok.info,
         config: cfg,
         seconds: start.elapsed().as_secs_f64(),
-    })
+    };
+    // Also the mark that lets a later `--force` know this folder is ours to replace.
+    qins::files::write_json_output(&dir.path().join("qins_import.json"), &report)?;
+    dir.commit()?;
+    Ok(report)
 }

@@ -41,6 +41,12 @@ pub struct LlamaConfig {
     pub tied_embeddings: bool,
 }
 
+/// Longest context an import accepts. The rotary caches hold `context x head_dim / 2`
+/// floats each and are built in memory; real Llama-family models stop at 128k-1M.
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// Largest rotary cache (elements, each of cos and sin): 1 GiB of f32 apiece.
+const MAX_ROPE_CACHE: usize = 1 << 28;
+
 const LAYER_TENSORS: [&str; 9] =
     ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
 
@@ -67,6 +73,16 @@ impl LlamaConfig {
             }
         };
         let n_layers = usize_of("block_count")?;
+        // Each layer has its tensors in the file: a count past what the file holds is
+        // damage, and would otherwise drive the loops and lists below.
+        if n_layers > g.tensors.len() / LAYER_TENSORS.len() {
+            bail!(
+                "metadata '{}' is {n_layers}, but the file holds {} tensors ({} a layer)",
+                key("block_count"),
+                g.tensors.len(),
+                LAYER_TENSORS.len()
+            );
+        }
         let hidden = usize_of("embedding_length")?;
         let ffn = opt_usize("feed_forward_length")?
             .ok_or_else(|| anyhow!("metadata '{}' is missing", key("feed_forward_length")))?;
@@ -94,12 +110,27 @@ impl LlamaConfig {
             ensure!(n == 0, "mixture-of-experts models ({n} experts) are not supported");
         }
         let context_length = usize_of("context_length")?;
+        ensure!(
+            context_length <= MAX_CONTEXT,
+            "metadata '{}' is {context_length}, past the {MAX_CONTEXT} tokens this importer builds rotary caches for",
+            key("context_length")
+        );
+        ensure!(
+            context_length.checked_mul(head_dim / 2).is_some_and(|n| n <= MAX_ROPE_CACHE),
+            "a {context_length}-token context with head size {head_dim} needs rotary caches past {MAX_ROPE_CACHE} elements"
+        );
         let rope_theta = match g.get(&key("rope.freq_base")) {
             Some(_) => g.get_f64(&key("rope.freq_base"))?,
             None => 10000.0,
         };
         ensure!(rope_theta > 1.0 && rope_theta.is_finite(), "RoPE base {rope_theta} is not usable");
         let rms_eps = g.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32;
+        // RMSNorm divides by sqrt(mean + eps): eps must be a small positive number.
+        ensure!(
+            rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0,
+            "metadata '{}' is {rms_eps}; an RMS norm epsilon must be positive and below 1",
+            key("attention.layer_norm_rms_epsilon")
+        );
 
         let embd = need(g, "token_embd.weight")?;
         ensure!(
@@ -108,6 +139,7 @@ impl LlamaConfig {
             embd.dims
         );
         let vocab = embd.dims[1] as usize;
+        ensure!(vocab > 0, "token_embd.weight has no rows: a model needs a vocabulary");
         if let Some(v) = g.get(&key("vocab_size")) {
             ensure!(
                 v.as_i64() == Some(vocab as i64),
@@ -192,12 +224,20 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// Parameters of the model (the tied table counted once).
+    /// Parameters of the model (the tied table counted once). Every term was checked
+    /// against a tensor in the file, so the sum is bounded by the file; saturating all the
+    /// same, since a count is no reason to panic.
     pub fn params(&self) -> u64 {
         let (h, f, q, kv, v) =
             (self.hidden as u64, self.ffn as u64, self.q_dim() as u64, self.kv_dim() as u64, self.vocab as u64);
-        let layer = 2 * h + h * (q + 2 * kv) + q * h + 3 * h * f;
-        self.n_layers as u64 * layer + h + v * h * if self.tied_embeddings { 1 } else { 2 }
+        let m = u64::saturating_mul;
+        let layer = m(2, h)
+            .saturating_add(m(h, q.saturating_add(m(2, kv))))
+            .saturating_add(m(q, h))
+            .saturating_add(m(m(3, h), f));
+        m(self.n_layers as u64, layer)
+            .saturating_add(h)
+            .saturating_add(m(m(v, h), if self.tied_embeddings { 1 } else { 2 }))
     }
 }
 
@@ -590,6 +630,9 @@ pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec
 /// `[rows, cols]` row-major to `[cols, rows]`.
 pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     assert_eq!(w.len(), rows * cols);
+    if w.is_empty() {
+        return Vec::new();
+    }
     // Blocks of output rows so each pass over an input row reads a contiguous run.
     const B: usize = 32;
     let mut out = vec![0f32; rows * cols];

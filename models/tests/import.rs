@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 enum Meta {
     U32(u32),
+    U64(u64),
     F32(f32),
     Bool(bool),
     Str(String),
@@ -61,6 +62,10 @@ fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
             }
             Meta::F32(x) => {
                 b.extend(6u32.to_le_bytes());
+                b.extend(x.to_le_bytes());
+            }
+            Meta::U64(x) => {
+                b.extend(10u32.to_le_bytes());
                 b.extend(x.to_le_bytes());
             }
             Meta::Bool(x) => {
@@ -580,15 +585,112 @@ fn refuses_what_it_cannot_import_and_leaves_no_output() {
     extra.push(Tensor { name: "blk.0.attn_q.bias".into(), dims: vec![64], ty: 0, data: vec![0; 256] });
     check("bias.gguf", gguf_bytes(&tiny_meta("llama"), &extra), "blk.0.attn_q.bias");
 
-    // Existing, non-empty output folders are kept unless overwriting.
+    // Existing, non-empty output folders are kept; overwriting replaces only an earlier
+    // import of ours (marked by its qins_import.json), never somebody else's folder.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep"), b"x").unwrap();
     let p = tmp.path().join("ok.gguf");
     std::fs::write(&p, &full).unwrap();
     assert!(import(&p, &out).is_err());
+    let e = format!("{:#}", qins_models::import_gguf(&p, &out, true, &mut |_| {}).unwrap_err());
+    assert!(e.contains("not an earlier qins output"), "{e}");
     assert!(out.join("keep").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+    import(&p, &out).unwrap();
+    assert!(out.join("qins_import.json").exists());
+    std::fs::write(out.join("stale"), b"from the earlier import").unwrap();
     qins_models::import_gguf(&p, &out, true, &mut |_| {}).unwrap();
-    assert!(!out.join("keep").exists() && out.join("model.onnx").exists());
+    assert!(!out.join("stale").exists() && out.join("model.onnx").exists());
+}
+
+/// Metadata from a hostile file: every count and size is bounded by what the file holds
+/// and what a model can be, before anything is allocated from it; numbers a model cannot
+/// work with are refused. Each case once aborted, hung, or wrote a corrupt model.
+#[test]
+fn hostile_metadata_is_refused_before_it_drives_an_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, tensors) = tiny_model();
+    let out = tmp.path().join("onnx");
+    let check = |name: &str, meta: Vec<(&str, Meta)>, tensors: &[Tensor], want: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, gguf_bytes(&meta, tensors)).unwrap();
+        let e = format!("{:#}", import(&p, &out).unwrap_err());
+        assert!(e.contains(want), "{name}: '{e}' does not mention '{want}'");
+        assert!(!out.exists(), "{name}: an output folder was left behind");
+    };
+    let with = |key: &str, v: Meta| {
+        let mut m = tiny_meta("llama");
+        m.retain(|(k, _)| *k != key);
+        let key: &'static str = Box::leak(key.to_string().into_boxed_str());
+        m.push((key, v));
+        m
+    };
+    // Grew memory without end (a list of 2^40 layers' tensor names).
+    check("layers.gguf", with("llama.block_count", Meta::U64(1 << 40)), &tensors, "block_count' is 1099511627776");
+    // Aborted on a 550 GB rotary cache.
+    check("ctx32.gguf", with("llama.context_length", Meta::U32(u32::MAX)), &tensors, "context_length' is 4294967295");
+    // Exited 0 having written a model whose cache size overflowed.
+    check("ctx62.gguf", with("llama.context_length", Meta::U64(1 << 62)), &tensors, "past the 1048576 tokens");
+    for (tag, eps) in [("nan", f32::NAN), ("neg", -1e-5), ("zero", 0.0), ("inf", f32::INFINITY)] {
+        let m = with("llama.attention.layer_norm_rms_epsilon", Meta::F32(eps));
+        check(&format!("eps-{tag}.gguf"), m, &tensors, "epsilon must be positive");
+    }
+    let mut inf = tiny_model().1;
+    let norm = inf.iter_mut().find(|t| t.name == "blk.1.ffn_norm.weight").unwrap();
+    norm.data[8..12].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    check("inf-norm.gguf", tiny_meta("llama"), &inf, "'blk.1.ffn_norm.weight': element 2 is inf");
+    let mut nan = tiny_model().1;
+    let q = nan.iter_mut().find(|t| t.name == "blk.0.attn_v.weight").unwrap();
+    q.data[0..2].copy_from_slice(&f16_bytes(f32::NAN)); // the first block's scale
+    check("nan-q4.gguf", tiny_meta("llama"), &nan, "'blk.0.attn_v.weight': element 0 is NaN");
+    // No vocabulary: the tied lm_head's transpose once panicked on its zero rows (found by
+    // the gguf fuzz target).
+    let mut empty = tiny_model().1;
+    let e = empty.iter_mut().find(|t| t.name == "token_embd.weight").unwrap();
+    (e.dims, e.data) = (vec![HIDDEN as u64, 0], vec![]);
+    check("no-vocab.gguf", with("llama.vocab_size", Meta::U32(0)), &empty, "token_embd.weight has no rows");
+}
+
+/// An array whose count fits the file's bytes but not memory (3e9 one-byte elements in a
+/// sparse 3 GB file: 96 GB as values) fails with a message instead of aborting.
+#[test]
+fn huge_metadata_array_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("big.gguf");
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    put_str(&mut b, "k.big");
+    b.extend(9u32.to_le_bytes());
+    b.extend(0u32.to_le_bytes()); // u8 elements
+    let n: u64 = 3_000_000_000;
+    b.extend(n.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    // Sparse: no disk is used for the zeros.
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(b.len() as u64 + n).unwrap();
+    let e = format!("{:#}", qins_models::Gguf::open(&p).err().expect("a 3e9-element array was accepted"));
+    assert!(e.contains("metadata values"), "{e}");
+}
+
+/// The output may not be, hold or lie inside the GGUF being read: `-o DIR --force` with
+/// the GGUF in DIR once deleted the GGUF.
+#[test]
+fn output_never_replaces_the_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("models");
+    std::fs::create_dir(&dir).unwrap();
+    let (p, _) = write_tiny(&dir);
+    let before = std::fs::read(&p).unwrap();
+    for out in [dir.clone(), tmp.path().to_path_buf(), p.clone(), dir.join("x/../tiny.gguf")] {
+        let e = format!("{:#}", qins_models::import_gguf(&p, &out, true, &mut |_| {}).unwrap_err());
+        assert!(e.contains("the input"), "{}: {e}", out.display());
+        assert_eq!(std::fs::read(&p).unwrap(), before, "{}", out.display());
+    }
+    assert!(!dir.join("x").exists());
+    // Beside it is fine.
+    import(&p, &dir.join("onnx")).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -259,7 +259,11 @@ pub fn silu_mul(g: f32, u: f32) -> f32 {
 /// Applies the fused SwiGLU epilogue to `m` rows of a `[m, 2I]` product laid out by
 /// [`swiglu_row`], giving `[m, I]`.
 pub fn swiglu_combine(y2: &[f32], m: usize, y: &mut [f32]) {
-    let i = y.len() / m.max(1);
+    // No rows (M = 0, a valid empty batch): nothing to combine, and no row width to step by.
+    if m == 0 || y.is_empty() {
+        return;
+    }
+    let i = y.len() / m;
     for (out, row) in y.chunks_exact_mut(i).zip(y2.chunks_exact(2 * i)) {
         for (j, o) in out.iter_mut().enumerate() {
             *o = silu_mul(row[swiglu_row(j, false)], row[swiglu_row(j, true)]);

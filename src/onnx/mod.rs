@@ -8,16 +8,16 @@
 pub mod build;
 mod save;
 
-pub use save::{save_model, AtomicDir, SaveOptions, SaveStats};
+pub use save::{install_interrupt_cleanup, save_model, AtomicDir, SaveOptions, SaveStats};
 
+use crate::files::Folder;
+use crate::mapped::MappedFile;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use memmap2::Mmap;
 use prost::Message;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[allow(clippy::all, missing_docs, rustdoc::all)]
@@ -72,10 +72,21 @@ pub fn numel(dims: &[i64]) -> Option<u64> {
     dims.iter().try_fold(1u64, |acc, &d| u64::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
 }
 
-/// Bytes the raw little-endian data of a tensor must have, where the type has a fixed size.
+/// Bytes the raw little-endian data of a tensor must have, where the type has a fixed size
+/// and the dims are valid (see [`checked_expected_bytes`] for telling those apart).
 pub fn expected_bytes(t: &TensorProto) -> Option<u64> {
-    let bits = dtype::bits(t.data_type())?;
-    Some((numel(&t.dims)? * bits).div_ceil(8))
+    checked_expected_bytes(t).ok().flatten()
+}
+
+/// Bytes the raw data of a tensor must have: `None` for a type without a fixed size
+/// (strings), an error for negative dims or a size past `u64`, which no real tensor has
+/// and which would otherwise switch every size check off.
+pub fn checked_expected_bytes(t: &TensorProto) -> Result<Option<u64>> {
+    let Some(bits) = dtype::bits(t.data_type()) else { return Ok(None) };
+    let n = numel(&t.dims)
+        .and_then(|n| n.checked_mul(bits))
+        .ok_or_else(|| anyhow!("tensor '{}': dims {:?} are negative or too large", t.name(), t.dims))?;
+    Ok(Some(n.div_ceil(8)))
 }
 
 /// Where an external tensor's bytes are: validated location, offset and length.
@@ -163,31 +174,36 @@ fn attr_tensors_mut(a: &mut AttributeProto, f: &mut dyn FnMut(&mut TensorProto) 
 /// A model opened for reading: the decoded protobuf and maps of its external data files.
 pub struct Model {
     pub proto: ModelProto,
-    /// The `.onnx` file.
+    /// The `.onnx` file (canonical).
     pub path: PathBuf,
-    /// The folder external data locations are relative to.
+    /// The folder external data locations are relative to (canonical); nothing outside it
+    /// is read.
     pub dir: PathBuf,
-    data: HashMap<String, Arc<Mmap>>,
+    folder: Folder,
+    data: HashMap<String, Arc<MappedFile>>,
 }
 
 impl Model {
     /// Opens `path`: an `.onnx` file, or a folder holding `model.onnx` (or exactly one
-    /// `.onnx` file). Checks every external reference against its file.
+    /// `.onnx` file). Checks every external reference against its file; every file read
+    /// must be a regular file inside the model's folder, symlinks followed
+    /// ([`crate::files::Folder`]).
     pub fn load(path: &Path) -> Result<Model> {
-        let path = resolve_model_path(path)?;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        // SAFETY: the map is read-only and the file is not ours to change; a concurrent
-        // writer could still change bytes under us, as with any mmap-based reader.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("map {}", path.display()))?;
+        let (folder, path) = resolve_model_path(path)?;
+        let map = MappedFile::open(&path)?;
         let proto = ModelProto::decode(Bytes::from_owner(map))
             .with_context(|| format!("{} is not an ONNX model (protobuf decode failed)", path.display()))?;
         if proto.graph.is_none() {
             bail!("{}: the model has no graph", path.display());
         }
-        let mut model = Model { proto, path, dir, data: HashMap::new() };
+        let mut model = Model { proto, path, dir: folder.root().to_path_buf(), folder, data: HashMap::new() };
         model.map_external_data()?;
         Ok(model)
+    }
+
+    /// The model's folder, for reading the files beside the model.
+    pub fn folder(&self) -> &Folder {
+        &self.folder
     }
 
     fn map_external_data(&mut self) -> Result<()> {
@@ -195,7 +211,7 @@ impl Model {
         let mut proto = std::mem::take(&mut self.proto);
         let r = for_each_tensor_mut(&mut proto, &mut |t| {
             if let Some(r) = external_ref(t)? {
-                refs.push((t.name().to_string(), r, expected_bytes(t)));
+                refs.push((t.name().to_string(), r, checked_expected_bytes(t)?));
             }
             Ok(())
         });
@@ -225,18 +241,12 @@ impl Model {
         Ok(())
     }
 
-    fn map_location(&mut self, location: &str) -> Result<Arc<Mmap>> {
+    fn map_location(&mut self, location: &str) -> Result<Arc<MappedFile>> {
         if let Some(m) = self.data.get(location) {
             return Ok(m.clone());
         }
-        let rel = Path::new(location);
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            bail!("external data location '{location}' must be a plain relative path inside the model folder");
-        }
-        let p = self.dir.join(rel);
-        let file = File::open(&p).with_context(|| format!("open external data {}", p.display()))?;
-        // SAFETY: read-only map, see `load`.
-        let map = Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("map {}", p.display()))?);
+        let p = self.folder.inside(Path::new(location)).context("external data location")?;
+        let map = Arc::new(MappedFile::open(&p).context("external data")?);
         self.data.insert(location.to_string(), map.clone());
         Ok(map)
     }
@@ -311,7 +321,7 @@ pub fn typed_bytes(t: &TensorProto) -> Result<Cow<'_, [u8]>> {
             _ => bail!("tensor '{}': inline data of type {} is not supported", t.name(), dt),
         })
     };
-    if let Some(w) = expected_bytes(t) {
+    if let Some(w) = checked_expected_bytes(t)? {
         if data.len() as u64 != w {
             bail!("tensor '{}': has {} data bytes, its shape and type need {w}", t.name(), data.len());
         }
@@ -319,25 +329,31 @@ pub fn typed_bytes(t: &TensorProto) -> Result<Cow<'_, [u8]>> {
     Ok(data)
 }
 
-fn resolve_model_path(path: &Path) -> Result<PathBuf> {
-    if path.is_dir() {
-        let m = path.join("model.onnx");
-        if m.is_file() {
-            return Ok(m);
-        }
-        let onnx: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("read {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
-            .collect();
-        return match onnx.as_slice() {
-            [one] => Ok(one.clone()),
-            [] => bail!("{} holds no .onnx model", path.display()),
-            _ => bail!("{} holds several .onnx files; name the one to use", path.display()),
+/// The model's folder and its `.onnx` file, both canonical. A folder given on the command
+/// line is the model folder and its `.onnx` must lie inside it; a file given is resolved
+/// (symlinks the caller named are the caller's choice) and its folder is the model folder.
+pub fn resolve_model_path(path: &Path) -> Result<(Folder, PathBuf)> {
+    let shown = if path.as_os_str().is_empty() { Path::new(".") } else { path };
+    if shown.is_dir() {
+        let folder = Folder::open(shown)?;
+        let name = if folder.root().join("model.onnx").exists() {
+            PathBuf::from("model.onnx")
+        } else {
+            let onnx: Vec<PathBuf> = std::fs::read_dir(folder.root())
+                .with_context(|| format!("read {}", shown.display()))?
+                .filter_map(|e| e.ok().map(|e| PathBuf::from(e.file_name())))
+                .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+                .collect();
+            match <[PathBuf; 1]>::try_from(onnx) {
+                Ok([one]) => one,
+                Err(v) if v.is_empty() => bail!("{} holds no .onnx model", shown.display()),
+                Err(_) => bail!("{} holds several .onnx files; name the one to use", shown.display()),
+            }
         };
+        let file = folder.inside(&name)?;
+        return Ok((folder, file));
     }
-    if !path.exists() {
-        bail!("{} does not exist", path.display());
-    }
-    Ok(path.to_path_buf())
+    let file = shown.canonicalize().with_context(|| format!("{} does not exist", shown.display()))?;
+    let parent = file.parent().ok_or_else(|| anyhow!("{} has no folder", file.display()))?;
+    Ok((Folder::open(parent)?, file))
 }

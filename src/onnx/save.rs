@@ -2,7 +2,7 @@
 //! only once complete.
 
 use super::proto::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto, TensorProto};
-use super::{expected_bytes, for_each_tensor_mut};
+use super::{checked_expected_bytes, for_each_tensor_mut};
 use anyhow::{bail, Context, Result};
 use prost::Message;
 use std::borrow::Cow;
@@ -86,7 +86,7 @@ pub fn save_model<'r>(
                     _ => return Ok(()),
                 }
             };
-            if let Some(want) = expected_bytes(t) {
+            if let Some(want) = checked_expected_bytes(t)? {
                 if want != bytes.len() as u64 {
                     bail!("tensor '{}': {} bytes supplied, its shape and type need {want}", t.name(), bytes.len());
                 }
@@ -138,35 +138,139 @@ fn kv(k: &str, v: &str) -> StringStringEntryProto {
 }
 
 /// An output folder that appears under its final name only when complete: files are
-/// written into a hidden sibling folder, renamed into place by [`AtomicDir::commit`], and
-/// removed if the work fails or is dropped.
+/// written into a hidden sibling folder (`.NAME.partial-PID`), put in place by
+/// [`AtomicDir::commit`], and removed if the work fails, is dropped, or the process is
+/// interrupted ([`install_interrupt_cleanup`]). Partial folders of processes that died
+/// without a chance to clean up (SIGKILL, power loss) are removed by the next run that
+/// writes beside them.
+///
+/// An existing target is replaced only with `overwrite` and only when it is an earlier
+/// output of ours ([`crate::files::is_our_output_dir`]); the target must already have
+/// been checked against the inputs ([`crate::files::Inputs::check_output`]).
 pub struct AtomicDir {
     target: PathBuf,
     tmp: PathBuf,
     overwrite: bool,
     committed: bool,
+    /// Folders made for the target's parent, removed again (if still empty) on failure.
+    made: Vec<PathBuf>,
+}
+
+/// The file that marks a folder as one of our partial outputs, with the writer's process
+/// id and boot id, so a later run can tell whether its writer is gone.
+const PARTIAL_MARKER: &str = ".qins-partial";
+
+/// Partial folders of this process, removed when it is interrupted.
+static LIVE_PARTIALS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn live_partials() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE_PARTIALS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where a process's partial folder for `name` goes.
+fn partial_name(name: &str, pid: u32) -> String {
+    format!(".{name}.partial-{pid}")
+}
+
+/// Removes partial folders for `name` in `parent` whose writer is gone: marked as ours,
+/// and written by a process that no longer runs (or by an earlier boot).
+fn remove_stale_partials(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let boot = boot_id();
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|r| r.parse::<u32>().ok()) else { continue };
+        let path = e.path();
+        if !e.file_type().is_ok_and(|t| t.is_dir()) || pid == std::process::id() {
+            continue;
+        }
+        let Ok(marker) = crate::files::read_bounded(&path.join(PARTIAL_MARKER), 4096) else { continue };
+        let marker = String::from_utf8_lossy(&marker);
+        let mut lines = marker.lines();
+        let (Some(p), Some(b)) = (lines.next(), lines.next()) else { continue };
+        if p.parse::<u32>().ok() != Some(pid) {
+            continue;
+        }
+        let Ok(pid_t) = libc::pid_t::try_from(pid) else { continue };
+        if pid_t <= 0 {
+            continue;
+        }
+        // SAFETY: kill with signal 0 only asks whether the process exists (EPERM: it does,
+        // under another user).
+        let alive = b == boot
+            && (unsafe { libc::kill(pid_t, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+        if !alive && std::fs::remove_dir_all(&path).is_ok() {
+            eprintln!("removed {}, left behind by an interrupted run (process {pid})", path.display());
+        }
+    }
 }
 
 impl AtomicDir {
     pub fn create(target: &Path, overwrite: bool) -> Result<AtomicDir> {
-        if target.is_file() {
-            bail!("output {} is a file; give a folder", target.display());
+        let target = crate::files::resolve(target)?;
+        if let Ok(md) = std::fs::symlink_metadata(&target) {
+            if !md.is_dir() {
+                bail!("output {} exists and is not a folder; give a folder", target.display());
+            }
+            if std::fs::read_dir(&target)?.next().is_some() {
+                if !overwrite {
+                    bail!(
+                        "output folder {} exists and is not empty (--force replaces an earlier qins output)",
+                        target.display()
+                    );
+                }
+                if !crate::files::is_our_output_dir(&target)? {
+                    bail!(
+                        "output folder {} is not an earlier qins output (it lacks {} or holds subfolders or links); \
+                         --force replaces only qins's own earlier output: remove it yourself or choose another folder",
+                        target.display(),
+                        crate::files::OUTPUT_MARKERS.join(" / ")
+                    );
+                }
+            }
         }
-        if target.is_dir() && !overwrite && std::fs::read_dir(target)?.next().is_some() {
-            bail!("output folder {} exists and is not empty (use --force to replace it)", target.display());
+        let parent = target.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+        let mut made = Vec::new();
+        let mut missing = Vec::new();
+        let mut p = parent.as_path();
+        while !p.exists() {
+            missing.push(p.to_path_buf());
+            match p.parent() {
+                Some(q) => p = q,
+                None => break,
+            }
         }
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).with_context(|| format!("create {}", parent.display()))?;
+        for m in missing.into_iter().rev() {
+            match std::fs::create_dir(&m) {
+                Ok(()) => made.push(m),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    remove_made(&made);
+                    return Err(e).with_context(|| format!("create {}", m.display()));
+                }
+            }
+        }
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+        remove_stale_partials(&parent, &name);
+        let tmp = parent.join(partial_name(&name, std::process::id()));
+        let mut dir = AtomicDir { target, tmp, overwrite, committed: false, made };
+        if std::fs::symlink_metadata(&dir.tmp).is_ok() {
+            // Our own pid's name: an earlier AtomicDir of this process for the same target.
+            std::fs::remove_dir_all(&dir.tmp).with_context(|| format!("remove {}", dir.tmp.display()))?;
         }
-        std::fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-        Ok(AtomicDir { target: target.to_path_buf(), tmp, overwrite, committed: false })
+        std::fs::create_dir(&dir.tmp).with_context(|| format!("create {}", dir.tmp.display()))?;
+        live_partials().push(dir.tmp.clone());
+        let marker = format!("{}\n{}\n", std::process::id(), boot_id());
+        std::fs::write(dir.tmp.join(PARTIAL_MARKER), marker)
+            .with_context(|| format!("write into {}", dir.tmp.display()))?;
+        dir.made.shrink_to_fit();
+        Ok(dir)
     }
 
     /// Where to write the files now.
@@ -178,22 +282,62 @@ impl AtomicDir {
         &self.target
     }
 
+    /// Puts the finished folder in place: atomically swapped with an earlier output when
+    /// there is one (that earlier output is then removed), so that at no moment is there
+    /// neither the old folder nor the new one. Fails, keeping nothing, if an input file
+    /// shrank while being read ([`crate::mapped::check_intact`]).
     pub fn commit(mut self) -> Result<PathBuf> {
-        let mut old = None;
-        if self.target.exists() {
-            if !self.overwrite && std::fs::read_dir(&self.target)?.next().is_some() {
-                bail!("output folder {} appeared while writing; not replacing it", self.target.display());
+        crate::mapped::check_intact()?;
+        std::fs::remove_file(self.tmp.join(PARTIAL_MARKER))
+            .with_context(|| format!("finish {}", self.tmp.display()))?;
+        if std::fs::symlink_metadata(&self.target).is_ok() {
+            let replaceable = std::fs::read_dir(&self.target)?.next().is_none()
+                || (self.overwrite && crate::files::is_our_output_dir(&self.target)?);
+            if !replaceable {
+                bail!("output folder {} appeared or changed while writing; not replacing it", self.target.display());
             }
-            let o = self.tmp.with_extension("old");
-            std::fs::rename(&self.target, &o).with_context(|| format!("move old {} aside", self.target.display()))?;
-            old = Some(o);
+            exchange(&self.tmp, &self.target)
+                .with_context(|| format!("put {} in place of the earlier output", self.target.display()))?;
+            self.committed = true;
+            // `tmp` now holds the earlier output.
+            std::fs::remove_dir_all(&self.tmp).ok();
+        } else {
+            std::fs::rename(&self.tmp, &self.target)
+                .with_context(|| format!("rename into {}", self.target.display()))?;
+            self.committed = true;
         }
-        std::fs::rename(&self.tmp, &self.target).with_context(|| format!("rename into {}", self.target.display()))?;
-        self.committed = true;
-        if let Some(o) = old {
-            std::fs::remove_dir_all(o).ok();
-        }
+        live_partials().retain(|p| p != &self.tmp);
         Ok(self.target.clone())
+    }
+}
+
+/// Swaps two folders atomically (Linux `renameat2(RENAME_EXCHANGE)`); where the file
+/// system cannot, moves the old one aside first.
+fn exchange(new: &Path, old: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(new)?, c(old)?);
+    // SAFETY: two valid NUL-terminated paths relative to the current folder.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+        return Err(e);
+    }
+    let mut aside = new.as_os_str().to_owned();
+    aside.push(".old");
+    let aside = PathBuf::from(aside);
+    std::fs::rename(old, &aside)?;
+    std::fs::rename(new, old)?;
+    std::fs::rename(&aside, new)
+}
+
+fn remove_made(made: &[PathBuf]) {
+    for m in made.iter().rev() {
+        // Only if still empty: never anything somebody else put there meanwhile.
+        std::fs::remove_dir(m).ok();
     }
 }
 
@@ -201,6 +345,44 @@ impl Drop for AtomicDir {
     fn drop(&mut self) {
         if !self.committed {
             std::fs::remove_dir_all(&self.tmp).ok();
+            live_partials().retain(|p| p != &self.tmp);
+            remove_made(&self.made);
         }
     }
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP remove this process's partial output folders before
+/// it exits (with 128 + the signal, as the shell expects). Blocks those signals in the
+/// calling thread and every thread it starts later, and waits for them in a thread of its
+/// own, so the cleanup runs as ordinary code, not in a signal handler. Call it first thing
+/// in `main`, before any thread starts.
+pub fn install_interrupt_cleanup() {
+    // SAFETY: plain signal-set manipulation on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised; sigwait writes the signal into `sig`.
+        while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+        let dirs = live_partials().clone();
+        for d in &dirs {
+            // Writer threads may still add a file between the two steps: try a few times.
+            for _ in 0..5 {
+                if std::fs::remove_dir_all(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        let note = if dirs.is_empty() { String::new() } else { format!("; removed {} partial output", dirs.len()) };
+        eprintln!("\ninterrupted{note}");
+        std::process::exit(128 + sig);
+    });
 }

@@ -2,7 +2,7 @@
 //! random weights) rewritten in each format, with throughput and memory. Prints a table
 //! and writes JSON; results are recorded in docs/BENCHMARKS.md.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use qins_graph_rewrite::plan::{self, PlanOptions};
 use qins_graph_rewrite::rewrite::{self, NoProgress, RewriteOptions};
@@ -132,7 +132,19 @@ extern "C" {
 }
 
 fn main() -> Result<()> {
-    match Cmd::parse() {
+    qins::onnx::install_interrupt_cleanup();
+    qins::mapped::install_sigbus_guard();
+    let cmd = Cmd::parse();
+    // A JSON path that could not take the results fails now, not after the benchmark.
+    let json = match &cmd {
+        Cmd::Rewrite(a) => &a.json,
+        Cmd::Forward(a) => &a.json,
+        Cmd::Generate(a) => &a.json,
+    };
+    if let Some(p) = json {
+        qins::files::check_output_file(p, &qins::files::Inputs::new(), "--json")?;
+    }
+    match cmd {
         Cmd::Rewrite(a) => rewrite_bench(a),
         Cmd::Forward(a) => forward_bench(a),
         Cmd::Generate(a) => generate_bench(a),
@@ -237,12 +249,8 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
         println!();
     }
     if let Some(p) = a.json {
-        std::fs::write(
-            &p,
-            serde_json::to_vec_pretty(
-                &serde_json::json!({"bench": "generate", "device": format!("{:?}", a.device), "rows": rows}),
-            )?,
-        )?;
+        let doc = serde_json::json!({"bench": "generate", "device": format!("{:?}", a.device), "rows": rows});
+        qins::files::write_json_output(&p, &doc)?;
     }
     Ok(())
 }
@@ -289,7 +297,7 @@ fn forward_bench(a: ForwardArgs) -> Result<()> {
         );
     }
     if let Some(p) = a.json {
-        std::fs::write(&p, serde_json::to_vec_pretty(&serde_json::json!({"bench": "forward", "rows": rows}))?)?;
+        qins::files::write_json_output(&p, &serde_json::json!({"bench": "forward", "rows": rows}))?;
     }
     Ok(())
 }
@@ -314,6 +322,10 @@ fn rewrite_bench(a: Args) -> Result<()> {
         // Start each run from the same state: no earlier output, nothing left to write back
         // from it (the last run's dirty pages would otherwise throttle this one's writes).
         if a.out.exists() {
+            // Only an earlier output of ours goes; anything else at that path stays.
+            if !qins::files::is_our_output_dir(&a.out)? {
+                bail!("{} exists and is not an earlier qins output; not removing it", a.out.display());
+            }
             std::fs::remove_dir_all(&a.out)?;
         }
         let cold = if a.cold {
@@ -399,7 +411,7 @@ fn rewrite_bench(a: Args) -> Result<()> {
         "rows": rows,
     });
     if let Some(p) = a.json {
-        std::fs::write(&p, serde_json::to_vec_pretty(&doc)?)?;
+        qins::files::write_json_output(&p, &doc)?;
     }
     Ok(())
 }

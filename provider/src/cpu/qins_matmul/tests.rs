@@ -300,4 +300,8 @@ fn swiglu_matches_f64_reference() {
     let mut y = vec![0f32; 15];
     let err = qins_swiglu_with::<f32>(&Options::default(), &Sequential, &[0.0; 64], 1, &owned.view().unwrap(), &mut y);
     assert!(err.is_err());
+    // An empty batch (M = 0) is a valid call with an empty result; it once panicked on a
+    // zero row width (found by the op_inputs fuzz target).
+    let mut y: Vec<f32> = vec![];
+    qins_swiglu_with::<f32>(&Options::default(), &Sequential, &[], 0, &owned.view().unwrap(), &mut y).unwrap();
 }
