@@ -26,6 +26,8 @@ export PATH=$fuzz_root/bin:$PATH
 cargo run -q --release -p qins-fuzz --example write_seeds -- fuzz/corpus
 # The libFuzzer crate is its own workspace: pin it to the main lock file's versions.
 [ -f fuzz/libfuzzer/Cargo.lock ] || cp Cargo.lock fuzz/libfuzzer/Cargo.lock
+# The targets reach CPU code only: build the library without its CUDA kernels (no nvcc run).
+export QINS_REQUIRE_CUDA=0 QINS_NVCC=/nonexistent/nvcc
 cargo fuzz build --fuzz-dir fuzz/libfuzzer --sanitizer none >/dev/null
 mkdir -p fuzz/runs
 for spec in "${targets[@]}"; do
