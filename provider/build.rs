@@ -1,6 +1,7 @@
 //! Link flags for the cdylib, and the CUDA kernels.
 //!
-//! The kernels in `kernels/*.cu` are compiled here, ahead of time, with nvcc into fat binaries
+//! The kernels in `kernels/<op family>/*.cu` (headers shared across families in
+//! `kernels/common/`) are compiled here, ahead of time, with nvcc into fat binaries
 //! that the library embeds (`src/cuda/mod.rs`): sm_80 and sm_90 machine code, and compute_90
 //! PTX that newer GPUs' drivers compile at load. nvcc is looked for in `$QINS_NVCC`, then in
 //! `.deps/cuda` (where `scripts/setup.sh` installs CUDA 13.0's from PyPI), then in `$CUDA_HOME`
@@ -10,7 +11,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: [&str; 3] = ["qins_matmul", "qins_matmul_prefill", "qins_decode"];
+/// The kernel files, by op family: `kernels/{family}/{file}.cu` becomes `{file}.fatbin`, which
+/// `src/cuda/module.rs` embeds. Benchmark-only entry points (`QINS_PROBE_KERNELS`) are not
+/// built here: `scripts/gpu/stage.sh` builds them for the probes.
+const KERNELS: [(&str, &str); 3] =
+    [("qins_matmul", "qins_matmul"), ("qins_matmul", "qins_matmul_prefill"), ("qins_matmul", "qins_decode")];
 
 fn main() {
     // ONNX Runtime may dlclose a custom-op library when the session options that loaded it go
@@ -32,8 +37,10 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
     let kernels = root.join("kernels");
-    for entry in std::fs::read_dir(&kernels).into_iter().flatten().flatten() {
-        println!("cargo:rerun-if-changed={}", entry.path().display());
+    for dir in std::fs::read_dir(&kernels).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
     }
     let required = std::env::var("QINS_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     let Some(nvcc) = find_nvcc(&root) else {
@@ -50,7 +57,7 @@ fn main() {
     // The files compile in parallel: each takes a while for all its instantiations.
     let jobs: Vec<_> = KERNELS
         .iter()
-        .map(|name| {
+        .map(|(family, name)| {
             let mut cmd = Command::new(&nvcc);
             cmd.arg("-O3").arg("-std=c++17").arg("-fatbin").arg("-Xptxas=-warn-spills");
             for gencode in
@@ -61,7 +68,7 @@ fn main() {
             if let Some(inc) = include.as_ref().filter(|p| p.is_dir()) {
                 cmd.arg("-I").arg(inc);
             }
-            cmd.arg(kernels.join(format!("{name}.cu"))).arg("-o").arg(out.join(format!("{name}.fatbin")));
+            cmd.arg(kernels.join(family).join(format!("{name}.cu"))).arg("-o").arg(out.join(format!("{name}.fatbin")));
             let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
             (name, child)
         })
@@ -69,7 +76,7 @@ fn main() {
     for (name, mut child) in jobs {
         let status = child.wait().expect("wait for nvcc");
         if !status.success() {
-            panic!("nvcc failed on kernels/{name}.cu ({status})");
+            panic!("nvcc failed on kernels/.../{name}.cu ({status})");
         }
     }
     println!("cargo:rustc-cfg=qins_cuda_kernels");

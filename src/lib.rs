@@ -7,5 +7,7 @@
 
 pub mod codec;
 pub mod files;
+pub mod isa;
 pub mod mapped;
 pub mod onnx;
+pub mod rng;

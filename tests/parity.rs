@@ -20,13 +20,8 @@ fn open(model: &Path) -> CausalLm {
 
 /// Token ids spread over the fixtures' 512-token vocabulary.
 fn fixture_ids(n: usize, seed: u64) -> Vec<i64> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % 512) as i64
-        })
-        .collect()
+    let mut r = qins::rng::SplitMix64::new(seed);
+    (0..n).map(|_| r.below(512) as i64).collect()
 }
 
 fn compare(reference: &Path, test: &Path, windows: &[Vec<i64>]) -> LogitParity {

@@ -433,7 +433,7 @@ fn sample_loop(
     record: bool,
     mut step: impl FnMut(i64, usize) -> Result<Vec<f32>>,
 ) -> Result<Generation> {
-    let mut rng = Rng::new(match sampling {
+    let mut rng = Rng::seeded(match sampling {
         Sampling::Sample { seed, .. } => *seed,
         Sampling::Greedy => 0,
     });
@@ -609,7 +609,7 @@ impl Sampling {
                         break;
                     }
                 }
-                let r = rng.next_f64() * mass;
+                let r = rng.unit() * mass;
                 let mut acc = 0.0;
                 for &i in &idx[..keep] {
                     acc += probs[i];
@@ -646,23 +646,6 @@ pub struct Generation {
     pub decode_s: f64,
 }
 
-/// A small seeded generator (SplitMix64), so sampled runs repeat exactly.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// The sampler's generator: the workspace's one (`qins::rng`), seeded with
+/// [`Rng::seeded`], so sampled runs repeat exactly.
+pub use qins::rng::SplitMix64 as Rng;

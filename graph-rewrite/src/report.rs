@@ -1,7 +1,6 @@
 //! Per-layer tables: printed for people, written as JSON for tools.
 
 use crate::plan::{Role, Target};
-use crate::rewrite::RewriteOptions;
 use qins::codec::{Layout, TensorStats};
 use qins::onnx::{Model, SaveStats};
 use serde::Serialize;
@@ -66,9 +65,11 @@ pub struct RewriteReport {
 }
 
 impl RewriteReport {
+    /// The report of a rewrite of `model` into `format` with groups of `group`.
     pub fn new(
         model: &Model,
-        opts: &RewriteOptions,
+        format: qins::codec::Format,
+        group: usize,
         layers: Vec<LayerReport>,
         output: SaveStats,
         input_weight_bytes: u64,
@@ -76,8 +77,8 @@ impl RewriteReport {
     ) -> RewriteReport {
         RewriteReport {
             input: model.path.display().to_string(),
-            format: opts.format.name().into(),
-            group: opts.group,
+            format: format.name().into(),
+            group,
             min_cosine: layers.iter().map(|l| l.stats.cosine).fold(f64::INFINITY, f64::min),
             max_rel_fro: layers.iter().map(|l| l.stats.rel_fro).fold(0.0, f64::max),
             targeted_bytes_before: layers.iter().map(|l| l.bytes_before).sum(),

@@ -260,7 +260,8 @@ pub fn rewrite<'m>(
     copy_sidecars(model, dir.path())?;
 
     let layers: Vec<LayerReport> = layers.into_iter().map(|l| l.expect("every target encoded")).collect();
-    let report = RewriteReport::new(model, opts, layers, save, input_bytes, t0.elapsed().as_secs_f64());
+    let report =
+        RewriteReport::new(model, opts.format, opts.group, layers, save, input_bytes, t0.elapsed().as_secs_f64());
     write_json_output(&dir.path().join("qins_report.json"), &report)?;
     // Reopen what we wrote: every external reference must resolve before it goes live.
     Model::load(&onnx_path).context("the written model does not reload")?;

@@ -113,21 +113,7 @@ fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
     b
 }
 
-/// Deterministic pseudo-random numbers (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use qins::rng::SplitMix64 as Rng;
 
 fn f16_bytes(v: f32) -> [u8; 2] {
     half::f16::from_f32(v).to_le_bytes()
@@ -311,7 +297,7 @@ fn tiny_meta(arch: &str) -> Vec<(&'static str, Meta)> {
 }
 
 fn tiny_model() -> (Tiny, Vec<Tensor>) {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
     let norm = |rng: &mut Rng| -> Vec<f32> { (0..HIDDEN).map(|_| 0.75 + rng.below(33) as f32 / 64.0).collect() };
     let embed: Vec<f32> = (0..VOCAB * HIDDEN).map(|_| (rng.below(255) as i32 - 127) as f32 * Q8_SCALE).collect();
     let mut layers = Vec::new();

@@ -20,55 +20,23 @@ pub mod cuda;
 pub mod ops;
 pub mod ort_api;
 
-use std::any::Any;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+#[cfg(test)]
+mod how_to_add_an_op;
+
 use std::sync::{Mutex, OnceLock};
 
-use ort_sys::{OrtApiBase, OrtCustomOpDomain, OrtSessionOptions, OrtStatus, OrtStatusPtr};
+use ort_sys::{OrtApiBase, OrtCustomOpDomain, OrtSessionOptions, OrtStatus};
 
-use crate::ops::CustomOp;
-use crate::ort_api::{Api, Error, Result};
+use crate::ort_api::custom_op::CustomOp;
+use crate::ort_api::{ffi_guard, Api, Error, Result};
 
-/// Runs `f` at an FFI boundary: errors become ORT statuses and panics are caught, since
-/// unwinding into ONNX Runtime's C++ frames is undefined behaviour. Every callback this
-/// library hands to ORT that returns a status goes through here.
-///
-/// Without an API table no status can be made; the error is printed and "success" returned,
-/// which is the best that can be done (ORT then reports the op as unknown or unrun).
-pub(crate) fn ffi_guard(api: Option<Api>, what: &str, f: impl FnOnce() -> Result<()>) -> OrtStatusPtr {
-    let err = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => return OrtStatusPtr::default(),
-        Ok(Err(e)) => e,
-        Err(payload) => Error::fail(format!("{what}: internal error (panic: {})", panic_message(&*payload))),
-    };
-    match api {
-        // Status creation only allocates; a panic there is not worth a second guard.
-        Some(api) => api.status(&err),
-        None => {
-            eprintln!("qins_provider: {what}: {err} (no OrtApi to report it through)");
-            OrtStatusPtr::default()
-        }
-    }
-}
-
-pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s
-    } else {
-        "non-string payload"
-    }
-}
-
-/// The op definitions, built once and never freed or moved: ORT keeps raw pointers to them in
-/// every session that used this library, for as long as those sessions live.
+/// The op registrations, each execution provider's own (as ONNX Runtime's custom-op sample
+/// does it: `Cpu::RegisterOps`, `Cuda::RegisterOps`), built once and never freed or moved: ORT
+/// keeps raw pointers to them in every session that used this library, for as long as those
+/// sessions live.
 fn custom_ops() -> &'static [CustomOp] {
     static OPS: OnceLock<Vec<CustomOp>> = OnceLock::new();
-    OPS.get_or_init(|| {
-        let specs = ops::qins_matmul::cpu_ops().into_iter().chain(ops::qins_matmul::cuda_ops());
-        specs.map(CustomOp::new).collect()
-    })
+    OPS.get_or_init(|| cpu::register().into_iter().chain(cuda::register()).map(CustomOp::new).collect())
 }
 
 /// Domains handed to ORT, as addresses. The session options only borrow a domain, so it must
@@ -99,23 +67,29 @@ pub unsafe extern "system" fn RegisterCustomOps(
         }
         // SAFETY: `options` is ORT's live session options; the domain is created, filled and
         // handed over here, and released only if ORT did not take it.
-        unsafe { register(api, options) }
+        unsafe { register_domain(api, options, ops::DOMAIN, custom_ops()) }
     })
     .0
 }
 
-unsafe fn register(api: Api, options: *mut OrtSessionOptions) -> Result<()> {
+/// Creates the domain `name` with `ops` and adds it to `options`.
+///
+/// # Safety
+/// `options` is a live `OrtSessionOptions` of the ORT whose API `api` is.
+pub(crate) unsafe fn register_domain(
+    api: Api,
+    options: *mut OrtSessionOptions,
+    name: &std::ffi::CStr,
+    ops: &'static [CustomOp],
+) -> Result<()> {
     let raw = api.raw();
     let mut domain: *mut OrtCustomOpDomain = std::ptr::null_mut();
     // SAFETY: NUL-terminated name and a live out pointer.
-    api.check(
-        unsafe { (raw.CreateCustomOpDomain)(ops::qins_matmul::DOMAIN.as_ptr(), &mut domain) },
-        "CreateCustomOpDomain",
-    )?;
+    api.check(unsafe { (raw.CreateCustomOpDomain)(name.as_ptr(), &mut domain) }, "CreateCustomOpDomain")?;
     if domain.is_null() {
         return Err(Error::fail("CreateCustomOpDomain returned null"));
     }
-    let filled = custom_ops().iter().try_for_each(|op| {
+    let filled = ops.iter().try_for_each(|op| {
         // SAFETY: the op is leaked (static), so the pointer stays valid as ORT requires.
         api.check(unsafe { (raw.CustomOpDomain_Add)(domain, op.as_ort()) }, "CustomOpDomain_Add")
     });
@@ -157,36 +131,36 @@ mod tests {
         assert!(st.is_null());
     }
 
+    /// Every registration is described to ORT as its OpSpec says, and the getters stay in
+    /// bounds; each execution provider's own tests check what it registers.
     #[test]
     fn ops_are_described_for_ort() {
         let ops = custom_ops();
-        assert_eq!(ops.len(), if cuda::built_with_kernels() { 4 } else { 2 });
-        for (i, op) in ops.iter().enumerate() {
+        let expected = cpu::register().len() + cuda::register().len();
+        assert_eq!(ops.len(), expected);
+        assert!(!ops.is_empty());
+        for op in ops {
             let raw = op.as_ort();
+            let spec = op.spec();
             // SAFETY: `raw` points at a live, leaked OrtCustomOp built by `CustomOp::new`.
             unsafe {
                 let o = &*raw;
                 assert_eq!(o.version, ort_sys::ORT_API_VERSION);
-                let name = std::ffi::CStr::from_ptr(o.GetName.unwrap()(raw));
-                assert_eq!(name, ops::qins_matmul::OP_NAME);
-                let ep = std::ffi::CStr::from_ptr(o.GetExecutionProviderType.unwrap()(raw));
-                assert_eq!(ep, if i < 2 { ops::CPU_EP } else { ops::CUDA_EP });
-                assert_eq!(o.GetInputTypeCount.unwrap()(raw), 4);
-                // float_weight (input 3) is optional and has A's type; the rest are required.
-                let ch = |i| o.GetInputCharacteristic.unwrap()(raw, i);
+                assert_eq!(std::ffi::CStr::from_ptr(o.GetName.unwrap()(raw)), spec.name);
+                assert_eq!(std::ffi::CStr::from_ptr(o.GetExecutionProviderType.unwrap()(raw)), spec.ep);
+                assert_eq!(o.GetInputTypeCount.unwrap()(raw), spec.inputs.len());
+                assert_eq!(o.GetOutputTypeCount.unwrap()(raw), spec.outputs.len());
                 use ort_sys::OrtCustomOpInputOutputCharacteristic::{INPUT_OUTPUT_OPTIONAL, INPUT_OUTPUT_REQUIRED};
-                assert_eq!(
-                    [ch(0), ch(1), ch(2), ch(3)],
-                    [INPUT_OUTPUT_REQUIRED, INPUT_OUTPUT_REQUIRED, INPUT_OUTPUT_REQUIRED, INPUT_OUTPUT_OPTIONAL]
-                );
-                assert_eq!(o.GetInputType.unwrap()(raw, 3), o.GetInputType.unwrap()(raw, 0));
-                assert_eq!(o.GetOutputTypeCount.unwrap()(raw), 1);
+                for i in 0..spec.inputs.len() {
+                    let want = if i < spec.required_inputs { INPUT_OUTPUT_REQUIRED } else { INPUT_OUTPUT_OPTIONAL };
+                    assert_eq!(o.GetInputCharacteristic.unwrap()(raw, i), want);
+                    assert_eq!(o.GetInputType.unwrap()(raw, i), spec.inputs[i]);
+                }
                 // Out-of-range indices must not read past the tables.
                 let undef = ort_sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
                 assert_eq!(o.GetInputType.unwrap()(raw, 99), undef);
-                assert_eq!(o.GetInputType.unwrap()(raw, 1), undef);
-                assert_eq!(o.GetInputType.unwrap()(raw, 0), o.GetOutputType.unwrap()(raw, 0));
-                assert_eq!(o.GetStartVersion.unwrap()(raw), 1);
+                assert_eq!(o.GetOutputType.unwrap()(raw, 99), undef);
+                assert_eq!(o.GetStartVersion.unwrap()(raw), spec.since_version);
                 assert!(o.CreateKernelV2.is_some() && o.KernelComputeV2.is_some() && o.KernelDestroy.is_some());
                 assert!(o.CreateKernel.is_none() && o.KernelCompute.is_none());
             }

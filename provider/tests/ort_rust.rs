@@ -102,13 +102,8 @@ fn runs_in_ort_from_rust() -> Res<()> {
     let env = ort::init_from(&dylib)?.build()?;
 
     let (k, n, m) = (200, 37, 5);
-    let mut seed = 0x9E37_79B9u32;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        seed as f32 / u32::MAX as f32 - 0.5
-    };
+    let mut rng = qins::rng::SplitMix64::new(1);
+    let mut rnd = move || rng.unit() as f32 - 0.5;
     let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
     for (format, group) in [(Format::Q8, 64), (Format::Q6, 30), (Format::Q4, 32), (Format::F32, k)] {
         let rows: Vec<f32> = (0..k * n).map(|_| rnd() * 0.2).collect();

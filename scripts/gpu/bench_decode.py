@@ -1,4 +1,4 @@
-"""The standalone decode kernels (codes -> f16 [N, K], kernels/qins_decode.cu: the chunked one,
+"""The standalone decode kernels (codes -> f16 [N, K], kernels/qins_matmul/qins_decode.cu: the chunked one,
 and for q8/q4 the runs kernel the library launches there) against the plain elementwise
 decode in the same file, on Phi-3.5-mini weight shapes, with CUDA events (CuPy).
 

@@ -127,7 +127,7 @@ def graph_time(launch, reps, launches=20):
 
 
 def prefill_smem(bits, mb, t, wn, wk, stages):
-    """Prefill<...>::SMEM (kernels/qins_matmul_prefill.cu) of one configuration."""
+    """Prefill<...>::SMEM (kernels/qins_matmul/qins_matmul_prefill.cu) of one configuration."""
     ch = 32 if bits == 4 else 16
     sk = wk * 4 * ch
     stage = mb * (2 * sk + 16) + wn * wk * 2 * t * 32 * 16

@@ -1,8 +1,8 @@
-"""Direct timings of the prefill kernel (kernels/qins_matmul_prefill.cu, every compiled
+"""Direct timings of the prefill kernel (kernels/qins_matmul/qins_matmul_prefill.cu, every compiled
 configuration) against fp16 cuBLAS and decode + cuBLAS at the same shapes, in one run (no
 ONNX Runtime): fat binaries loaded with CuPy, CUDA graphs of 20 launches replayed (median
 of 15, CUDA events), rotating over weight copies (>= 256 MB) so that weights come from HBM.
-Each configuration's output is checked against decode (kernels/qins_decode.cu, held to the
+Each configuration's output is checked against decode (kernels/qins_matmul/qins_decode.cu, held to the
 CPU kernel by check.py) + an f32 matmul, by normalised squared error.
 argv: FATBIN_DIR OUT_JSON. Env: PP_SHAPES=KxN,...  PP_FMTS=q8g128,...  PP_MS=32,...
 """
@@ -16,7 +16,7 @@ from common import graph_time, load_module, plain_time, prefill_smem as smem, ra
 FAT, OUT = sys.argv[1], sys.argv[2]
 pf = load_module(os.path.join(FAT, "qins_matmul_prefill.fatbin"))
 dec = load_module(os.path.join(FAT, "qins_decode.fatbin"))
-src = open(os.path.join(os.path.dirname(__file__), "../../kernels/qins_matmul_prefill.cu")).read()
+src = open(os.path.join(os.path.dirname(__file__), "../../kernels/qins_matmul/qins_matmul_prefill.cu")).read()
 # Every instantiation: QINS_GEMM_TC(BITS, MB, T, WN, WK, STAGES, MINB).
 configs = [tuple(int(v) for v in m.groups()) for m in
            re.finditer(r"QINS_GEMM_TC\(BITS, (\d+), (\d+), (\d+), (\d+), (\d+), \d+\)", src)]

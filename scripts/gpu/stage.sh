@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Here, before device calls: the custom-op library (stripped) and the kernels' fat binaries
+# Here, before device calls: the custom-op library (stripped) and the probes' fat binaries
 # into .gpuart/ (ignored), the folder the GPU scripts are carried with.
+#
+# The probes (scripts/gpu/probe*.py, bench_decode.py) load the kernel files directly, and some
+# compare against benchmark-only entry points (QINS_PROBE_KERNELS in kernels/qins_matmul/)
+# that the library does not carry: their fat binaries are built here, with those entries,
+# for sm_90 (the H100 and H200 of the device tool). The library embeds its own, without them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+[ -f .deps/env.sh ] && source .deps/env.sh
 cargo build --release -p qins-provider
 rm -rf .gpuart && mkdir -p .gpuart
 strip -o .gpuart/libqins_provider.so target/release/libqins_provider.so
-# The newest fat binaries: a rebuilt out/ keeps its directory mtime.
-out=$(dirname "$(ls -t target/release/build/qins-provider-*/out/qins_matmul.fatbin | head -1)")
-cp "$out"/*.fatbin .gpuart/
+NVCC=${QINS_NVCC:-.deps/cuda/nvidia/cu13/bin/nvcc}
+INC=$(dirname "$(dirname "$NVCC")")/include
+pids=()
+for f in qins_matmul qins_matmul_prefill qins_decode; do
+  "$NVCC" -O3 -std=c++17 -fatbin -DQINS_PROBE_KERNELS -gencode arch=compute_90,code=sm_90 -I"$INC" \
+    "kernels/qins_matmul/$f.cu" -o ".gpuart/$f.fatbin" &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
 grep -qx "/.gpuart/" .git/info/exclude 2>/dev/null || echo "/.gpuart/" >> .git/info/exclude
 ls -la .gpuart
 # --e2e: also the programs and inputs of scripts/gpu/e2e.sh into .e2e/ (ignored).

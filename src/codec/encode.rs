@@ -1,6 +1,7 @@
 //! Encoding: the MSE-chosen scale per group and the code assignment.
 
 use super::{decode_z, encode_z, level, pack_row, Encoded, Format, Layout, RowErr};
+use crate::isa::Isa;
 use half::f16;
 use rayon::prelude::*;
 
@@ -371,16 +372,17 @@ impl Levels {
         let rmax = (self.u.len() - 2) as f32;
         let (mut err, mut xu, mut uu) = ([0f32; 8], [0f32; 8], [0f32; 8]);
         let done = match isa {
-            // SAFETY (both arms): `isa` says the CPU has these instructions.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 let n = x.len() / 16 * 16;
+                // SAFETY: `isa` says the CPU has these instructions.
                 (err[0], xu[0], uu[0]) = unsafe { avx512::pass(&x[..n], s, self.dz, self.inv_dz, rmax) };
                 n
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 let n = x.len() / 8 * 8;
+                // SAFETY: `isa` says the CPU has these instructions.
                 (err[0], xu[0], uu[0]) = unsafe { avx2::pass(&x[..n], s, self.dz, self.inv_dz, rmax) };
                 n
             }
@@ -547,7 +549,14 @@ fn exact_z(x: f32, s: f32) -> (f32, f32) {
 
 /// The search pass with AVX2 intrinsics: reciprocal estimates refined by one Newton step
 /// stand in for the three divisions, which dominate the portable version.
+///
+/// Every function here is `unsafe` for one reason, its caller's promise that the CPU has the
+/// module's instruction set (`qins::isa`), and every line of it is an intrinsic under that
+/// promise; the functions that take slices read only inside them. The workspace's unsafe
+/// lints (an unsafe block per unsafe call, with its reason) would repeat that contract on every
+/// line, so they are allowed here.
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 mod avx2 {
     use std::arch::x86_64::*;
 
@@ -657,8 +666,9 @@ mod avx2 {
     }
 }
 
-/// The search pass sixteen lanes wide.
+/// The search pass sixteen lanes wide, under the same contract as [`avx2`].
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -697,29 +707,6 @@ mod avx512 {
     }
 }
 
-/// The widest vector instructions the encoder may use on this CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Isa {
-    fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                return if has!("avx512f") { Isa::Avx512 } else { Isa::Avx2 };
-            }
-        }
-        Isa::Portable
-    }
-}
-
 struct RowEncoder {
     layout: Layout,
     levels: Option<Levels>,
@@ -732,7 +719,7 @@ impl RowEncoder {
     fn new(layout: Layout) -> RowEncoder {
         let levels = layout.format.is_integer().then(|| Levels::new(layout.format));
         let kp = super::padded_k(layout.k);
-        RowEncoder { layout, levels, codes: vec![0u8; kp], decoded: vec![0f32; kp], isa: Isa::detect() }
+        RowEncoder { layout, levels, codes: vec![0u8; kp], decoded: vec![0f32; kp], isa: Isa::best() }
     }
 
     fn encode(
@@ -745,7 +732,7 @@ impl RowEncoder {
     ) -> Result<(), EncodeError> {
         #[cfg(target_arch = "x86_64")]
         if self.isa != Isa::Portable {
-            // SAFETY: the CPU has AVX2 and FMA (checked in `Isa::detect`).
+            // SAFETY: the CPU has AVX2 and FMA (`Isa::best` picked a set that includes them).
             return unsafe { self.encode_avx2(x, n, row, scales, err) };
         }
         self.encode_impl::<false>(x, n, row, scales, err)
@@ -832,14 +819,10 @@ impl RowEncoder {
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
+    /// A sum of four uniforms in [-1, 1), scaled: a bell shape with bounded tails.
     fn gaussianish(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n).map(|_| (0..4).map(|_| lcg(&mut s)).sum::<f32>() * 0.02).collect()
+        let mut r = crate::rng::SplitMix64::new(seed);
+        (0..n).map(|_| (0..4).map(|_| r.unit() as f32 * 2.0 - 1.0).sum::<f32>() * 0.02).collect()
     }
 
     #[test]
@@ -864,13 +847,13 @@ mod tests {
     #[test]
     fn simd_pass_matches_portable_pass() {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if Isa::Avx2.is_available() {
             let x = gaussianish(1003, 23);
             for f in [Format::Q8, Format::Q6, Format::Q4] {
                 let lv = Levels::new(f);
                 for s in [0.01f32, 0.03, 0.08] {
                     let (a, la) = lv.pass(&x, s, Isa::Portable);
-                    for isa in [Isa::Avx2, Isa::detect()] {
+                    for isa in [Isa::Avx2, Isa::best()] {
                         let (b, lb) = lv.pass(&x, s, isa);
                         assert!((a - b).abs() <= 1e-4 * a.max(1e-12), "{f} {isa:?} s={s}: {a} vs {b}");
                         assert!((la - lb).abs() <= 1e-4 * la, "{f} {isa:?} s={s}: {la} vs {lb}");

@@ -104,18 +104,11 @@ fn onnx_model_seed(external: bool) -> Vec<u8> {
 /// `want` pseudo-random byte strings (a fixed sequence) that the target takes all the way,
 /// plus an empty one and one that reaches only part way.
 fn search(target: fn(&[u8]) -> crate::Reached, want: usize) -> Vec<Vec<u8>> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = qins::rng::SplitMix64::new(0);
     let mut found = vec![Vec::new()];
     let mut partial = None;
     for _ in 0..20_000 {
-        let v: Vec<u8> = (0..96)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let v: Vec<u8> = (0..96).map(|_| rng.next_u64() as u8).collect();
         match target(&v) {
             crate::Reached::End => found.push(v),
             crate::Reached::Parsed if partial.is_none() => partial = Some(v),

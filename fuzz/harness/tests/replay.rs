@@ -20,9 +20,11 @@ unsafe impl GlobalAlloc for Bounded {
             eprintln!("fuzz replay: an allocation of {} bytes", l.size());
             return std::ptr::null_mut();
         }
+        // SAFETY: forwarded as the caller made it.
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: forwarded as the caller made it.
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
@@ -30,6 +32,7 @@ unsafe impl GlobalAlloc for Bounded {
             eprintln!("fuzz replay: a reallocation to {new} bytes");
             return std::ptr::null_mut();
         }
+        // SAFETY: forwarded as the caller made it.
         unsafe { System.realloc(p, l, new) }
     }
 }
@@ -37,18 +40,15 @@ unsafe impl GlobalAlloc for Bounded {
 #[global_allocator]
 static ALLOC: Bounded = Bounded;
 
-/// xorshift64*, seeded per target so that a failure replays.
-struct Rng(u64);
+/// The workspace's generator, seeded per target so that a failure replays.
+struct Rng(qins::rng::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        self.0.below(n as u64) as usize
     }
 }
 
@@ -89,7 +89,7 @@ fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
 /// Runs the seeds and `cases` mutations; returns how many inputs reached each depth.
 fn replay(name: &str, target: fn(&[u8]) -> Reached, cases: usize) -> [usize; 3] {
     let seeds = qins_fuzz::seeds::of(name);
-    let mut rng = Rng(0x51_4E_53 ^ name.len() as u64 ^ (name.as_bytes()[0] as u64) << 32);
+    let mut rng = Rng(qins::rng::SplitMix64::new(0x51_4E_53 ^ name.len() as u64 ^ (name.as_bytes()[0] as u64) << 32));
     let mut depth = [0usize; 3];
     let mut run = |what: &str, input: &[u8]| match std::panic::catch_unwind(|| target(input)) {
         Ok(r) => depth[r as usize] += 1,

@@ -155,7 +155,7 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
     use qins_graph_rewrite::engine::{CausalLm, EngineOptions, Sampling};
     let opts = EngineOptions { device: a.device, ..Default::default() };
     // Random ids, as a benchmark prompt needs no meaning; the same for every model.
-    let mut rng = qins_graph_rewrite::engine::Rng::new(7);
+    let mut rng = qins_graph_rewrite::engine::Rng::seeded(7);
     let longest = a.prefill.iter().copied().chain([a.decode_prompt]).max().unwrap_or(1);
     let ids: Vec<i64> = (0..longest).map(|_| 100 + (rng.next_u64() % 20_000) as i64).collect();
     let median = |mut v: Vec<f64>| {

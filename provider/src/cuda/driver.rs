@@ -148,8 +148,8 @@ impl Driver {
             return Ok(ctx);
         }
         let mut ordinal: c_int = -1;
-        // SAFETY: valid out pointer of the attribute's type (int).
         self.check(
+            // SAFETY: valid out pointer of the attribute's type (int).
             unsafe {
                 (self.cuPointerGetAttribute)(
                     (&mut ordinal as *mut c_int).cast(),
@@ -209,8 +209,8 @@ impl Driver {
     /// `f` is a function of a live module of the current context.
     pub unsafe fn blocks_per_multiprocessor(&self, f: CuFunction, threads: u32, shared: u32) -> Result<usize> {
         let mut n: c_int = 0;
-        // SAFETY: valid out pointer; `f` as the caller promises.
         self.check(
+            // SAFETY: valid out pointer; `f` as the caller promises.
             unsafe { (self.cuOccupancyMaxActiveBlocksPerMultiprocessor)(&mut n, f, threads as c_int, shared as usize) },
             || "cuOccupancyMaxActiveBlocksPerMultiprocessor".into(),
         )?;

@@ -9,10 +9,10 @@ use std::ffi::CStr;
 use ort_sys::ONNXTensorElementDataType as T;
 use qins::codec::{Format, Layout};
 
-use super::{OpSpec, CPU_EP, CUDA_EP};
-use crate::ort_api::{elem, Error, KernelInfo, Result, TensorInfo};
+use crate::ort_api::custom_op::{Kernel, OpSpec};
+use crate::ort_api::{elem, Error, KernelCtx, KernelInfo, Result, Tensor, TensorInfo};
 
-pub const DOMAIN: &CStr = c"com.qins";
+pub use super::DOMAIN;
 pub const OP_NAME: &CStr = c"QinsMatMul";
 pub const OPSET: i32 = 1;
 
@@ -160,6 +160,33 @@ impl Node {
     }
 }
 
+/// One run's tensors, checked against the node ([`Node::begin`]).
+pub struct Run<'ctx> {
+    pub a: Tensor<'ctx>,
+    pub codes: Tensor<'ctx>,
+    pub scales: Tensor<'ctx>,
+    pub float_weight: Option<Tensor<'ctx>>,
+    pub y: Tensor<'ctx>,
+    pub shape: RunShape,
+}
+
+impl Node {
+    /// The prologue of every kernel of this op, whatever it runs on: the inputs read and
+    /// checked ([`Node::check`]), the output allocated. `None` for an empty batch (M = 0),
+    /// where the empty output is all there is to make.
+    pub fn begin<'ctx>(&self, ctx: &'ctx KernelCtx) -> Result<Option<Run<'ctx>>> {
+        let inputs = ctx.input_count()?;
+        check_input_count(inputs).map_err(|e| e.context(self.describe()))?;
+        let (a, codes, scales, wf) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?, ctx.optional_input(3)?);
+        let shape = self.check(inputs, &a.info, &codes.info, &scales.info, wf.as_ref().map(|t| &t.info))?;
+        let y = ctx.output(0, &shape.out_shape)?;
+        if shape.m == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Run { a, codes, scales, float_weight: wf, y, shape }))
+    }
+}
+
 /// The node takes A, codes, scales and, optionally, float_weight. Kernels check this before
 /// they read the inputs, [`check_inputs`] again with the rest.
 pub fn check_input_count(inputs: usize) -> Result<()> {
@@ -240,14 +267,15 @@ const F16_IO: &[T] = &[
 /// Inputs from this index on are optional.
 const REQUIRED_INPUTS: usize = 3;
 
-/// One registration per activation type, same name and domain, for execution provider `ep`.
-/// ORT merges the type constraints of same-named ops and picks the kernel by `A`'s type.
-/// `codes` and `scales` are declared as any type because their type depends on the `bits`
-/// attribute; [`check_inputs`] enforces it at run time.
-fn ops_for(
+/// The op's registrations for execution provider `ep`, whose kernels `f32` and `f16` create:
+/// one per activation type, same name and domain. ORT merges the type constraints of
+/// same-named ops and picks the kernel by `A`'s type. `codes` and `scales` are declared as any
+/// type because their type depends on the `bits` attribute; [`check_inputs`] enforces it at
+/// run time.
+pub(crate) fn registrations(
     ep: &'static CStr,
-    f32: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>,
-    f16: fn(&KernelInfo) -> Result<Box<dyn super::Kernel>>,
+    f32: fn(&KernelInfo) -> Result<Box<dyn Kernel>>,
+    f16: fn(&KernelInfo) -> Result<Box<dyn Kernel>>,
 ) -> Vec<OpSpec> {
     let spec = |io: &'static [T], create| OpSpec {
         name: OP_NAME,
@@ -260,28 +288,6 @@ fn ops_for(
         create,
     };
     vec![spec(F32_IO, f32), spec(F16_IO, f16)]
-}
-
-/// The CPU registrations.
-pub(crate) fn cpu_ops() -> Vec<OpSpec> {
-    ops_for(
-        CPU_EP,
-        |info| crate::cpu::qins_matmul::create(info, Act::F32),
-        |info| crate::cpu::qins_matmul::create(info, Act::F16),
-    )
-}
-
-/// The CUDA registrations, the same pair; ORT picks them for nodes it places on its CUDA
-/// execution provider. Only in builds that carry the kernels.
-pub(crate) fn cuda_ops() -> Vec<OpSpec> {
-    if !crate::cuda::built_with_kernels() {
-        return Vec::new();
-    }
-    ops_for(
-        CUDA_EP,
-        |info| crate::cuda::qins_matmul::create(info, Act::F32),
-        |info| crate::cuda::qins_matmul::create(info, Act::F16),
-    )
 }
 
 #[cfg(test)]

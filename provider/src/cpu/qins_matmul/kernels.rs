@@ -5,6 +5,10 @@
 //! (`Weights::new`, `check_lens`) or allocated to fit (`Plan`): every function is `unsafe`,
 //! with the contract that those sizes hold.
 
+// As in `simd.rs`: every function is `unsafe` under the one contract above, and its body is
+// pointer arithmetic and primitives under it; the workspace's unsafe lints are allowed here.
+#![allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
 use std::ops::Range;
 
 use qins::codec::Format;

@@ -4,7 +4,7 @@
 //! per implementation inside a `#[target_feature]` function; the primitives are `#[inline]`
 //! with the same features, so the whole loop nest ends up in one function using the wider
 //! registers. One binary thus runs on any x86-64 (and any other target, through
-//! [`Portable`]) and picks the best variant at run time ([`Isa::best`]).
+//! [`Portable`]) and picks the best variant at run time ([`Isa::best`], `qins::isa`).
 //!
 //! Every implementation computes the same bits: decoding is exact (a table lookup, one
 //! multiply by the scale), accumulation is lane-wise with fused multiply-adds in a fixed
@@ -16,6 +16,12 @@
 //! even k (low nibbles) in the first vector and the odd k in the second, which saves
 //! re-interleaving the nibbles. The kernels permute the activations into the same order
 //! once per call, and a dot product does not care about the order of its terms.
+
+// Every primitive here is `unsafe` for the one reason the trait documents (the CPU has the
+// implementation's instruction set; pointers valid for the stated lengths), and every line of
+// it is an intrinsic under that contract. The workspace's unsafe lints would repeat the
+// contract on every line, so they are allowed in this module and in `kernels.rs`.
+#![allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 use half::f16;
 use qins::codec::Format;
@@ -34,55 +40,8 @@ pub fn chunk_lane_k(format: Format, lane: usize) -> usize {
     }
 }
 
-/// Instruction sets with their own variant of the kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// Plain Rust, any target; the reference for the others.
-    Portable,
-    /// x86-64 AVX2 + FMA + F16C (Haswell and later).
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// x86-64 AVX-512 F/BW/VL (Skylake-SP, Ice Lake, Zen 4 and later).
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Isa {
-    /// The variants this CPU can run, best last.
-    pub fn available() -> Vec<Isa> {
-        Isa::detected().to_vec()
-    }
-
-    fn detected() -> &'static [Isa] {
-        static DETECTED: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
-        DETECTED.get_or_init(|| {
-            #[allow(unused_mut)]
-            let mut v = vec![Isa::Portable];
-            #[cfg(target_arch = "x86_64")]
-            {
-                let has = |f: &[bool]| f.iter().all(|&b| b);
-                use std::arch::is_x86_feature_detected as d;
-                if has(&[d!("avx2"), d!("fma"), d!("f16c")]) {
-                    v.push(Isa::Avx2);
-                    if has(&[d!("avx512f"), d!("avx512bw"), d!("avx512vl")]) {
-                        v.push(Isa::Avx512);
-                    }
-                }
-            }
-            v
-        })
-    }
-
-    /// The best variant for this CPU.
-    pub fn best() -> Isa {
-        *Isa::detected().last().unwrap_or(&Isa::Portable)
-    }
-
-    /// Whether this CPU can run the variant.
-    pub fn is_available(self) -> bool {
-        Isa::detected().contains(&self)
-    }
-}
+/// Instruction sets with their own variant of the kernels: the workspace's one detection.
+pub use qins::isa::Isa;
 
 /// Primitives on 16 f32 lanes.
 ///

@@ -2,28 +2,7 @@ use super::*;
 use crate::cpu::parallel::Sequential;
 use qins::codec::{self, encode_rows, Encoded};
 
-/// SplitMix64: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn gauss(&mut self) -> f64 {
-        let (u, v) = (self.unit().max(1e-300), self.unit());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
+use qins::rng::SplitMix64 as Rng;
 
 fn random_weights(rng: &mut Rng, k: usize, n: usize) -> Vec<f32> {
     // Gaussian with a few larger outliers, so the groups' scales differ.
@@ -74,7 +53,7 @@ fn arbitrary(format: Format, k: usize, n: usize, group: usize, rng: &mut Rng) ->
 
 #[test]
 fn decode_row_is_bit_identical_to_the_codec() {
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for format in Format::ALL {
         for (k, group) in [(1, 1), (5, 2), (64, 64), (100, 32), (130, 7), (333, 333), (257, 64), (96, 48), (40, 16)] {
             let group = if format == Format::F32 { k } else { group };
@@ -83,7 +62,7 @@ fn decode_row_is_bit_identical_to_the_codec() {
             let owned = OwnedWeights::from_encoded(&e);
             let w = owned.view().unwrap();
             let mut theirs = vec![0f32; k];
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let mut ours = vec![f32::NAN; k];
                 for row in 0..n {
                     e.decode_row(row, &mut theirs);
@@ -121,7 +100,7 @@ fn codebook_pack(format: Format, codes: &[u8], row: &mut [u8]) {
 
 #[test]
 fn matmul_matches_f64_reference() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     // Shapes cross every blocking boundary: K % 32 != 0, K % G != 0, groups straddling
     // chunks, N not a multiple of the strip height, odd N, M past a panel.
     let shapes = [(64, 16, 64), (100, 33, 32), (300, 65, 7), (257, 130, 257), (70, 1, 1), (200, 13, 48)];
@@ -161,7 +140,7 @@ fn matmul_matches_f64_reference() {
 fn dot_and_gemm_paths_agree() {
     // The same rows through both paths (M = 1 alone vs. inside a large M) must agree to f32
     // rounding, which catches a path that indexes the wrong output column or row.
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let (k, n) = (520, 77);
     let e = encode(Format::Q6, k, n, 40, &mut rng);
     let owned = OwnedWeights::from_encoded(&e);
@@ -182,7 +161,7 @@ fn dot_and_gemm_paths_agree() {
 
 #[test]
 fn bad_buffers_are_errors_not_panics() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let e = encode(Format::Q4, 64, 4, 32, &mut rng);
     let owned = OwnedWeights::from_encoded(&e);
     let w = owned.view().unwrap();
@@ -210,7 +189,7 @@ fn every_isa_variant_gives_the_same_bits() {
     if std::env::var_os("QINS_REQUIRE_AVX512").is_some() {
         assert!(variants.contains(&Isa::Avx512), "AVX-512 required but not available: {variants:?}");
     }
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for format in Format::ALL {
         // Mixed-group chunks (48, 7), uniform ones with and without a short last chunk, and
         // N not a multiple of the dot kernel's row blocks or the GEMM strips.
@@ -243,7 +222,7 @@ fn every_isa_variant_gives_the_same_bits() {
 
 #[test]
 fn parallel_and_sequential_runs_agree() {
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     let e = encode(Format::Q4, 300, 200, 32, &mut rng);
     let owned = OwnedWeights::from_encoded(&e);
     let w = owned.view().unwrap();
@@ -260,7 +239,7 @@ fn parallel_and_sequential_runs_agree() {
 fn swiglu_matches_f64_reference() {
     // The fused op against silu(gate) * up computed in f64 from the decoded weight's gate and
     // up rows (codec::swiglu_row), so a wrong pairing or a missing activation fails.
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for (format, k, n, group, m) in
         [(Format::Q4, 96, 32, 32, 1), (Format::Q8, 70, 48, 16, 5), (Format::Q6, 64, 16, 64, 17)]
     {

@@ -1,14 +1,14 @@
 // PROTOTYPE, not part of the library (build.rs does not compile it; no launcher calls it): a
-// Hopper (sm_90a) prefill matmul on wgmma, kept with its probe (scripts/gpu/probe_wgmma.py)
+// Hopper (sm_90a) prefill matmul on wgmma, kept with its probe (research/wgmma-prefill/probe_wgmma.py)
 // because its measurements are in docs/BENCHMARKS.md ("A wgmma prefill kernel"). It computes
 // the right result (checked against decode + an f32 matmul) but ran slower than decode +
-// cuBLAS at M >= 512, so the library does not use it. Build: scripts/gpu/proto/build.sh.
+// cuBLAS at M >= 512, so the library does not use it. Build: research/wgmma-prefill/build.sh.
 //
 // Y[M, N] = A[M, K] W[K, N] with the weights decoded in registers.
 // - A: __half [M, K] row-major, K % 8 == 0, 16-byte aligned; Y: __half [M, N]. codes: uint8
 //   [N, row_bytes] (bits 8 or 4, docs/FORMAT.md; rows padded to 64 codes), scales: __half
 //   [N, groups]; `cpg_shift` as for gemm_tc (group = chunk >> cpg_shift, chunk = 16 codes for
-//   q8, 32 for q4). The same arguments as gemm_tc (kernels/qins_matmul_prefill.cu).
+//   q8, 32 for q4). The same arguments as gemm_tc (kernels/qins_matmul/qins_matmul_prefill.cu).
 // - Roles are swapped against the usual GEMM: the wgmma's 64 "rows" are 64 output channels,
 //   whose f16 weights each thread decodes straight into the A fragment registers (the same
 //   table lookups and f16 group-scale multiply as gemm_tc and decode + cuBLAS), and its

@@ -1,10 +1,11 @@
-//! Launchers of `kernels/qins_decode.cu`: codes -> f16/f32 weights `[N, K]`.
+//! Launchers of `kernels/qins_matmul/qins_decode.cu`: codes -> f16/f32 weights `[N, K]`, for
+//! decode + cuBLAS.
 
 use std::ffi::{c_void, CStr};
 
 use qins::codec::{Format, Layout};
 
-use super::{launch, Args, Image, Loaded};
+use crate::cuda::module::{launch, Args, Image, Loaded};
 use crate::ort_api::Result;
 
 /// Rows per block (a warp each) of the chunked kernel.
@@ -91,5 +92,27 @@ mod tests {
         assert!(name(Format::Q8, 3076, 3072, 3076).is_none());
         assert!(name(Format::Q4, 3072, 3072, 30).is_none());
         assert!(name(Format::Q8, 3072, 128256, 128).is_none());
+    }
+
+    /// Every entry point the launcher can ask for is in the embedded module.
+    #[test]
+    fn every_decode_kernel_is_embedded() {
+        use crate::cuda::module::{built_with_kernels, embeds, images};
+        if !built_with_kernels() {
+            eprintln!("built without CUDA kernels: nothing to check");
+            return;
+        }
+        for format in Format::ALL {
+            for f16 in [true, false] {
+                let name = kernel_name(format, f16);
+                assert!(embeds(images::QINS_DECODE, name), "{name:?} missing");
+                let l = Layout::new(format, 3072, 3072, if format == Format::F32 { 3072 } else { 128 });
+                if let Some(name) = runs_kernel_name(&l, f16) {
+                    assert!(embeds(images::QINS_DECODE, name), "{name:?} missing");
+                }
+            }
+        }
+        // bench_decode.py's baseline is built only for the probes.
+        assert!(!embeds(images::QINS_DECODE, c"qins_decode_naive_q8"));
     }
 }

@@ -18,9 +18,9 @@ It also relates the error to the spread of the activations (share of input varia
 affine in z, share of entries on the other side of zero from their feature's mean, and a sweep
 that shrinks the activations towards their mean).
 
-The derivation and the results are in docs/RESEARCH.md.
+The derivation and the results are in README.md beside this script.
 
-    .deps/venv/bin/python scripts/pattern_b.py [--json OUT.json] [--layers 0,10,20,29]
+    .deps/venv/bin/python research/pattern-b/pattern_b.py [--json OUT.json] [--layers 0,10,20,29]
 
 Needs numpy, onnx, onnxruntime and tokenizers. Deterministic: the article split is seeded, the
 rest is plain linear algebra (BLAS summation order aside).
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROLES = {  # role -> (MatMul node path inside the layer)
     "qkv": "attn/qkv_proj/MatMul",
     "o_proj": "attn/o_proj/MatMul",

@@ -2,14 +2,16 @@
 //!
 //! The API table comes from the host process (whatever ONNX Runtime loaded this library), so
 //! this crate never links `libonnxruntime`. Every wrapper turns a non-null `OrtStatus` into an
-//! [`Error`] (releasing the status), so callers only ever see `Result`.
+//! [`Error`] (releasing the status), so callers only ever see `Result`. [`custom_op`] is the
+//! `OrtCustomOp` plumbing; [`ffi_guard`] guards every callback ORT makes into this library.
 
+pub mod custom_op;
+
+use std::any::Any;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use half::f16;
 use ort_sys::{
@@ -17,7 +19,38 @@ use ort_sys::{
     OrtTensorTypeAndShapeInfo, OrtValue,
 };
 
-use crate::cpu::parallel::ParallelFor;
+/// Runs `f` at an FFI boundary: errors become ORT statuses and panics are caught, since
+/// unwinding into ONNX Runtime's C++ frames is undefined behaviour. Every callback this
+/// library hands to ORT that returns a status goes through here.
+///
+/// Without an API table no status can be made; the error is printed and "success" returned,
+/// which is the best that can be done (ORT then reports the op as unknown or unrun).
+pub fn ffi_guard(api: Option<Api>, what: &str, f: impl FnOnce() -> Result<()>) -> OrtStatusPtr {
+    let err = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => return OrtStatusPtr::default(),
+        Ok(Err(e)) => e,
+        Err(payload) => Error::fail(format!("{what}: internal error (panic: {})", panic_message(&*payload))),
+    };
+    match api {
+        // Status creation only allocates; a panic there is not worth a second guard.
+        Some(api) => api.status(&err),
+        None => {
+            eprintln!("qins_provider: {what}: {err} (no OrtApi to report it through)");
+            OrtStatusPtr::default()
+        }
+    }
+}
+
+/// The message of a caught panic's payload.
+pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "non-string payload"
+    }
+}
 
 /// An error on its way back to ONNX Runtime as an `OrtStatus`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -393,61 +426,25 @@ impl Drop for Scratch {
     }
 }
 
-/// The session's intra-op thread pool (`KernelContext_ParallelFor`, C API 17). ORT runs the
-/// iterations on its pool threads and the calling thread, or all on the calling thread when
-/// the session has a single intra-op thread.
-impl ParallelFor for KernelCtx {
-    fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> Result<()> {
-        if tasks <= 1 {
-            (0..tasks).for_each(f);
-            return Ok(());
-        }
-        let job = Job { f, failed: AtomicBool::new(false), panic: Mutex::new(None) };
-        // SAFETY: valid context; `job` outlives the call, which returns only after every
-        // iteration has finished, and `run_job` only reads it through a shared reference.
-        // num_batch = 0 lets ORT hand out iterations one at a time to whichever thread is free.
-        let st = unsafe {
-            (self.api.0.KernelContext_ParallelFor)(self.ptr, run_job, tasks, 0, (&job as *const Job).cast_mut().cast())
-        };
-        self.api.check(st, "KernelContext_ParallelFor")?;
-        match job.panic.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(msg) => Err(Error::fail(format!("internal error in a parallel task (panic: {msg})"))),
-            None => Ok(()),
-        }
-    }
-}
-
-/// One `ParallelFor` call, shared by the threads running its iterations.
-struct Job<'a> {
-    f: &'a (dyn Fn(usize) + Sync),
-    /// Set after a panic: the remaining iterations are skipped.
-    failed: AtomicBool,
-    /// The first panic's message, reported as the op's error once ORT returns.
-    panic: Mutex<Option<String>>,
-}
-
-impl Job<'_> {
-    fn run(&self, i: usize) {
-        if self.failed.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.f)(i))) {
-            self.failed.store(true, Ordering::Relaxed);
-            let msg = crate::panic_message(&*payload).to_string();
-            // A payload whose Drop panics again would unwind out of here; leaking it cannot.
-            std::mem::forget(payload);
-            let mut first = self.panic.lock().unwrap_or_else(|p| p.into_inner());
-            first.get_or_insert(msg);
-        }
-    }
-}
-
-/// The iteration callback ORT calls from its threads. Unwinding into ORT's C++ frames is
-/// undefined behaviour, so panics stop here ([`Job::run`]) and come back as a status.
-unsafe extern "C" fn run_job(job: *mut c_void, i: usize) {
-    // SAFETY: the pointer `for_each` passed, to a `Job` that outlives the ParallelFor call.
-    if let Some(job) = unsafe { job.cast::<Job>().cast_const().as_ref() } {
-        job.run(i);
+impl KernelCtx {
+    /// Runs `run(data, i)` for every `i` in `0..tasks` on the session's intra-op thread pool
+    /// (`KernelContext_ParallelFor`, C API 17): on its pool threads and the calling thread, or
+    /// all on the calling thread when the session has a single intra-op thread. Returns after
+    /// every call has finished. `num_batch = 0` lets ORT hand out iterations one at a time to
+    /// whichever thread is free.
+    ///
+    /// # Safety
+    /// `run` must be safe to call with `data` from several threads at once, and must not
+    /// unwind (ORT's C++ frames are on the stack); `data` must outlive this call.
+    pub unsafe fn parallel_for_raw(
+        &self,
+        run: unsafe extern "C" fn(*mut c_void, usize),
+        tasks: usize,
+        data: *mut c_void,
+    ) -> Result<()> {
+        // SAFETY: valid context; the caller vouches for `run` and `data`.
+        let st = unsafe { (self.api.0.KernelContext_ParallelFor)(self.ptr, run, tasks, 0, data) };
+        self.api.check(st, "KernelContext_ParallelFor")
     }
 }
 
@@ -485,24 +482,58 @@ impl<'ctx> Tensor<'ctx> {
     }
 
     /// The buffer's address, wherever it lives (a device pointer on a GPU EP), after the same
-    /// type check as [`Tensor::slice`]. Null for an empty tensor.
+    /// type check as [`HostTensor::slice`]. Null for an empty tensor. Only `unsafe` code can do
+    /// anything with it.
     pub fn raw<T: Elem>(&self) -> Result<*mut c_void> {
         let (p, len) = self.data_ptr::<T>()?;
         Ok(if len == 0 { ptr::null_mut() } else { p.cast() })
     }
 
-    /// The tensor's elements. Only for CPU-resident tensors.
+    /// The tensor as host memory, which safe code may read as a slice: refused unless ORT says
+    /// the buffer lives in CPU memory (a CUDA EP's tensors live on the GPU, where a slice
+    /// would be undefined behaviour on first touch).
+    pub fn host(self) -> Result<HostTensor<'ctx>> {
+        let mut info: *const ort_sys::OrtMemoryInfo = ptr::null();
+        // SAFETY: `value` is a live tensor of this context; the info it returns is ORT's, not
+        // ours to release, and lives as long as the value.
+        let st = unsafe { (self.api.0.GetTensorMemoryInfo)(self.value, &mut info) };
+        self.api.check(st, "GetTensorMemoryInfo")?;
+        if info.is_null() {
+            return Err(Error::fail("GetTensorMemoryInfo returned null"));
+        }
+        let mut device = ort_sys::OrtMemoryInfoDeviceType::OrtMemoryInfoDeviceType_GPU;
+        // SAFETY: live info and out pointer.
+        unsafe { (self.api.0.MemoryInfoGetDeviceType)(info, &mut device) };
+        if device != ort_sys::OrtMemoryInfoDeviceType::OrtMemoryInfoDeviceType_CPU {
+            return Err(Error::fail(format!("a host view of a tensor in {device:?} memory was asked for (a bug)")));
+        }
+        Ok(HostTensor { t: self })
+    }
+}
+
+/// A tensor whose buffer ORT placed in CPU memory ([`Tensor::host`]).
+pub struct HostTensor<'ctx> {
+    t: Tensor<'ctx>,
+}
+
+impl<'ctx> HostTensor<'ctx> {
+    pub fn info(&self) -> &TensorInfo {
+        &self.t.info
+    }
+
+    /// The tensor's elements.
     pub fn slice<T: Elem>(&self) -> Result<&'ctx [T]> {
-        let (p, len) = self.data_ptr::<T>()?;
-        // SAFETY: ORT owns a buffer of `len` elements of type T (checked above) at `p`, alive
-        // until Compute returns, which outlives 'ctx. Inputs are not written during Compute.
+        let (p, len) = self.t.data_ptr::<T>()?;
+        // SAFETY: ORT owns a buffer of `len` elements of type T (checked above) at `p`, in host
+        // memory (checked by `Tensor::host`), alive until Compute returns, which outlives
+        // 'ctx. Inputs are not written during Compute.
         Ok(unsafe { std::slice::from_raw_parts(p, len) })
     }
 
     /// The tensor's elements, writable. Only for outputs of this kernel; consuming the handle
     /// keeps a second mutable view from being made through it.
     pub fn into_slice_mut<T: Elem>(self) -> Result<&'ctx mut [T]> {
-        let (p, len) = self.data_ptr::<T>()?;
+        let (p, len) = self.t.data_ptr::<T>()?;
         // SAFETY: as in `slice`; an output buffer belongs to this kernel alone during Compute
         // (no in-place or alias hints are declared) and `output` is called once per index.
         Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
@@ -543,26 +574,4 @@ fn tensor_info(api: Api, v: *const OrtValue) -> Result<TensorInfo> {
     // SAFETY: `info` was created above and is released once.
     unsafe { (api.0.ReleaseTensorTypeAndShapeInfo)(info) };
     res
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parallel_for_callback_contains_panics() {
-        let f = |i: usize| {
-            if i == 3 {
-                panic!("task {i} failed");
-            }
-        };
-        let job = Job { f: &f, failed: AtomicBool::new(false), panic: Mutex::new(None) };
-        let data = (&job as *const Job).cast_mut().cast();
-        for i in 0..6 {
-            // SAFETY: `data` points at the live `job`, as ORT would pass it.
-            unsafe { run_job(data, i) };
-        }
-        assert!(job.failed.load(Ordering::Relaxed));
-        assert_eq!(job.panic.into_inner().unwrap().as_deref(), Some("task 3 failed"));
-    }
 }

@@ -33,9 +33,9 @@ use self::kernels::{Args, PANEL};
 pub use self::simd::Isa;
 use self::simd::{chunk_lane_k, CHUNK};
 use crate::cpu::parallel::{ParallelFor, Rayon};
-use crate::ops::qins_matmul::{check_input_count, Act, Node, RunShape};
-use crate::ops::Kernel;
-use crate::ort_api::{Elem, Error, KernelCtx, KernelInfo, Result, Tensor};
+use crate::ops::qins_matmul::{registrations, Act, Node, Run, RunShape};
+use crate::ort_api::custom_op::{Kernel, OpSpec, CPU_EP};
+use crate::ort_api::{Elem, Error, HostTensor, KernelCtx, KernelInfo, Result};
 
 /// Rows of `A` up to which [`Path::Dot`] is used: past 4 it decodes every row again for each
 /// 4 activation rows, which only pays while decoding is cheap. Measured with
@@ -516,6 +516,7 @@ struct SyncPtr(*mut f32);
 
 // SAFETY: every use documents why the tasks' accesses do not overlap.
 unsafe impl Send for SyncPtr {}
+// SAFETY: as for Send.
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
@@ -570,21 +571,22 @@ struct CpuQinsMatMul {
     node: Node,
 }
 
-pub(crate) fn create(info: &KernelInfo, act: Act) -> Result<Box<dyn Kernel>> {
+/// This op's registrations on the CPU execution provider.
+pub(crate) fn ops() -> Vec<OpSpec> {
+    registrations(CPU_EP, |info| create(info, Act::F32), |info| create(info, Act::F16))
+}
+
+fn create(info: &KernelInfo, act: Act) -> Result<Box<dyn Kernel>> {
     Ok(Box::new(CpuQinsMatMul { node: Node::from_info(info, act)? }))
 }
 
 impl Kernel for CpuQinsMatMul {
     fn compute(&self, ctx: &KernelCtx) -> Result<()> {
         let node = &self.node;
-        let inputs = ctx.input_count()?;
-        check_input_count(inputs).map_err(|e| e.context(node.describe()))?;
-        let (a, codes, scales, wf) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?, ctx.optional_input(3)?);
-        let shape = node.check(inputs, &a.info, &codes.info, &scales.info, wf.as_ref().map(|t| &t.info))?;
-        let y = ctx.output(0, &shape.out_shape)?;
-        if shape.m == 0 {
+        let Some(Run { a, codes, scales, float_weight, y, shape }) = node.begin(ctx)? else {
             return Ok(());
-        }
+        };
+        let (a, codes, scales, y) = (a.host()?, codes.host()?, scales.host()?, y.host()?);
         let data = match node.layout.format {
             Format::F32 => WeightData::F32 { z: codes.slice()?, scales: scales.slice()? },
             _ => WeightData::Packed { codes: codes.slice()?, scales: scales.slice()? },
@@ -593,15 +595,16 @@ impl Kernel for CpuQinsMatMul {
         // The session's intra-op pool: its size is the user's choice, and its threads are the
         // ones that will otherwise sit spinning for the next op.
         let opts = Options::default();
-        if let Some(wf) = wf {
+        if let Some(wf) = float_weight {
+            let wf = wf.host()?;
             // Both activation types through one generic call: the tensors' element type is
             // the node's (checked by `node.check`).
             fn mixed<T: ActElem + Elem>(
                 opts: &Options,
                 ctx: &KernelCtx,
-                a: &Tensor,
-                wf: &Tensor,
-                y: Tensor,
+                a: &HostTensor,
+                wf: &HostTensor,
+                y: HostTensor,
                 shape: &RunShape,
                 w: &Weights,
             ) -> Result<()> {

@@ -6,7 +6,7 @@
 // their wgmmas on the shared activation tile, never waiting for one another. Same result and
 // arguments as gemm_wg except the two tensor maps (CUtensorMap in global memory, built by the
 // probe with cuTensorMapEncodeTiled): A [M, K] f16, box [64, MB], 128-byte swizzle; codes
-// [N, row_bytes] u8, box [8 BITS, 64 NC], no swizzle. Probe: scripts/gpu/probe_wgmma.py
+// [N, row_bytes] u8, box [8 BITS, 64 NC], no swizzle. Probe: research/wgmma-prefill/probe_wgmma.py
 // (WG_TMA=1); results in docs/BENCHMARKS.md ("A wgmma prefill kernel"). Also unlike gemm_wg:
 // each consumer decodes stage st + 1 while stage st's wgmmas run, q4 decodes from registers
 // (no shared-memory table), and setmaxnreg moves registers from the producer to the consumers.

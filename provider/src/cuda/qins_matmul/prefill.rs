@@ -1,4 +1,4 @@
-//! Launcher of `kernels/qins_matmul_prefill.cu`: `com.qins.QinsMatMul` on the codes for
+//! Launcher of `kernels/qins_matmul/qins_matmul_prefill.cu`: `com.qins.QinsMatMul` on the codes for
 //! prefill-sized `M` (f16 activations and the layouts of the token-generation tensor-core
 //! kernel), without decoding the weight into memory.
 //!
@@ -10,8 +10,9 @@ use std::ffi::CStr;
 
 use qins::codec::Format;
 
-use super::qins_matmul::{chunk_len, tc_applies, tc_args, tc_cpg_shift, tc_table_bytes, Buffers};
-use super::{launch, Args, Image, Loaded};
+use super::tc::{chunk_len, tc_args, tc_cpg_shift_for, tc_table_bytes, Buffers};
+use crate::cuda::module::{launch, Args, Image, Loaded};
+use crate::cuda::tuning::{tuning, Prefill};
 use crate::ops::qins_matmul::Node;
 use crate::ort_api::{Error, KernelCtx, Result};
 
@@ -61,9 +62,13 @@ impl Config {
     }
 }
 
-/// The kernel's name for a format and configuration.
+/// The kernel's name for a format and configuration; `None` where none is built (q4 in
+/// `CONFIGS[3]`: its 256-entry table leaves that block more shared memory than any GPU has).
 pub fn gemm_name(format: Format, c: Config) -> Option<&'static CStr> {
     let i = CONFIGS.iter().position(|&x| x == c)?;
+    if (format, i) == (Format::Q4, 3) {
+        return None;
+    }
     let names: [&'static CStr; 6] = match format {
         Format::Q8 => [
             c"qins_gemm_tc_q8_m32_t2_n4_k2_s3",
@@ -196,46 +201,6 @@ pub fn plan(
     (!cublas || t < estimate_decode_cublas(format, m, n, k)).then_some(p)
 }
 
-/// `QINS_CUDA_PREFILL` (read once): `off` never runs the kernel; `on` runs it wherever it
-/// applies, whatever the model says about cuBLAS; `C:S` also fixes configuration `CONFIGS[C]`
-/// and `S` splits (for `scripts/gpu/check.py`, which runs every configuration this way); unset
-/// or `auto`: the model decides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Auto,
-    Off,
-    On,
-    Fixed(Plan),
-}
-
-fn parse_mode(v: Option<&str>) -> std::result::Result<Mode, String> {
-    let v = v.unwrap_or("auto");
-    Ok(match v {
-        "auto" | "" => Mode::Auto,
-        "off" => Mode::Off,
-        "on" => Mode::On,
-        _ => {
-            let fixed = v.split_once(':').and_then(|(c, s)| Some((c.parse::<usize>().ok()?, s.parse::<usize>().ok()?)));
-            match fixed {
-                Some((c, s)) if c < CONFIGS.len() && (1..=64).contains(&s) => {
-                    Mode::Fixed(Plan { config: CONFIGS[c], splits: s })
-                }
-                _ => {
-                    return Err(format!(
-                        "QINS_CUDA_PREFILL={v}: expected auto, off, on or C:S (C < {}, S in 1..=64)",
-                        CONFIGS.len()
-                    ))
-                }
-            }
-        }
-    })
-}
-
-fn mode() -> Result<Mode> {
-    static M: std::sync::OnceLock<std::result::Result<Mode, String>> = std::sync::OnceLock::new();
-    M.get_or_init(|| parse_mode(std::env::var("QINS_CUDA_PREFILL").ok().as_deref())).clone().map_err(Error::invalid)
-}
-
 /// Runs the prefill kernel over all `m` rows; false where it does not apply or, `cublas`
 /// being available, decode + cuBLAS is estimated faster (the caller then does that).
 ///
@@ -250,10 +215,7 @@ pub unsafe fn prefill(
     b: &Buffers,
 ) -> Result<bool> {
     let l = &node.layout;
-    if !tc_applies(node, b.a) {
-        return Ok(false);
-    }
-    let Some(cpg_shift) = tc_cpg_shift(l) else {
+    let Some(cpg_shift) = tc_cpg_shift_for(node, b.a) else {
         return Ok(false);
     };
     let per_sm = |c: Config| {
@@ -263,11 +225,16 @@ pub unsafe fn prefill(
             })
             .unwrap_or(0)
     };
-    let planned = match mode()? {
-        Mode::Off => None,
-        Mode::Auto => plan(l.format, m, l.n, l.k, mods.multiprocessors, cublas, per_sm),
-        Mode::On => plan(l.format, m, l.n, l.k, mods.multiprocessors, false, per_sm),
-        Mode::Fixed(p) => (per_sm(p.config) > 0).then_some(p),
+    let planned = match tuning()?.prefill {
+        Prefill::Off => None,
+        Prefill::Auto => plan(l.format, m, l.n, l.k, mods.multiprocessors, cublas, per_sm),
+        Prefill::On => plan(l.format, m, l.n, l.k, mods.multiprocessors, false, per_sm),
+        Prefill::Fixed { config, splits } => {
+            let config = *CONFIGS.get(config).ok_or_else(|| {
+                Error::invalid(format!("QINS_CUDA_PREFILL={config}:{splits}: C must be below {}", CONFIGS.len()))
+            })?;
+            (per_sm(config) > 0).then_some(Plan { config, splits })
+        }
     };
     let Some(p) = planned else {
         return Ok(false);
@@ -364,23 +331,12 @@ mod tests {
         assert!(plan(Format::Q8, 2048, 3072, 3072, 132, false, h100_per_sm(Format::Q8)).is_some());
     }
 
-    #[test]
-    fn the_mode_variable_parses() {
-        assert_eq!(parse_mode(None), Ok(Mode::Auto));
-        assert_eq!(parse_mode(Some("off")), Ok(Mode::Off));
-        assert_eq!(parse_mode(Some("on")), Ok(Mode::On));
-        assert_eq!(parse_mode(Some("2:3")), Ok(Mode::Fixed(Plan { config: CONFIGS[2], splits: 3 })));
-        for bad in ["6:1", "0:0", "x", "1:", "always"] {
-            assert!(parse_mode(Some(bad)).is_err(), "{bad}");
-        }
-    }
-
     /// CONFIGS, the kernel names and the kernel file's instantiations say the same: a name
     /// whose stage count disagreed with its entry here once launched a kernel with too little
     /// shared memory.
     #[test]
     fn configs_names_and_kernel_file_agree() {
-        let src = include_str!("../../../kernels/qins_matmul_prefill.cu");
+        let src = include_str!("../../../../kernels/qins_matmul/qins_matmul_prefill.cu");
         let all = src.split("#define QINS_GEMM_TC_ALL(BITS)").nth(1).expect("QINS_GEMM_TC_ALL in the kernel file");
         let listed: Vec<Vec<usize>> = all
             .lines()
@@ -392,10 +348,14 @@ mod tests {
         assert_eq!(listed.iter().map(|v| v[..5].to_vec()).collect::<Vec<_>>(), ours);
         for format in [Format::Q8, Format::Q6, Format::Q4] {
             for c in CONFIGS {
-                let name = gemm_name(format, c).unwrap().to_str().unwrap();
+                let Some(name) = gemm_name(format, c) else {
+                    // q4's table leaves no configuration that large a block's shared memory.
+                    assert_eq!((format, c), (Format::Q4, CONFIGS[3]));
+                    continue;
+                };
                 let want =
                     format!("qins_gemm_tc_q{}_m{}_t{}_n{}_k{}_s{}", format.bits(), c.mb, c.t, c.wn, c.wk, c.stages);
-                assert_eq!(name, want);
+                assert_eq!(name.to_str().unwrap(), want);
             }
         }
     }
@@ -403,19 +363,22 @@ mod tests {
     /// Every entry point the launcher can ask for is in the embedded module.
     #[test]
     fn every_prefill_kernel_is_embedded() {
-        if !crate::cuda::built_with_kernels() {
+        use crate::cuda::module::{built_with_kernels, embeds, images};
+        if !built_with_kernels() {
             eprintln!("built without CUDA kernels: nothing to check");
             return;
         }
-        let image = crate::cuda::images::QINS_MATMUL_PREFILL;
-        let has = |n: &CStr| image.windows(n.to_bytes().len()).any(|w| w == n.to_bytes());
+        let has = |n: &CStr| embeds(images::QINS_MATMUL_PREFILL, n);
         for format in [Format::Q8, Format::Q6, Format::Q4] {
             for c in CONFIGS {
-                let name = gemm_name(format, c).unwrap();
-                assert!(has(name), "{name:?} missing");
+                if let Some(name) = gemm_name(format, c) {
+                    assert!(has(name), "{name:?} missing");
+                }
             }
         }
         assert!(has(c"qins_gemm_reduce"));
+        // Not built: more shared memory than any GPU gives a block.
+        assert!(!has(c"qins_gemm_tc_q4_m128_t2_n2_k4_s2"));
         assert_eq!(gemm_name(Format::F32, CONFIGS[0]), None);
     }
 

@@ -1,27 +1,27 @@
-"""Direct timings of the wgmma prefill prototype (scripts/gpu/proto/gemm_wgmma.cu, not in the
-library; built into .wgart/ by scripts/gpu/proto/build.sh), every compiled configuration and
+"""Direct timings of the wgmma prefill prototype (research/wgmma-prefill/gemm_wgmma.cu, not in the
+library; built into .wgart/ by research/wgmma-prefill/build.sh), every compiled configuration and
 K splits, against fp16 cuBLAS, decode + cuBLAS (those two without a graph: CuPy refuses cuBLAS under capture) and the mma.sync prefill
 kernel (gemm_tc) at the same shapes, in one run (no ONNX Runtime): fat binaries loaded with
 CuPy, CUDA graphs of 20 launches replayed (median of 15, CUDA events), rotating over weight
 copies (>= 256 MB) so that weights come from HBM. Every output is checked against decode
-(kernels/qins_decode.cu) + an f32 matmul by normalised squared error.
+(kernels/qins_matmul/qins_decode.cu) + an f32 matmul by normalised squared error.
 argv: FATBIN_DIR OUT_JSON. Env: WG_SHAPES=KxN,...  WG_FMTS=q8g128,q4g32  WG_MS=128,...  WG_SPLITS=1,2
 WG_FATBIN=wg_NO_DECODE.fatbin (an ablation), WG_NO_TC=1 (skip gemm_tc), WG_VERBOSE=1 (every row),
-WG_TMA=1 (time the TMA prototype, scripts/gpu/proto/gemm_wgmma_tma.cu, instead; WG_TMA_FATBIN=
+WG_TMA=1 (time the TMA prototype, research/wgmma-prefill/gemm_wgmma_tma.cu, instead; WG_TMA_FATBIN=
 wgt_NO_DECODE.fatbin for its ablation)
 """
 import json, os, re, sys
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../scripts/gpu"))
 from common import graph_time, load_module, plain_time, prefill_smem, random_weight, row_bytes  # noqa: E402
 
 FAT, OUT = sys.argv[1], sys.argv[2]
 wgm = load_module(os.path.join(FAT, os.environ.get("WG_FATBIN", "qins_matmul_wgmma.fatbin")))
 pf = load_module(os.path.join(FAT, "qins_matmul_prefill.fatbin"))
 dec = load_module(os.path.join(FAT, "qins_decode.fatbin"))
-src = open(os.path.join(os.path.dirname(__file__), "proto/gemm_wgmma.cu")).read()
+src = open(os.path.join(os.path.dirname(__file__), "gemm_wgmma.cu")).read()
 configs = [tuple(int(v) for v in m.groups()) for m in
            re.finditer(r"QINS_GEMM_WG\(BITS, (\d+), (\d+), (\d+), (\d+), (\d+)\)", src)]
 
@@ -55,7 +55,7 @@ def tensor_map(ptr, dtype, inner, outer, row_bytes, box_inner, box_outer, swizzl
 TMA = os.environ.get("WG_TMA") == "1"
 if TMA:
     wgt = load_module(os.path.join(FAT, os.environ.get("WG_TMA_FATBIN", "qins_matmul_wgmma_tma.fatbin")))
-    tsrc = open(os.path.join(os.path.dirname(__file__), "proto/gemm_wgmma_tma.cu")).read()
+    tsrc = open(os.path.join(os.path.dirname(__file__), "gemm_wgmma_tma.cu")).read()
     tma_configs = [tuple(int(v) for v in m.groups()) for m in
                    re.finditer(r"QINS_GEMM_WG_TMA\(BITS, (\d+), (\d+), (\d+)\)", tsrc)]
 

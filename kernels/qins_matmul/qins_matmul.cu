@@ -18,8 +18,8 @@
 // - Every kernel calls wait_prior_grid() (qins_common.cuh) before it reads A or writes Y.
 #include <type_traits>
 
-#include "qins_common.cuh"
-#include "qins_tc.cuh"
+#include "../common/qins_common.cuh"
+#include "../common/qins_tc.cuh"
 
 // Loads activations k0..k0+7 of row m (zeros past K).
 template <typename T>
@@ -532,7 +532,8 @@ extern "C" __global__ void qins_swiglu_f32(const float* y2, float* y, long long 
 // Entry points: qins_gemv_tc_q{bits}_m{MT}_w{W}_u{U}[_t{T}][_p][_cs|_c1] (the launcher's
 // `tc_name`), with _p = PIPE (below), _cs = SC_STEP, _c1 = SC_CHUNK, else SC_WEIGHT. Where a
 // PIPE kernel replaced one (16 channels up to 8 rows, q4 at 16 rows) and for q6 at 2 tiles,
-// the launcher no longer picks these; they stay as scripts/gpu/probe.py's baselines.
+// the launcher no longer picks these; they stay as scripts/gpu/probe.py's baselines, built
+// only with QINS_PROBE_KERNELS (scripts/gpu/stage.sh), not into the library.
 // Measured on an H100 at Phi-3.5's shapes (scripts/gpu/probe.py, docs/BENCHMARKS.md):
 // - T = 1: for M <= 8, 16 warps (registers capped at 64 for two blocks a multiprocessor) beat
 //   8 warps by 0-10%, and 4 chunks in flight a lane no better than 2; MT = 16 needs more
@@ -549,11 +550,13 @@ extern "C" __global__ void qins_swiglu_f32(const float* y2, float* y, long long 
     }
 #define QINS_GEMV_TC(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, false, NAME)
 #define QINS_GEMV_TC_P(BITS, MT, W, U, T, MINB, CS, NAME) QINS_GEMV_TC_ENTRY(BITS, MT, W, U, T, MINB, CS, true, NAME)
-#define QINS_GEMV_TC_ALL(BITS)                                                                     \
+#define QINS_GEMV_TC_M8(BITS)                                                                      \
     QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2)                \
-    QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w16_u2_cs)               \
+    QINS_GEMV_TC(BITS, 8, 16, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w16_u2_cs)
+#define QINS_GEMV_TC_M16(BITS)                                                                     \
     QINS_GEMV_TC(BITS, 16, 8, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m16_w8_u2)                \
-    QINS_GEMV_TC(BITS, 16, 8, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m16_w8_u2_cs)               \
+    QINS_GEMV_TC(BITS, 16, 8, 2, 1, 2, SC_STEP, qins_gemv_tc_q##BITS##_m16_w8_u2_cs)
+#define QINS_GEMV_TC_T2(BITS)                                                                      \
     QINS_GEMV_TC(BITS, 8, 16, 1, 2, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u1_t2)             \
     QINS_GEMV_TC(BITS, 8, 16, 1, 2, 2, SC_STEP, qins_gemv_tc_q##BITS##_m8_w16_u1_t2_cs)            \
     QINS_GEMV_TC(BITS, 8, 16, 1, 2, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w16_u1_t2_c1)
@@ -582,14 +585,25 @@ extern "C" __global__ void qins_swiglu_f32(const float* y2, float* y, long long 
     QINS_GEMV_TC_P(BITS, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q##BITS##_m8_w16_u2_p)            \
     QINS_GEMV_TC_P(BITS, 8, 8, 2, 2, 2, SC_CHUNK, qins_gemv_tc_q##BITS##_m8_w8_u2_t2_p_c1)
 
-QINS_GEMV_TC_ALL(8)
-QINS_GEMV_TC_ALL(6)
-QINS_GEMV_TC_ALL(4)
+// What the launcher's `tc_name` picks (its test checks each is here).
+QINS_GEMV_TC_M16(8)
+QINS_GEMV_TC_M16(6)
+QINS_GEMV_TC_T2(8)
+QINS_GEMV_TC_T2(4)
 QINS_GEMV_TC_WIDE(4)
 QINS_GEMV_TC_PIPE(8)
 QINS_GEMV_TC_PIPE(4)
 QINS_GEMV_TC_P(6, 8, 16, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q6_m8_w16_u2_p)
 QINS_GEMV_TC_P(4, 16, 8, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q4_m16_w8_u2_p)
+#ifdef QINS_PROBE_KERNELS
+// probe.py's baselines: the kernels the PIPE ones replaced, and q6 at 2 tiles (slower at
+// every shape measured).
+QINS_GEMV_TC_M8(8)
+QINS_GEMV_TC_M8(6)
+QINS_GEMV_TC_M8(4)
+QINS_GEMV_TC_M16(4)
+QINS_GEMV_TC_T2(6)
+#endif
 
 // Mixed nodes (a `float_weight` input, docs/FORMAT.md): Y[M, NF + N] = [A WF^T | A W] in one
 // launch. The first ceil(NF / 16) blocks multiply the plain f16 rows of WF [NF, K] with the
@@ -619,15 +633,25 @@ QINS_GEMV_TC_P(4, 16, 8, 2, 1, 2, SC_WEIGHT, qins_gemv_tc_q4_m16_w8_u2_p)
 // float rows per activation load: q4 g32 at M = 1 took 19.4 us with _w8f2 against 20.2 with
 // 16-channel float blocks of 16 warps (the first version, kept as the _m8 baseline); q8 g128
 // 20.9 with _w8f3 against 23.2; at M = 16, _f2 22.8 (q4) and 24.9 (q8) against 27.5 and 28.4.
-#define QINS_GEMV_TC_MIX_ALL(BITS, PIPE16)                                                        \
+// The launcher's picks (`mix_plan`) are built into the library; probe_mix.py's other
+// variants only with QINS_PROBE_KERNELS.
+QINS_GEMV_TC_MIX(4, 8, 8, 2, true, qins_gemv_tc_mix_q4_m8_w8f2)
+QINS_GEMV_TC_MIX(6, 8, 8, 3, true, qins_gemv_tc_mix_q6_m8_w8f3)
+QINS_GEMV_TC_MIX(8, 8, 8, 3, true, qins_gemv_tc_mix_q8_m8_w8f3)
+QINS_GEMV_TC_MIX(4, 16, 8, 2, true, qins_gemv_tc_mix_q4_m16_f2)
+QINS_GEMV_TC_MIX(6, 16, 8, 2, false, qins_gemv_tc_mix_q6_m16_f2)
+QINS_GEMV_TC_MIX(8, 16, 8, 2, false, qins_gemv_tc_mix_q8_m16_f2)
+#ifdef QINS_PROBE_KERNELS
+#define QINS_GEMV_TC_MIX_PROBE(BITS, PIPE16)                                                      \
     QINS_GEMV_TC_MIX(BITS, 8, 16, 1, true, qins_gemv_tc_mix_q##BITS##_m8)                        \
-    QINS_GEMV_TC_MIX(BITS, 8, 8, 2, true, qins_gemv_tc_mix_q##BITS##_m8_w8f2)                    \
-    QINS_GEMV_TC_MIX(BITS, 8, 8, 3, true, qins_gemv_tc_mix_q##BITS##_m8_w8f3)                    \
-    QINS_GEMV_TC_MIX(BITS, 16, 8, 1, PIPE16, qins_gemv_tc_mix_q##BITS##_m16)                     \
-    QINS_GEMV_TC_MIX(BITS, 16, 8, 2, PIPE16, qins_gemv_tc_mix_q##BITS##_m16_f2)
-QINS_GEMV_TC_MIX_ALL(8, false)
-QINS_GEMV_TC_MIX_ALL(6, false)
-QINS_GEMV_TC_MIX_ALL(4, true)
+    QINS_GEMV_TC_MIX(BITS, 16, 8, 1, PIPE16, qins_gemv_tc_mix_q##BITS##_m16)
+QINS_GEMV_TC_MIX_PROBE(8, false)
+QINS_GEMV_TC_MIX_PROBE(6, false)
+QINS_GEMV_TC_MIX_PROBE(4, true)
+QINS_GEMV_TC_MIX(4, 8, 8, 3, true, qins_gemv_tc_mix_q4_m8_w8f3)
+QINS_GEMV_TC_MIX(6, 8, 8, 2, true, qins_gemv_tc_mix_q6_m8_w8f2)
+QINS_GEMV_TC_MIX(8, 8, 8, 2, true, qins_gemv_tc_mix_q8_m8_w8f2)
+#endif
 
 // Copies a [M, N] product into columns off .. off + N of a [M, ldy] output: the QINS part of a
 // mixed node on the paths that write a dense product (decode + cuBLAS keeps its own stride).

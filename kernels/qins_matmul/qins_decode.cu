@@ -13,13 +13,13 @@
 //   so that a warp reads 32 consecutive runs of codes and writes 512 consecutive bytes. The
 //   launcher takes it wherever it applies: the chunked kernel's lanes each wrote their own 64
 //   bytes (q4) and it reached 1.2-1.4 TB/s against the copy's ~2.9 (docs/BENCHMARKS.md).
-// - `qins_decode_naive_*`: the plain elementwise baseline it is measured against: one thread
+// - `qins_decode_naive_*` (QINS_PROBE_KERNELS only): the plain elementwise baseline it is measured against: one thread
 //   per weight, one byte load, and D(z) evaluated from the code by the formula.
 // - Grid: `qins_decode_*` x over tiles of 8 rows; `qins_decode_runs_*` (the same arguments)
 //   x over 128 RUNS_U-run pieces of a row, y over rows; the naive one x over elements of a
 //   row, y over rows. No shared state between blocks. All wait_prior_grid()
 //   (qins_common.cuh) before their first global read or write.
-#include "qins_common.cuh"
+#include "../common/qins_common.cuh"
 
 template <int BITS, typename T>
 __device__ __forceinline__ void decode_chunk(const Chunk& ch, const void* __restrict__ scales, T* __restrict__ W,
@@ -154,7 +154,23 @@ QINS_DECODE_RUNS(4, __half, f16)
 QINS_DECODE_RUNS(8, float, f32)
 QINS_DECODE_RUNS(4, float, f32)
 
-// The plain baseline: code k of row n by its byte, D(z) by the formula of docs/FORMAT.md.
+#define QINS_DECODE(BITS, T, TN)                                                                           \
+    extern "C" __global__ void qins_decode_q##BITS##_##TN(const uint8_t* codes, const void* scales, T* W, \
+                                                          int K, int N, int G, int row_bytes, int groups) { \
+        decode<BITS, T>(codes, scales, W, K, N, G, row_bytes, groups);                                     \
+    }
+QINS_DECODE(8, __half, f16)
+QINS_DECODE(6, __half, f16)
+QINS_DECODE(4, __half, f16)
+QINS_DECODE(32, __half, f16)
+QINS_DECODE(8, float, f32)
+QINS_DECODE(6, float, f32)
+QINS_DECODE(4, float, f32)
+QINS_DECODE(32, float, f32)
+
+#ifdef QINS_PROBE_KERNELS
+// The plain baseline of scripts/gpu/bench_decode.py (built by scripts/gpu/stage.sh, not into
+// the library): code k of row n by its byte, D(z) by the formula of docs/FORMAT.md.
 template <int BITS>
 __device__ __forceinline__ void decode_naive(const uint8_t* __restrict__ codes, const void* __restrict__ scales,
                                              __half* __restrict__ W, int K, int N, int G, int row_bytes,
@@ -184,20 +200,6 @@ __device__ __forceinline__ void decode_naive(const uint8_t* __restrict__ codes, 
     W[(long long)n * K + k] = __float2half_rn((code >> (BITS - 1)) ? -u * s : u * s);
 }
 
-#define QINS_DECODE(BITS, T, TN)                                                                           \
-    extern "C" __global__ void qins_decode_q##BITS##_##TN(const uint8_t* codes, const void* scales, T* W, \
-                                                          int K, int N, int G, int row_bytes, int groups) { \
-        decode<BITS, T>(codes, scales, W, K, N, G, row_bytes, groups);                                     \
-    }
-QINS_DECODE(8, __half, f16)
-QINS_DECODE(6, __half, f16)
-QINS_DECODE(4, __half, f16)
-QINS_DECODE(32, __half, f16)
-QINS_DECODE(8, float, f32)
-QINS_DECODE(6, float, f32)
-QINS_DECODE(4, float, f32)
-QINS_DECODE(32, float, f32)
-
 #define QINS_DECODE_NAIVE(BITS)                                                                             \
     extern "C" __global__ void qins_decode_naive_q##BITS(const uint8_t* codes, const void* scales, __half* W, \
                                                          int K, int N, int G, int row_bytes, int groups) {   \
@@ -206,3 +208,4 @@ QINS_DECODE(32, float, f32)
 QINS_DECODE_NAIVE(8)
 QINS_DECODE_NAIVE(6)
 QINS_DECODE_NAIVE(4)
+#endif
