@@ -2,7 +2,7 @@
 //!
 //! The kernels in `kernels/<op family>/*.cu` (headers shared across families in
 //! `kernels/common/`) are compiled here, ahead of time, with nvcc into fat binaries
-//! that the library embeds (`src/cuda/mod.rs`): sm_80 and sm_90 machine code, and compute_90
+//! that the library embeds (`src/cuda/module.rs`): sm_80 and sm_90 machine code, and compute_90
 //! PTX that newer GPUs' drivers compile at load. nvcc is looked for in `$QINS_NVCC`, then in
 //! `.deps/cuda` (where `scripts/setup.sh` installs CUDA 13.0's from PyPI), then in `$CUDA_HOME`
 //! and on `PATH`. Without one the library is built with no CUDA kernels (a warning says so),

@@ -1,5 +1,5 @@
 // QinsMatMul for prefill: Y[M, N] = A[M, K] W[K, N] on the codes, for M past token
-// generation (the launcher's `prefill` in provider/src/cuda/qins_matmul_prefill.rs).
+// generation (the launcher's `prefill` in provider/src/cuda/qins_matmul/prefill.rs).
 //
 // Contract
 // - A: __half [M, K] row-major, K % 8 == 0, 16-byte aligned; Y: __half [M, N]. codes: uint8

@@ -39,7 +39,7 @@ seed = int(time.time() * 1000) % (2**31)
 print(f"seed {seed}, onnxruntime {ort.__version__}", flush=True)
 rng = np.random.default_rng(seed)
 
-# The library's dispatch (provider/src/cuda/qins_matmul.rs): the tensor-core kernel up to
+# The library's dispatch (provider/src/cuda/qins_matmul/gemv.rs): the tensor-core kernel up to
 # M = 16 where it applies, then the prefill kernel or decode + cuBLAS, as its launcher's time
 # model picks ("prefill|cublas"); the CUDA-core kernel up to M = 4 elsewhere, decode + cuBLAS
 # above.

@@ -10,7 +10,7 @@ source .og5/unpack.sh || exit 1
 LIB=${LIB:-$PWD/.gpuart/libqins_provider.so}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader 
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
-# check.py with every prefill configuration (CONFIGS in provider/src/cuda/qins_matmul_prefill.rs)
+# check.py with every prefill configuration (CONFIGS in provider/src/cuda/qins_matmul/prefill.rs)
 # forced, at each split count in $1; their JSON merged into $2.
 check_prefill() {
   rm -rf /tmp/cp && mkdir -p /tmp/cp
