@@ -1,4 +1,4 @@
-//! What the tensor-core kernels of this op family share (`kernels/qins_matmul/qins_tc.cuh`'s
+//! What the tensor-core kernels of this op family share (`kernels/common/qins_tc.cuh`'s
 //! side in Rust): where they apply, their tables, their arguments, and a run's buffers.
 
 use std::ffi::c_void;
