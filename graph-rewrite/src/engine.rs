@@ -113,7 +113,9 @@ pub struct CausalLm {
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    cache_f16: bool,
+    /// Element type and `[kv_heads, last dim]` of each cache input `[k0, v0, k1, v1, ...]`,
+    /// each from its own input: a QINS V cache is uint8 rows, ORT's quantized caches int8.
+    caches: Vec<CacheSpec>,
     has_mask: bool,
     has_positions: bool,
     pub path: PathBuf,
@@ -182,9 +184,8 @@ impl CausalLm {
             bail!("{}: no input_ids input; not a causal LM in the genai layout", onnx.display());
         }
         let past0 = session.inputs().iter().find(|i| i.name() == "past_key_values.0.key");
-        let (mut kv_heads, mut head_dim, mut cache_f16) = (0, 0, false);
-        if let Some(ValueType::Tensor { ty, shape, .. }) = past0.map(|p| p.dtype()) {
-            cache_f16 = *ty == TensorElementType::Float16;
+        let (mut kv_heads, mut head_dim) = (0, 0);
+        if let Some(ValueType::Tensor { shape, .. }) = past0.map(|p| p.dtype()) {
             kv_heads = shape.get(1).copied().unwrap_or(-1).max(0) as usize;
             head_dim = shape.get(3).copied().unwrap_or(-1).max(0) as usize;
         }
@@ -202,12 +203,31 @@ impl CausalLm {
         if layers > 0 && (kv_heads == 0 || head_dim == 0) {
             bail!("{}: cannot tell the KV cache shape (no genai_config.json with head_size)", onnx.display());
         }
+        let caches = (0..2 * layers)
+            .map(|i| {
+                let name = kv_name("past_key_values", i);
+                let input = session.inputs().iter().find(|x| x.name() == name);
+                let Some(ValueType::Tensor { ty, shape, .. }) = input.map(|x| x.dtype()) else {
+                    bail!("{}: no tensor input {name}", onnx.display());
+                };
+                let fixed =
+                    |d: usize, default: usize| shape.get(d).filter(|&&v| v > 0).map_or(default, |&v| v as usize);
+                let spec = CacheSpec { ty: *ty, kv_heads: fixed(1, kv_heads), last: fixed(3, head_dim) };
+                match spec.ty {
+                    TensorElementType::Float32
+                    | TensorElementType::Float16
+                    | TensorElementType::Uint8
+                    | TensorElementType::Int8 => Ok(spec),
+                    t => bail!("{}: cache input {name} has element type {t:?}", onnx.display()),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(CausalLm {
             session,
             layers,
             kv_heads,
             head_dim,
-            cache_f16,
+            caches,
             has_mask: names.iter().any(|n| n == "attention_mask"),
             has_positions: names.iter().any(|n| n == "position_ids"),
             path: onnx,
@@ -225,16 +245,14 @@ impl CausalLm {
 
     /// A KV cache holding no tokens.
     pub fn empty_cache(&self) -> Result<Cache> {
-        let shape = [1usize, self.kv_heads, 0, self.head_dim];
-        let mut values = Vec::with_capacity(2 * self.layers);
-        for _ in 0..2 * self.layers {
-            values.push(if self.cache_f16 {
-                Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn()
-            } else {
-                Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
-            });
-        }
+        let values = self.caches.iter().map(|c| c.empty()).collect::<Result<Vec<_>>>()?;
         Ok(Cache { values, len: 0 })
+    }
+
+    /// Bytes the KV cache takes per token (every layer's K and V), from the inputs' types and
+    /// shapes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.caches.iter().map(|c| c.kv_heads * c.last * c.elem_bytes()).sum()
     }
 
     /// Runs `ids` after the tokens in `cache`, which then holds them too. The cache values
@@ -340,15 +358,7 @@ impl CausalLm {
         let gpu = MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?;
         let alloc = Allocator::new(&self.session, gpu)?;
         if self.graph.is_none() {
-            let shape = [1usize, self.kv_heads, max, self.head_dim];
-            let mut kv: Vec<ort::value::DynValue> = Vec::with_capacity(2 * self.layers);
-            for _ in 0..2 * self.layers {
-                kv.push(if self.cache_f16 {
-                    Tensor::<f16>::new(&alloc, shape)?.into_dyn()
-                } else {
-                    Tensor::<f32>::new(&alloc, shape)?.into_dyn()
-                });
-            }
+            let kv = self.caches.iter().map(|c| c.buffer(&alloc, max)).collect::<Result<Vec<_>>>()?;
             self.graph = Some(GraphState { kv, step: None });
         }
         let logits_f16 = self.logits_f16()?;
@@ -572,6 +582,47 @@ impl FoldedModel {
 
         let data_dir = onnx.parent().unwrap_or(Path::new(".")).to_path_buf();
         Ok(Some(FoldedModel { bytes: model.encode_to_vec(), data_dir }))
+    }
+}
+
+/// Element type and shape of one cache input, `[batch, kv_heads, seq, last]`.
+#[derive(Clone, Copy, Debug)]
+struct CacheSpec {
+    ty: TensorElementType,
+    kv_heads: usize,
+    /// The head size for float caches, the row's bytes for a QINS V cache.
+    last: usize,
+}
+
+impl CacheSpec {
+    fn elem_bytes(&self) -> usize {
+        match self.ty {
+            TensorElementType::Float32 => 4,
+            TensorElementType::Float16 => 2,
+            _ => 1,
+        }
+    }
+
+    /// A cache holding no tokens (batch 1).
+    fn empty(&self) -> Result<ort::value::DynValue> {
+        let shape = [1usize, self.kv_heads, 0, self.last];
+        Ok(match self.ty {
+            TensorElementType::Float16 => Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn(),
+            TensorElementType::Uint8 => Tensor::<u8>::from_array((shape, Vec::<u8>::new()))?.into_dyn(),
+            TensorElementType::Int8 => Tensor::<i8>::from_array((shape, Vec::<i8>::new()))?.into_dyn(),
+            _ => Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
+        })
+    }
+
+    /// A buffer of `len` positions from `alloc` (batch 1), for CUDA-graph decoding.
+    fn buffer(&self, alloc: &Allocator, len: usize) -> Result<ort::value::DynValue> {
+        let shape = [1usize, self.kv_heads, len, self.last];
+        Ok(match self.ty {
+            TensorElementType::Float16 => Tensor::<f16>::new(alloc, shape)?.into_dyn(),
+            TensorElementType::Uint8 => Tensor::<u8>::new(alloc, shape)?.into_dyn(),
+            TensorElementType::Int8 => Tensor::<i8>::new(alloc, shape)?.into_dyn(),
+            _ => Tensor::<f32>::new(alloc, shape)?.into_dyn(),
+        })
     }
 }
 

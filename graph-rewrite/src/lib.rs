@@ -5,13 +5,14 @@
 //! use qins_graph_rewrite::{plan, rewrite, Format, Model, NoProgress, PlanOptions, RewriteOptions};
 //! let model = Model::load("phi-3.5-mini/model.onnx".as_ref())?;
 //! let plan = plan::plan(&model, &PlanOptions::default())?;
-//! let opts = RewriteOptions { format: Format::Q8, group: 128, force: false, fsync: false };
+//! let opts = RewriteOptions { format: Format::Q8, group: 128, force: false, fsync: false, kv_v: None };
 //! let report = rewrite::rewrite(&model, &plan, &opts, "phi-3.5-mini-qins".as_ref(), &mut NoProgress)?;
 //! println!("{}", report.table());
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
 pub mod engine;
+pub mod kv_v;
 pub mod parity;
 pub mod plan;
 pub mod plot;

@@ -43,6 +43,11 @@ enum Cmd {
         /// Group size along K for the scales; 0 = one scale per output channel.
         #[arg(long, default_value_t = 128)]
         group: usize,
+        /// V cache format: q8 or q4 replaces each GroupQueryAttention with
+        /// QinsGroupQueryAttention over a QINS-coded V cache (K stays float); none leaves
+        /// attention as it is. Use with --preset none to leave the weights untouched.
+        #[arg(long, default_value = "none", value_parser = qins_graph_rewrite::kv_v::parse)]
+        kv_v: qins_graph_rewrite::kv_v::VCache,
         #[command(flatten)]
         select: Select,
         /// Show the plan and the expected sizes, write nothing.
@@ -321,10 +326,13 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Rewrite { model, out, bits, group, select, dry_run, force, fsync, report, quiet } => {
+        Cmd::Rewrite { model, out, bits, group, kv_v, select, dry_run, force, fsync, report, quiet } => {
             let m = Model::load(&model)?;
             let p = plan::plan(&m, &select.options())?;
-            let opts = RewriteOptions { format: bits, group, force, fsync };
+            if p.targets.is_empty() && kv_v.0.is_none() {
+                bail!("nothing to rewrite: --preset none takes no weight; add --include patterns or --kv-v q8|q4");
+            }
+            let opts = RewriteOptions { format: bits, group, force, fsync, kv_v: kv_v.0 };
             if dry_run {
                 return print_dry_run(&m, &p, &opts);
             }

@@ -361,7 +361,10 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
         }
         candidates.push(cand);
     }
-    if targets.is_empty() {
+    // `--preset none` with no --include asks for no weight at all (a V-cache-only rewrite);
+    // the caller decides whether that leaves anything to do.
+    let asked_none = opts.preset == Preset::None && opts.include.is_empty();
+    if targets.is_empty() && !asked_none {
         let ops: HashMap<&str, usize> = graph.node.iter().fold(HashMap::new(), |mut m, n| {
             *m.entry(n.op_type()).or_default() += 1;
             m

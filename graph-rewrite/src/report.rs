@@ -62,6 +62,8 @@ pub struct RewriteReport {
     pub max_rel_fro: f64,
     pub targeted_bytes_before: u64,
     pub targeted_bytes_after: u64,
+    /// The V cache pass (`--kv-v`), if it ran.
+    pub kv_v: Option<crate::kv_v::KvVReport>,
 }
 
 impl RewriteReport {
@@ -88,12 +90,18 @@ impl RewriteReport {
             output,
             seconds,
             throughput_mb_s: input_weight_bytes as f64 / 1e6 / seconds.max(1e-9),
+            kv_v: None,
         }
     }
 
     /// The per-layer table and a summary, for the terminal.
     pub fn table(&self) -> String {
         let mut s = String::new();
+        if self.layers.is_empty() {
+            // A V-cache-only rewrite: no weight table.
+            let _ = writeln!(s, "no weights coded (--preset none)");
+            return self.kv_v_line(s);
+        }
         let _ = writeln!(
             s,
             "{:<44} {:>13} {:>4} {:>5} {:>10} {:>9} {:>9} {:>9} {:>6} {:>10} {:>10}",
@@ -146,6 +154,24 @@ impl RewriteReport {
             self.output.data_bytes as f64 / 1e6,
             self.output.onnx_bytes as f64 / 1e6
         );
+        self.kv_v_line(s)
+    }
+
+    fn kv_v_line(&self, mut s: String) -> String {
+        if let Some(k) = &self.kv_v {
+            let _ = writeln!(
+                s,
+                "V cache: {} GroupQueryAttention -> QinsGroupQueryAttention, v {} ({} bytes a row of {}); \
+                 K+V cache {} -> {} bytes per token ({:.3}x)",
+                k.nodes,
+                k.format,
+                k.row_bytes,
+                k.head_dim,
+                k.kv_bytes_per_token_before,
+                k.kv_bytes_per_token_after,
+                k.kv_bytes_per_token_after as f64 / k.kv_bytes_per_token_before.max(1) as f64
+            );
+        }
         s
     }
 }

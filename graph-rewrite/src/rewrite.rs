@@ -14,9 +14,8 @@ use std::path::Path;
 use std::time::Instant;
 
 /// The op domain and name of the QINS matmul (docs/FORMAT.md).
-pub const DOMAIN: &str = "com.qins";
+pub use qins::onnx::{QINS_DOMAIN as DOMAIN, QINS_OPSET as OPSET};
 pub const OP: &str = "QinsMatMul";
-pub const OPSET: i64 = 1;
 
 #[derive(Clone, Debug)]
 pub struct RewriteOptions {
@@ -27,6 +26,8 @@ pub struct RewriteOptions {
     pub force: bool,
     /// fsync the output before renaming it into place.
     pub fsync: bool,
+    /// Code the V cache (`--kv-v`, [`crate::kv_v`]): q8 or q4; `None` leaves attention alone.
+    pub kv_v: Option<Format>,
 }
 
 /// Progress callbacks: bytes of input weights handled so far, and the current tensor.
@@ -76,6 +77,15 @@ fn parse_job(loc: &str) -> Option<Job> {
 /// its `float_weight`, or, unmixed, into a float MatMul and a Concat beside it). Returns the
 /// new model; its new tensors are deferred.
 pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Result<ModelProto> {
+    Ok(rewrite_graph_kv(model, plan, opts)?.0)
+}
+
+/// [`rewrite_graph`], with what the V cache pass did.
+pub fn rewrite_graph_kv(
+    model: &Model,
+    plan: &Plan,
+    opts: &RewriteOptions,
+) -> Result<(ModelProto, Option<crate::kv_v::KvVReport>)> {
     let mut proto = model.proto.clone();
     let graph = proto.graph.as_mut().ok_or_else(|| anyhow!("model has no graph"))?;
     let by_node: HashMap<usize, (usize, &Target)> =
@@ -179,7 +189,8 @@ pub fn rewrite_graph(model: &Model, plan: &Plan, opts: &RewriteOptions) -> Resul
     if !proto.opset_import.iter().any(|o| o.domain() == DOMAIN) {
         proto.opset_import.push(OperatorSetIdProto { domain: Some(DOMAIN.into()), version: Some(OPSET) });
     }
-    Ok(proto)
+    let kv = opts.kv_v.map(|f| crate::kv_v::apply(&mut proto, model, f)).transpose()?;
+    Ok((proto, kv))
 }
 
 fn collect_inputs(g: &GraphProto, used: &mut HashSet<String>) {
@@ -206,7 +217,7 @@ pub fn rewrite<'m>(
     // and the files copied beside it: the output may not touch it.
     let out = Inputs::new().with(&model.dir)?.check_output(out, "output")?;
     let t0 = Instant::now();
-    let mut proto = rewrite_graph(model, plan, opts)?;
+    let (mut proto, kv_v) = rewrite_graph_kv(model, plan, opts)?;
     let dir = AtomicDir::create(&out, opts.force)?;
     let onnx_name = model.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or("model.onnx".into());
     let data_name = format!("{onnx_name}.data");
@@ -260,8 +271,9 @@ pub fn rewrite<'m>(
     copy_sidecars(model, dir.path())?;
 
     let layers: Vec<LayerReport> = layers.into_iter().map(|l| l.expect("every target encoded")).collect();
-    let report =
+    let mut report =
         RewriteReport::new(model, opts.format, opts.group, layers, save, input_bytes, t0.elapsed().as_secs_f64());
+    report.kv_v = kv_v;
     write_json_output(&dir.path().join("qins_report.json"), &report)?;
     // Reopen what we wrote: every external reference must resolve before it goes live.
     Model::load(&onnx_path).context("the written model does not reload")?;

@@ -480,6 +480,10 @@ fn read_roundtrip(dir: &Path) -> Option<RoundTrip> {
     let bytes = folder.read_optional("qins_report.json", qins::files::MAX_CONFIG_BYTES).ok()??;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let layers = v["layers"].as_array()?;
+    // No coded weights (a V-cache-only rewrite): nothing to report, not a vacuous pass.
+    if layers.is_empty() {
+        return None;
+    }
     let (mut w, mut bits) = (0.0, 0.0);
     for l in layers {
         let n = l["shape"][0].as_f64()? * l["shape"][1].as_f64()?;

@@ -17,6 +17,7 @@
 
 mod baseline;
 mod encode;
+pub mod kv;
 mod stats;
 
 pub use baseline::{baseline_bits_per_weight, baseline_roundtrip, Baseline};

@@ -5,6 +5,11 @@
 //! is never held in memory. Every external reference is checked against its file when the
 //! model is opened, so a bad model fails with a message, not a crash halfway through.
 
+/// The domain and opset of the QINS ops (docs/FORMAT.md): what the rewrite writes and the
+/// custom-op library registers.
+pub const QINS_DOMAIN: &str = "com.qins";
+pub const QINS_OPSET: i64 = 1;
+
 pub mod build;
 mod save;
 

@@ -343,7 +343,7 @@ fn rewrite_bench(a: Args) -> Result<()> {
         };
         let model = Model::load(&a.model)?;
         let plan = plan::plan(&model, &PlanOptions::default())?;
-        let opts = RewriteOptions { format, group: a.group, force: true, fsync: a.fsync };
+        let opts = RewriteOptions { format, group: a.group, force: true, fsync: a.fsync, kv_v: None };
         let base_anon = rss().0;
         let (stop, peak_anon, peak_rss) =
             (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

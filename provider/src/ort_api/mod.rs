@@ -92,6 +92,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub mod elem {
     pub const FLOAT: i32 = 1;
     pub const UINT8: i32 = 2;
+    pub const INT32: i32 = 6;
     pub const FLOAT16: i32 = 10;
 
     pub fn name(t: i32) -> String {
@@ -132,6 +133,10 @@ impl Elem for f16 {
 
 impl Elem for u8 {
     const ONNX: i32 = elem::UINT8;
+}
+
+impl Elem for i32 {
+    const ONNX: i32 = elem::INT32;
 }
 
 /// Element type and shape of a tensor.
@@ -239,6 +244,18 @@ impl KernelInfo {
             // ORT's words for an absent attribute (OpNodeProtoHelper::GetAttr).
             Err(e) if e.msg.contains("No attribute with name") => Ok(default),
             r => r,
+        }
+    }
+
+    /// An optional float attribute: `default` where the node does not carry it.
+    pub fn attr_f32_or(&self, name: &CStr, default: f32) -> Result<f32> {
+        let mut v = 0f32;
+        // SAFETY: valid info, NUL-terminated name and a live out pointer.
+        let st = unsafe { (self.api.0.KernelInfoGetAttribute_float)(self.ptr, name.as_ptr(), &mut v) };
+        match self.api.check(st, &format!("missing or non-float attribute '{}'", name.to_string_lossy())) {
+            Ok(()) => Ok(v),
+            Err(e) if e.msg.contains("No attribute with name") => Ok(default),
+            Err(e) => Err(Error::invalid(e.msg)),
         }
     }
 
