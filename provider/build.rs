@@ -14,8 +14,12 @@ use std::process::Command;
 /// The kernel files, by op family: `kernels/{family}/{file}.cu` becomes `{file}.fatbin`, which
 /// `src/cuda/module.rs` embeds. Benchmark-only entry points (`QINS_PROBE_KERNELS`) are not
 /// built here: `scripts/gpu/stage.sh` builds them for the probes.
-const KERNELS: [(&str, &str); 3] =
-    [("qins_matmul", "qins_matmul"), ("qins_matmul", "qins_matmul_prefill"), ("qins_matmul", "qins_decode")];
+const KERNELS: [(&str, &str); 4] = [
+    ("qins_matmul", "qins_matmul"),
+    ("qins_matmul", "qins_matmul_prefill"),
+    ("qins_matmul", "qins_decode"),
+    ("qins_attention", "qins_attention"),
+];
 
 fn main() {
     // ONNX Runtime may dlclose a custom-op library when the session options that loaded it go

@@ -20,7 +20,7 @@ fn kv_rewrite(
     let m = Model::load(model).unwrap();
     let popts = match weights {
         Some(_) => PlanOptions::default(),
-        None => PlanOptions { preset: Preset::None, ..Default::default() },
+        None => PlanOptions { preset: Preset::None, allow_empty: true, ..Default::default() },
     };
     let p = plan::plan(&m, &popts).unwrap();
     let opts =
@@ -111,7 +111,7 @@ fn kv_v_with_weight_coding_and_bad_requests() {
     // A model without GroupQueryAttention: a clear error, nothing written.
     let plain = common::scratch("kv-v-nogqa");
     let m = Model::load(&out).unwrap();
-    let p = plan::plan(&m, &PlanOptions { preset: Preset::None, ..Default::default() }).unwrap();
+    let p = plan::plan(&m, &PlanOptions { preset: Preset::None, allow_empty: true, ..Default::default() }).unwrap();
     let opts = RewriteOptions { format: Format::Q8, group: 0, force: true, fsync: false, kv_v: Some(Format::Q8) };
     let e = rewrite::rewrite(&m, &p, &opts, &plain.join("o"), &mut NoProgress).unwrap_err();
     assert!(format!("{e:#}").contains("no GroupQueryAttention"), "{e:#}");

@@ -217,6 +217,14 @@ fn refuses_bad_requests_with_clear_messages_and_writes_nothing() {
     let none = PlanOptions { preset: Preset::None, ..Default::default() };
     let e = plan::plan(&m, &none).unwrap_err().to_string();
     assert!(e.contains("no MatMul node matched"), "{e}");
+    // An empty plan allowed (a V-cache-only rewrite) without --kv-v leaves nothing to do: an
+    // error that writes nothing.
+    let p = plan::plan(&m, &PlanOptions { allow_empty: true, ..none }).unwrap();
+    assert!(p.targets.is_empty());
+    let out = scratch("refuse-nothing").join("o");
+    let e = rewrite::rewrite(&m, &p, &opts(Format::Q8, 0), &out, &mut NoProgress).unwrap_err().to_string();
+    assert!(e.contains("nothing to rewrite"), "{e}");
+    assert!(!out.exists());
     // An already quantized model.
     let base = scratch("refuse");
     let q = base.join("q8");

@@ -585,6 +585,19 @@ impl FoldedModel {
     }
 }
 
+impl Cache {
+    /// Cache value `i` of `[k0, v0, k1, v1, ...]` as f32 with its shape (float caches on the
+    /// host only): for measuring what a cache holds.
+    pub fn float_value(&self, i: usize) -> Result<(Vec<i64>, Vec<f32>)> {
+        let v = self.values.get(i).ok_or_else(|| anyhow!("no cache value {i}"))?;
+        if let Ok((shape, d)) = v.try_extract_tensor::<f32>() {
+            return Ok((shape.to_vec(), d.to_vec()));
+        }
+        let (shape, d) = v.try_extract_tensor::<f16>()?;
+        Ok((shape.to_vec(), d.iter().map(|x| x.to_f32()).collect()))
+    }
+}
+
 /// Element type and shape of one cache input, `[batch, kv_heads, seq, last]`.
 #[derive(Clone, Copy, Debug)]
 struct CacheSpec {

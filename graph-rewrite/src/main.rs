@@ -199,6 +199,7 @@ impl Select {
             qkv_split: self.qkv_split,
             fuse_mlp: !self.no_fuse_mlp,
             fuse_qkv: !self.no_fuse_qkv,
+            allow_empty: false,
         }
     }
 }
@@ -328,10 +329,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Rewrite { model, out, bits, group, kv_v, select, dry_run, force, fsync, report, quiet } => {
             let m = Model::load(&model)?;
-            let p = plan::plan(&m, &select.options())?;
-            if p.targets.is_empty() && kv_v.0.is_none() {
-                bail!("nothing to rewrite: --preset none takes no weight; add --include patterns or --kv-v q8|q4");
-            }
+            // With --kv-v the V cache alone is a rewrite; without it a plan must take a weight.
+            let p = plan::plan(&m, &PlanOptions { allow_empty: kv_v.0.is_some(), ..select.options() })?;
             let opts = RewriteOptions { format: bits, group, force, fsync, kv_v: kv_v.0 };
             if dry_run {
                 return print_dry_run(&m, &p, &opts);

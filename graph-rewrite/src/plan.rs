@@ -99,6 +99,8 @@ pub struct PlanOptions {
     /// Keep the float Q/K columns of a split qkv in the same QinsMatMul (its `float_weight`
     /// input) instead of a float MatMul and a Concat beside it.
     pub fuse_qkv: bool,
+    /// An empty plan is not an error (a rewrite that codes the V cache alone, `--kv-v`).
+    pub allow_empty: bool,
 }
 
 impl Default for PlanOptions {
@@ -110,6 +112,7 @@ impl Default for PlanOptions {
             qkv_split: None,
             fuse_mlp: true,
             fuse_qkv: true,
+            allow_empty: false,
         }
     }
 }
@@ -361,10 +364,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<Plan> {
         }
         candidates.push(cand);
     }
-    // `--preset none` with no --include asks for no weight at all (a V-cache-only rewrite);
-    // the caller decides whether that leaves anything to do.
-    let asked_none = opts.preset == Preset::None && opts.include.is_empty();
-    if targets.is_empty() && !asked_none {
+    if targets.is_empty() && !opts.allow_empty {
         let ops: HashMap<&str, usize> = graph.node.iter().fold(HashMap::new(), |mut m, n| {
             *m.entry(n.op_type()).or_default() += 1;
             m

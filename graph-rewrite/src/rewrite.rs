@@ -215,6 +215,9 @@ pub fn rewrite<'m>(
 ) -> Result<RewriteReport> {
     // The model folder holds everything the model references (Model::load sees to that)
     // and the files copied beside it: the output may not touch it.
+    if plan.targets.is_empty() && opts.kv_v.is_none() {
+        bail!("nothing to rewrite: the plan takes no weight and no V cache format was asked for (--kv-v)");
+    }
     let out = Inputs::new().with(&model.dir)?.check_output(out, "output")?;
     let t0 = Instant::now();
     let (mut proto, kv_v) = rewrite_graph_kv(model, plan, opts)?;

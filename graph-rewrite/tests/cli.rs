@@ -228,7 +228,17 @@ fn bad_arguments_are_clean_errors() {
     fails(qins().args(["parity", "--windows", "0", "--text", "x"]).arg(&input).arg(&input), "--windows");
     // Grew memory without end.
     fails(qins().args(["parity", "--threads", "100000", "--text", "x"]).arg(&input).arg(&input), "4 per core");
+    fails(qins().args(["rewrite", "-q", "--kv-v", "q6", "-o"]).arg(&out).arg(&input), "q8, q4 or none");
     assert!(!out.exists());
+    // --preset none with a V cache format is a rewrite of its own (the attention alone).
+    let ok = qins()
+        .args(["rewrite", "-q", "--preset", "none", "--kv-v", "q8", "-o"])
+        .arg(&out)
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.join("qins_report.json").is_file());
 }
 
 /// When every MatMul is passed over, the error says why.

@@ -50,6 +50,7 @@ mod contract {
             inputs: IO,
             required_inputs: 1,
             outputs: IO,
+            host_inputs: &[],
             since_version: 1,
             end_version: 1,
             create,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), in the repository root, after the ORT GPU parts were
 # staged (../shared/tools/stage-ort-gpu.sh) and with .gpuart/ carried (scripts/gpu/stage.sh):
-#   bash scripts/gpu/run.sh check|sanitize|bench|all
+#   bash scripts/gpu/run.sh check|sanitize|bench|all|check-attention|sanitize-attention|bench-attention
 # Writes logs and JSON under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -57,6 +57,18 @@ for step in "$@"; do
           python3 scripts/gpu/bench_decode.py .gpuart /tmp/decode-quick.json --quick > /tmp/s.log 2>&1; r=$?; cat /tmp/s.log >> "$OUT/sanitize.log"
         echo "$tool (bench_decode.py --quick): rc $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1)"
       done ;;
+    # QinsGroupQueryAttention: the CUDA kernels against the CPU kernel (every case of the sweep),
+    # under compute-sanitizer (the quick sweep), and decode attention against ORT's
+    # GroupQueryAttention with fp16 and int8 caches.
+    check-attention) python3 scripts/gpu/check_attention.py "$LIB" --device cuda --json "$OUT/check_attention.json" 2>&1 | grep -v "^ok \|plugin EP" | tail -20 ;;
+    sanitize-attention)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --kernel-name kns=qins_attn --print-limit 20 --error-exitcode 3 \
+          python3 scripts/gpu/check_attention.py "$LIB" --device cuda --quick --json /tmp/ca.json > /tmp/s.log 2>&1; r=$?
+        cat /tmp/s.log >> "$OUT/sanitize_attention.log"
+        echo "$tool (check_attention.py --quick): rc $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/s.log | tail -1) $(grep -E 'passed' /tmp/s.log | tail -1)"
+      done ;;
+    bench-attention) python3 scripts/gpu/bench_attention.py "$LIB" --json "$OUT/bench_attention.json" 2>&1 | grep -v "plugin EP" | tail -40 ;;
     bench-swiglu) python3 scripts/gpu/bench_swiglu.py "$LIB" "$OUT/bench_swiglu.json" 2>&1 | grep -v "plugin EP" | tail -12 ;;
     probe-mix) python3 scripts/gpu/probe_mix.py .gpuart "$OUT/probe_mix.json" 2>&1 | tail -30 ;;
     bench-qkv) python3 scripts/gpu/bench_qkv.py "$LIB" "$OUT/bench_qkv.json" 2>&1 | grep -v "plugin EP" | tail -12 ;;

@@ -86,7 +86,7 @@ pub fn rewrite(
 pub fn rewrite_kv_v(model: &Path, out: &Path, v: qins::codec::Format) -> qins_graph_rewrite::report::RewriteReport {
     use qins_graph_rewrite::{plan, rewrite, Model, NoProgress, PlanOptions, Preset, RewriteOptions};
     let m = Model::load(model).unwrap();
-    let p = plan::plan(&m, &PlanOptions { preset: Preset::None, ..Default::default() }).unwrap();
+    let p = plan::plan(&m, &PlanOptions { preset: Preset::None, allow_empty: true, ..Default::default() }).unwrap();
     let opts = RewriteOptions { format: qins::codec::Format::Q8, group: 0, force: true, fsync: false, kv_v: Some(v) };
     rewrite::rewrite(&m, &p, &opts, out, &mut NoProgress).unwrap()
 }

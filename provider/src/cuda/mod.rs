@@ -9,11 +9,12 @@
 //! - [`module`]: the embedded images, loaded lazily once per CUDA context, and launching;
 //! - [`tuning`]: the knobs benchmarks turn (`QINS_CUDA_*`), parsed once, strictly;
 //! - [`driver`], [`cublas`]: the driver and cuBLAS, opened with dlopen;
-//! - one folder per op family ([`qins_matmul`]), whose `ops()` gives its registrations.
+//! - one folder per op family ([`qins_matmul`], [`qins_attention`]), whose `ops()` gives its registrations.
 
 pub mod cublas;
 pub mod driver;
 pub mod module;
+pub mod qins_attention;
 pub mod qins_matmul;
 pub mod tuning;
 
@@ -25,5 +26,9 @@ pub(crate) fn register() -> Vec<OpSpec> {
     if !module::built_with_kernels() {
         return Vec::new();
     }
+    // QinsGroupQueryAttention's CUDA kernels are built and embedded, but not registered until
+    // scripts/gpu/check_attention.py has passed on a GPU (none was lent when they were
+    // written). Until then ORT runs those nodes with the CPU kernel (a copy of the inputs
+    // to the host and back), which is correct, only slower.
     qins_matmul::ops()
 }

@@ -25,12 +25,16 @@ pub(crate) mod images {
     pub const QINS_MATMUL_PREFILL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_matmul_prefill.fatbin"));
     #[cfg(qins_cuda_kernels)]
     pub const QINS_DECODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_decode.fatbin"));
+    #[cfg(qins_cuda_kernels)]
+    pub const QINS_ATTENTION: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qins_attention.fatbin"));
     #[cfg(not(qins_cuda_kernels))]
     pub const QINS_MATMUL: &[u8] = &[];
     #[cfg(not(qins_cuda_kernels))]
     pub const QINS_MATMUL_PREFILL: &[u8] = &[];
     #[cfg(not(qins_cuda_kernels))]
     pub const QINS_DECODE: &[u8] = &[];
+    #[cfg(not(qins_cuda_kernels))]
+    pub const QINS_ATTENTION: &[u8] = &[];
 }
 
 /// Whether this build carries CUDA kernels (nvcc was found when it was compiled).
@@ -52,6 +56,7 @@ pub enum Image {
     Matmul,
     MatmulPrefill,
     Decode,
+    Attention,
 }
 
 impl Image {
@@ -60,6 +65,7 @@ impl Image {
             Image::Matmul => images::QINS_MATMUL,
             Image::MatmulPrefill => images::QINS_MATMUL_PREFILL,
             Image::Decode => images::QINS_DECODE,
+            Image::Attention => images::QINS_ATTENTION,
         }
     }
 }
@@ -182,7 +188,7 @@ pub fn modules_for(device_ptr: *const c_void) -> Result<Arc<Loaded>> {
 
 fn load_all(d: &Driver, _ctx: CuContext, device: i32) -> Result<Loaded> {
     let mut modules = HashMap::new();
-    for image in [Image::Matmul, Image::MatmulPrefill, Image::Decode] {
+    for image in [Image::Matmul, Image::MatmulPrefill, Image::Decode, Image::Attention] {
         let m = d.load_module(image.bytes())?;
         for (sym, format) in [(c"qins_lut8", Format::Q8), (c"qins_lut6", Format::Q6), (c"qins_lut4", Format::Q4)] {
             // SAFETY: `m` was just loaded in the current context.
@@ -234,6 +240,9 @@ impl Args {
     pub fn i64(mut self, v: i64) -> Args {
         self.values.push(v.to_ne_bytes());
         self
+    }
+    pub fn f32(self, v: f32) -> Args {
+        self.i32(v.to_bits() as i32)
     }
     pub fn i32(mut self, v: i32) -> Args {
         let mut b = [0u8; 8];

@@ -360,13 +360,15 @@ impl Dims {
                 Ok((0, total_b))
             }
             Step::Continue => {
-                if total_b < self.seq || total_b > self.present || total_b - self.seq > self.past {
+                // total_sequence_length is the longest sequence's length: no sequence is longer
+                // (a shared buffer would otherwise let a bad seqlens_k reach past it).
+                if total_b < self.seq || total_b > self.total.min(self.present) || total_b - self.seq > self.past {
                     return bad(format!(
                         "{} new tokens after {} cached ones need it in [{}, {}]",
                         self.seq,
                         self.past,
                         self.seq - 1,
-                        (self.past + self.seq).min(self.present) - 1
+                        (self.past + self.seq).min(self.present).min(self.total) - 1
                     ));
                 }
                 Ok((total_b - self.seq, total_b))
@@ -503,6 +505,9 @@ pub(crate) fn registrations(
         inputs,
         required_inputs: 1,
         outputs,
+        // total_sequence_length sizes the present outputs: read on the host, as
+        // GroupQueryAttention's CUDA kernel reads it.
+        host_inputs: &[6],
         since_version: OPSET,
         end_version: OPSET,
         create,

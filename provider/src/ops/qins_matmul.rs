@@ -283,6 +283,7 @@ pub(crate) fn registrations(
         inputs: io,
         required_inputs: REQUIRED_INPUTS,
         outputs: &io[..1],
+        host_inputs: &[],
         since_version: OPSET,
         end_version: OPSET,
         create,

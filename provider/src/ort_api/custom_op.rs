@@ -32,6 +32,9 @@ pub(crate) struct OpSpec {
     /// Inputs past this many are optional.
     pub required_inputs: usize,
     pub outputs: &'static [ONNXTensorElementDataType],
+    /// Inputs the kernel reads on the host even on a GPU execution provider (ORT copies them
+    /// there: `OrtMemTypeCPUInput`), such as a length that sizes the outputs.
+    pub host_inputs: &'static [usize],
     pub since_version: c_int,
     pub end_version: c_int,
     pub create: fn(&KernelInfo) -> Result<Box<dyn Kernel>>,
@@ -154,8 +157,12 @@ unsafe extern "system" fn get_output_characteristic(
     OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
 }
 
-unsafe extern "system" fn get_input_memory_type(_: *const OrtCustomOp, _: usize) -> OrtMemType {
-    OrtMemType::OrtMemTypeDefault
+unsafe extern "system" fn get_input_memory_type(op: *const OrtCustomOp, index: usize) -> OrtMemType {
+    // SAFETY: as above.
+    match unsafe { spec(op) } {
+        Some(s) if s.host_inputs.contains(&index) => OrtMemType::OrtMemTypeCPUInput,
+        _ => OrtMemType::OrtMemTypeDefault,
+    }
 }
 
 unsafe extern "system" fn variadic_min_arity(_: *const OrtCustomOp) -> c_int {

@@ -41,6 +41,8 @@ pub trait Float: Elem {
     fn round(v: f32) -> f32 {
         Self::from_f32(v).to_f32()
     }
+    /// The slice itself where it already is f32 (no copy needed).
+    fn as_f32(x: &[Self]) -> Option<&[f32]>;
 }
 
 impl Float for f32 {
@@ -50,6 +52,9 @@ impl Float for f32 {
     fn from_f32(v: f32) -> f32 {
         v
     }
+    fn as_f32(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
 }
 
 impl Float for f16 {
@@ -58,6 +63,9 @@ impl Float for f16 {
     }
     fn from_f32(v: f32) -> f16 {
         f16::from_f32(v)
+    }
+    fn as_f32(_: &[f16]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -281,7 +289,14 @@ impl<E: Float> Ctx<'_, E> {
         let per_group = h / kvh;
         let keys_needed = rows.clone().map(|s| self.key_range(b, s).end).max().unwrap_or(0);
         // The group's K rows in f32 and its V rows decoded, once for all its heads.
-        let k32: Vec<f32> = keys[..keys_needed * hd].iter().map(|k| k.to_f32()).collect();
+        let widened: Vec<f32>;
+        let k32: &[f32] = match E::as_f32(&keys[..keys_needed * hd]) {
+            Some(k) => k,
+            None => {
+                widened = keys[..keys_needed * hd].iter().map(|k| k.to_f32()).collect();
+                &widened
+            }
+        };
         let mut v32 = vec![0f32; keys_needed * hd];
         for (j, out) in v32.chunks_exact_mut(hd).enumerate() {
             decode_v_row(self.node.v_format, &values[j * rb..][..rb], out);
