@@ -16,7 +16,7 @@ cd "$root"
 secs=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
 shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(onnx_model gguf rewrite_plan op_inputs)
+[ ${#targets[@]} -gt 0 ] || targets=(onnx_model gguf rewrite_plan op_inputs attention_inputs)
 [ -f .deps/env.sh ] && source .deps/env.sh
 fuzz_root=$root/.deps/cargo-fuzz
 if ! "$fuzz_root/bin/cargo-fuzz" --version >/dev/null 2>&1; then

@@ -18,5 +18,5 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 # A short, repeatable coverage-guided run of every fuzz target (libFuzzer, fixed seed and
 # counts, about 15 s each); `cargo test` above already replayed their seeds and a seeded
 # mutation of them. The long runs are in docs/RELIABILITY.md.
-FUZZ_SEED=1 scripts/fuzz.sh 0 op_inputs=300000 gguf=40000 onnx_model=80000 rewrite_plan=15000
+FUZZ_SEED=1 scripts/fuzz.sh 0 op_inputs=300000 gguf=40000 onnx_model=80000 rewrite_plan=15000 attention_inputs=200000
 echo "all tests passed"

@@ -643,5 +643,17 @@ fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) -> Result<()>
         total as f64 / 1e6,
         (total + after - before) as f64 / 1e6
     );
+    if let Some(v) = opts.kv_v {
+        // The same pass the rewrite makes, on a copy of the graph: its checks and its sizes.
+        let mut proto = m.proto.clone();
+        let k = qins_graph_rewrite::kv_v::apply(&mut proto, m, v)?;
+        out!(
+            "dry run: V cache {}: {} GroupQueryAttention -> QinsGroupQueryAttention, K+V cache {} -> {} bytes per token",
+            k.format,
+            k.nodes,
+            k.kv_bytes_per_token_before,
+            k.kv_bytes_per_token_after
+        );
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! | [`gguf`] | a GGUF file | the reader, `LlamaConfig`, tokenizer, graph, every initializer |
 //! | [`rewrite_plan`] | a recipe for a graph (see [`graph_from`]) | `plan`, then the whole rewrite and a reload of its output |
 //! | [`op_inputs`] | attributes and input shapes | the op contract, then the CPU kernel on what it accepts |
+//! | [`attention_inputs`] | attributes, shapes and lengths | the attention op's contract, then its CPU kernel |
 
 pub mod seeds;
 mod unstructured;
@@ -378,5 +379,126 @@ pub fn op_inputs(data: &[u8]) -> Reached {
         qins_matmul_f32_with(&opts, &Sequential, &a_vals, m, &w, &mut y)
     };
     r.expect("a kernel refused what the contract accepted");
+    Reached::End
+}
+
+/// The attention op: attributes, input shapes, `total_sequence_length` and `seqlens_k` from
+/// the bytes; the contract ([`qins_provider::ops::qins_attention::Node`]), then, on what it
+/// accepts (small sizes), the CPU kernel with every `seqlens_k` the input gives. A bad length
+/// must be an error, never a panic or an out-of-bounds write; a good one must run.
+pub fn attention_inputs(data: &[u8]) -> Reached {
+    use qins_provider::cpu::parallel::Sequential;
+    use qins_provider::cpu::qins_attention::{attention, Buffers};
+    use qins_provider::ops::qins_attention::{Act, Infos, Node};
+    use qins_provider::ort_api::{elem, Error, TensorInfo};
+    let mut u = Unstructured::new(data);
+    let small = |u: &mut Unstructured| u.int(0, 40) as i64 - 2;
+    let attr = |u: &mut Unstructured| if u.ratio(1, 10) { u.i64() } else { small(u) };
+    let heads = [1i64, 2, 3, 4, 6][u.int(0, 4)];
+    let kv = [1i64, 2, 3][u.int(0, 2)];
+    let ints: Vec<(&str, i64)> = vec![
+        ("num_heads", if u.ratio(1, 8) { attr(&mut u) } else { heads }),
+        ("kv_num_heads", if u.ratio(1, 8) { attr(&mut u) } else { kv }),
+        ("v_bits", if u.ratio(1, 8) { attr(&mut u) } else { [8, 4][u.int(0, 1)] }),
+        ("do_rotary", if u.ratio(1, 8) { attr(&mut u) } else { u.int(0, 1) as i64 }),
+        ("rotary_interleaved", u.int(0, 1) as i64),
+        ("local_window_size", if u.ratio(1, 4) { attr(&mut u) } else { -1 }),
+    ];
+    let softcap = if u.ratio(1, 4) { u.int(0, 50) as f32 - 2.0 } else { 0.0 };
+    let find = |a: &std::ffi::CStr| ints.iter().find(|(n, _)| n.as_bytes() == a.to_bytes()).map(|(_, v)| *v);
+    let node = Node::from_attrs(
+        "fuzz".into(),
+        Act::F32,
+        |a| find(a).ok_or_else(|| Error::invalid("missing")),
+        |a, d| Ok(find(a).unwrap_or(d)),
+        |a, d| Ok(if a.to_bytes() == b"softcap" { softcap } else { d }),
+    );
+    let Ok(node) = node else { return Reached::Nothing };
+    let (h, kvh) = (node.heads as i64, node.kv_heads as i64);
+    let hd = [8i64, 16, 24][u.int(0, 2)];
+    let rb = hd * node.v_format.bits() as i64 / 8 + 4;
+    let batch = u.int(0, 3) as i64;
+    let seq = u.int(0, 9) as i64;
+    let past = [0i64, 1, 3, 8, 16][u.int(0, 4)];
+    let packed = u.ratio(3, 4);
+    let perturb = |u: &mut Unstructured, v: Vec<i64>| -> Vec<i64> {
+        if u.ratio(1, 12) {
+            v.iter().map(|&d| if u.ratio(1, 3) { attr(u) } else { d }).collect()
+        } else {
+            v
+        }
+    };
+    let f = elem::FLOAT;
+    let ti = |e: i32, s: Vec<i64>| TensorInfo { elem: e, shape: s };
+    let width = if packed { (h + 2 * kvh) * hd } else { h * hd };
+    let query = ti(f, perturb(&mut u, vec![batch, seq, width]));
+    let kvi = ti(f, perturb(&mut u, vec![batch, seq, kvh * hd]));
+    let has_past = u.ratio(3, 4);
+    let pk = ti(f, perturb(&mut u, vec![batch, kvh, past, hd]));
+    let pv = ti(if u.ratio(1, 16) { f } else { elem::UINT8 }, perturb(&mut u, vec![batch, kvh, past, rb]));
+    let sk = ti(elem::INT32, perturb(&mut u, vec![batch]));
+    let tot = ti(elem::INT32, vec![1]);
+    let rot_rows = [0i64, 4, 32, 64][u.int(0, 3)];
+    let cos = ti(f, perturb(&mut u, vec![rot_rows, hd / 2]));
+    let total =
+        if u.ratio(1, 6) { attr(&mut u) as i32 } else { (past + seq) as i32 - u.int(0, 1) as i32 * past as i32 };
+    let infos = Infos {
+        query: &query,
+        key: (!packed).then_some(&kvi),
+        value: (!packed).then_some(&kvi),
+        past_key: has_past.then_some(&pk),
+        past_value: has_past.then_some(&pv),
+        seqlens_k: &sk,
+        total: &tot,
+        cos: (node.rotary.is_some() || u.ratio(1, 8)).then_some(&cos),
+        sin: (node.rotary.is_some() || u.ratio(1, 8)).then_some(&cos),
+    };
+    let Ok(dims) = node.check(&infos, total) else { return Reached::Parsed };
+    let numel = |t: &TensorInfo| t.numel().unwrap_or(usize::MAX);
+    if numel(&query) > 1 << 14 || dims.present > 64 || dims.batch > 3 || dims.rotary_positions > 4096 {
+        return Reached::Parsed;
+    }
+    // Buffers as the checked shapes say; seqlens_k from the input, anything.
+    let seqlens: Vec<i32> = (0..dims.batch)
+        .map(|_| if u.ratio(1, 4) { u.i64() as i32 } else { dims.total as i32 - 1 - u.int(0, 2) as i32 })
+        .collect();
+    let vals = |n: usize, k: usize| -> Vec<f32> { (0..n).map(|i| ((i * 31 + k) % 17) as f32 / 8.0 - 1.0).collect() };
+    let q = vals(numel(&query), 1);
+    let kv_in = vals(if packed { 0 } else { numel(&kvi) }, 2);
+    let past_k = vals(if has_past { numel(&pk) } else { 0 }, 3);
+    let mut past_v = vec![0u8; if has_past { numel(&pv) } else { 0 }];
+    for row in past_v.chunks_exact_mut(dims.row_bytes) {
+        qins::codec::kv::encode_v_row(node.v_format, &vals(dims.head_dim, row.len()), row);
+    }
+    let rot = vals(if infos.cos.is_some() { numel(&cos) } else { 0 }, 4);
+    let groups = dims.batch * node.kv_heads;
+    let mut out = vec![0f32; dims.batch * dims.seq * node.heads * dims.head_dim];
+    let mut present_k = vec![0f32; groups * dims.present * dims.head_dim];
+    let mut present_v = vec![0u8; groups * dims.present * dims.row_bytes];
+    let r = attention(
+        &node,
+        &dims,
+        Buffers {
+            query: &q,
+            key: (!packed).then_some(&kv_in[..]),
+            value: (!packed).then_some(&kv_in[..]),
+            past_key: has_past.then_some(&past_k[..]),
+            past_value: has_past.then_some(&past_v[..]),
+            seqlens_k: &seqlens,
+            cos: &rot,
+            sin: &rot,
+            output: &mut out,
+            present_key: &mut present_k,
+            present_value: &mut present_v,
+        },
+        &Sequential,
+    );
+    // Lengths every sequence can have, with rotary caches long enough: it must run.
+    let valid = seqlens.iter().enumerate().all(|(b, &s)| dims.lengths(b, s).is_ok())
+        && (node.rotary.is_none() || dims.present.max(dims.total) <= dims.rotary_positions);
+    if valid {
+        r.expect("the kernel refused lengths the contract accepts");
+        assert!(out.iter().all(|x| x.is_finite()), "non-finite output from finite inputs");
+    }
     Reached::End
 }

@@ -8,7 +8,7 @@ use qins::onnx::dtype;
 use qins::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto};
 
 /// The fuzz targets by name.
-pub const TARGETS: [&str; 4] = ["onnx_model", "gguf", "rewrite_plan", "op_inputs"];
+pub const TARGETS: [&str; 5] = ["onnx_model", "gguf", "rewrite_plan", "op_inputs", "attention_inputs"];
 
 /// The seeds of one target (of [`TARGETS`]).
 pub fn of(target: &str) -> Vec<Vec<u8>> {
@@ -17,6 +17,7 @@ pub fn of(target: &str) -> Vec<Vec<u8>> {
         "gguf" => vec![gguf_seed(1), gguf_seed(2)],
         "rewrite_plan" => search(crate::rewrite_plan, 6),
         "op_inputs" => search(crate::op_inputs, 6),
+        "attention_inputs" => search(crate::attention_inputs, 6),
         _ => panic!("no fuzz target '{target}'"),
     }
 }

@@ -141,6 +141,11 @@ fn rewrite_plan() {
 }
 
 #[test]
+fn attention_inputs() {
+    assert_deep("attention_inputs", replay("attention_inputs", qins_fuzz::attention_inputs, 20000), 5);
+}
+
+#[test]
 fn op_inputs() {
     assert_deep("op_inputs", replay("op_inputs", qins_fuzz::op_inputs, 20000), 5);
 }

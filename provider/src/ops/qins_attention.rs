@@ -355,7 +355,11 @@ impl Dims {
         match self.step {
             Step::FirstPrompt => {
                 if !(1..=self.seq).contains(&total_b) {
-                    return bad(format!("a first prompt of {} tokens needs it in [0, {}]", self.seq, self.seq - 1));
+                    return bad(format!(
+                        "a first prompt of {} tokens needs it in [0, {}]",
+                        self.seq,
+                        self.seq as i64 - 1
+                    ));
                 }
                 Ok((0, total_b))
             }
@@ -367,8 +371,8 @@ impl Dims {
                         "{} new tokens after {} cached ones need it in [{}, {}]",
                         self.seq,
                         self.past,
-                        self.seq - 1,
-                        (self.past + self.seq).min(self.present).min(self.total) - 1
+                        self.seq as i64 - 1,
+                        (self.past + self.seq).min(self.present).min(self.total) as i64 - 1
                     ));
                 }
                 Ok((total_b - self.seq, total_b))

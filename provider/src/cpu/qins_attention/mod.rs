@@ -25,7 +25,7 @@ use qins::codec::kv::{decode_v_row, encode_v_row};
 use qins::isa::Isa;
 
 use crate::cpu::parallel::ParallelFor;
-use crate::ops::qins_attention::{registrations, Act, Dims, Node, Rotary, Run, Step};
+use crate::ops::qins_attention::{registrations, Act, Dims, Node, Rotary, Run};
 use crate::ort_api::custom_op::{Kernel, OpSpec, CPU_EP};
 use crate::ort_api::{Elem, Error, KernelInfo, Result};
 
@@ -115,6 +115,15 @@ pub fn attention<E: Float>(node: &Node, dims: &Dims, buf: Buffers<E>, pool: &dyn
     want("cos_cache", buf.cos.len(), dims.rotary_positions * dims.rotary_dim / 2)?;
     want("sin_cache", buf.sin.len(), dims.rotary_positions * dims.rotary_dim / 2)?;
 
+    if batch == 0 || seq == 0 || present == 0 {
+        // No new token: a separate present holds no rows of its own (a first prompt of no
+        // tokens starts from an empty cache), a shared one stays as it is.
+        if buf.past_key.is_some() {
+            buf.present_key.fill(E::from_f32(0.0));
+            buf.present_value.fill(0);
+        }
+        return Ok(());
+    }
     let lens: Vec<(usize, usize)> =
         buf.seqlens_k.iter().enumerate().map(|(b, &s)| dims.lengths(b, s)).collect::<Result<_>>()?;
     if node.rotary.is_some() {
@@ -455,8 +464,5 @@ fn run_typed<E: Float>(node: &Node, run: Run, ctx: &crate::ort_api::KernelCtx) -
         present_key: present_key.host()?.into_slice_mut()?,
         present_value: present_value.host()?.into_slice_mut()?,
     };
-    if dims.step == Step::FirstPrompt && dims.seq == 0 {
-        return Ok(());
-    }
     attention(node, &dims, buf, ctx)
 }
