@@ -7,7 +7,10 @@
 //!
 //! Ops (domain `com.qins`, opset 1, see `docs/FORMAT.md`):
 //! - `QinsMatMul`, `A`/`Y` float32 or float16, on the CPU execution provider and (in builds
-//!   made where nvcc was found, see [`cuda`]) on the CUDA execution provider.
+//!   made where nvcc was found, see [`cuda`]) on the CUDA execution provider;
+//! - `QinsGroupQueryAttention`, GroupQueryAttention over a QINS-coded V cache, float32 or
+//!   float16, on the CPU execution provider (its CUDA kernels are built but not registered
+//!   until they pass the GPU checks: [`cuda`]'s `register`).
 //!
 //! Inside ONNX Runtime the kernels run their parallel loops on the session's intra-op thread
 //! pool (`KernelContext_ParallelFor`), so `intra_op_num_threads` bounds them like any other
