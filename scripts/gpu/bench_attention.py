@@ -46,6 +46,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_bandwidth as common_copy_bandwidth, ort_session, rope_tables  # noqa: E402
+
 ap = argparse.ArgumentParser()
 ap.add_argument("lib")
 ap.add_argument("--json")
@@ -73,12 +76,6 @@ def bytes_read(variant, b, kvh, d, ctx):
     return b * kvh * ctx * per
 
 
-def rope_tables(max_pos, d):
-    inv = 10000.0 ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-    f = np.arange(max_pos, dtype=np.float64)[:, None] * inv[None, :]
-    return np.cos(f).astype(np.float16), np.sin(f).astype(np.float16)
-
-
 def build(variant, h, kvh, d, ctx):
     """The single-node model of one variant. Shapes are symbolic: the same model would serve
     any batch and buffer length; ctx only sizes the rotary caches (ctx + 1 positions)."""
@@ -98,7 +95,7 @@ def build(variant, h, kvh, d, ctx):
         helper.make_tensor_value_info("present_key", key_t, ["B", kvh, "P", d]),
         helper.make_tensor_value_info("present_value", cache_t, ["B", kvh, "P", v_last]),
     ]
-    cos, sin = rope_tables(ctx + 1, d)
+    cos, sin = rope_tables(ctx + 1, d, np.float16)
     inits = [numpy_helper.from_array(cos, "cos_cache"), numpy_helper.from_array(sin, "sin_cache")]
     ins = ["query", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
     attrs = dict(num_heads=h, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0)
@@ -120,17 +117,7 @@ def build(variant, h, kvh, d, ctx):
 
 
 def session(m, device):
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(LIB)
-    so.log_severity_level = 3
-    if device == "cuda":
-        # A node the CUDA EP does not take must fail here, not run on the CPU unnoticed.
-        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        prov = [("CUDAExecutionProvider", {"device_id": 0})]
-    else:
-        prov = ["CPUExecutionProvider"]
-    src = m if isinstance(m, str) else m.SerializeToString()
-    return ort.InferenceSession(src, so, providers=prov)
+    return ort_session(LIB, m, device)
 
 
 def caches(rng, variant, b, kvh, d, positions):
@@ -208,28 +195,14 @@ def time_variant(sess, device, rng, variant, b, h, kvh, d, ctx, warmup=WARMUP, b
 
 
 def copy_bandwidth():
-    """Bytes per second of a 1 GiB device-to-device copy (read + write), or None without torch."""
+    """common.copy_bandwidth, or None without torch and a GPU (then no percentage)."""
     try:
         import torch
         if not torch.cuda.is_available():
             return None
-    except Exception:  # noqa: BLE001 (no torch: no percentage)
+    except Exception:  # noqa: BLE001
         return None
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    ts = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    del x, y
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / statistics.median(ts)
+    return common_copy_bandwidth()
 
 
 def device_name():

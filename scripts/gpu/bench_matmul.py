@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import qins_model, random_weight  # noqa: E402
+from common import copy_bandwidth, qins_model, random_weight  # noqa: E402
 
 LIB, OUT = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
@@ -32,23 +32,6 @@ SHAPES = [(3072, 3072), (3072, 8192), (8192, 3072)]
 MS = [1, 4, 16, 128, 512, 2048]
 REPS = 30
 TARGET_BYTES = 256e6
-
-
-def copy_bandwidth():
-    import torch
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    ts = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); y.copy_(x); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    t = statistics.median(ts)
-    del x, y
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / t
 
 
 def fp16_model(k, n, count):

@@ -51,6 +51,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import lut, ort_session, rope_tables  # noqa: E402
+
 ap = argparse.ArgumentParser()
 ap.add_argument("lib")
 ap.add_argument("--json")
@@ -78,14 +81,6 @@ INPUTS = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total
 
 # ---------------------------------------------------------------------------------------------
 # The codec (docs/FORMAT.md), from its formula: not the library's code.
-
-def lut(bits):
-    mm = 1 << (bits - 1)
-    m = np.arange(mm, dtype=np.float64)
-    z = 1 - m * (0.5 / (mm - 1))
-    u = (1 - z) / z
-    return np.concatenate([u, -u]).astype(np.float32)  # code = sign << (bits - 1) | m
-
 
 LUT = {8: lut(8), 4: lut(4)}
 
@@ -154,19 +149,7 @@ def model(c):
 
 
 def session(m, device):
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(LIB)
-    so.log_severity_level = 3
-    if device == "cuda":
-        # Without this ORT quietly runs a node the CUDA EP does not take on the CPU.
-        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        prov = ["CUDAExecutionProvider"]
-    else:
-        prov = ["CPUExecutionProvider"]
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=prov)
-    if device == "cuda" and "CUDAExecutionProvider" not in s.get_providers():
-        raise RuntimeError(f"CUDAExecutionProvider not in the session's providers {s.get_providers()}")
-    return s
+    return ort_session(LIB, m, device)
 
 
 def ort_device(device):
@@ -209,12 +192,6 @@ def run(sess, device, feeds, out_shapes, shared=None):
 
 # ---------------------------------------------------------------------------------------------
 # Test data.
-
-def rope_tables(max_pos, rot_dim, dt):
-    inv = 10000.0 ** (-np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
-    f = np.arange(max_pos, dtype=np.float64)[:, None] * inv[None, :]
-    return np.cos(f).astype(dt), np.sin(f).astype(dt)
-
 
 _encoders = {}
 

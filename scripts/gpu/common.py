@@ -232,3 +232,48 @@ def time_pair(make_model, bind, kinds, L, reps=30):
         outs.append(keep[1].numpy().astype(np.float64))
     nmse = float(((outs[0] - outs[1]) ** 2).sum() / max((outs[0] ** 2).sum(), 1e-30))
     return res, nmse
+
+
+def rope_tables(max_pos, rot_dim, dt):
+    """The rotary caches `[max_pos, rot_dim / 2]` (base 10000) as GroupQueryAttention takes them."""
+    inv = 10000.0 ** (-np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
+    f = np.arange(max_pos, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(f).astype(dt), np.sin(f).astype(dt)
+
+
+def ort_session(lib, model, device):
+    """An ONNX Runtime session with the QINS library on `device` ("cuda" or "cpu"). On CUDA a
+    node the CUDA EP does not take must fail here, not run on the CPU unnoticed."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lib)
+    so.log_severity_level = 3
+    if device == "cuda":
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        prov = ["CUDAExecutionProvider"]
+    else:
+        prov = ["CPUExecutionProvider"]
+    src = model if isinstance(model, str) else model.SerializeToString()
+    s = ort.InferenceSession(src, so, providers=prov)
+    if device == "cuda" and "CUDAExecutionProvider" not in s.get_providers():
+        raise RuntimeError(f"CUDAExecutionProvider not in the session's providers {s.get_providers()}")
+    return s
+
+
+def copy_bandwidth():
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), timed with CUDA events."""
+    import statistics
+    import torch
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    ts = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); y.copy_(x); b.record(); b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    t = statistics.median(ts)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / t

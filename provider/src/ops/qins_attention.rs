@@ -156,6 +156,16 @@ impl Node {
         })
     }
 
+    /// The factor the scores get before the softmax: `scale`, or `1 / sqrt(head size)` where
+    /// it is 0.
+    pub fn softmax_scale(&self, head_dim: usize) -> f32 {
+        if self.scale > 0.0 {
+            self.scale
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        }
+    }
+
     /// Prefix for errors about this node.
     pub fn describe(&self) -> String {
         format!(

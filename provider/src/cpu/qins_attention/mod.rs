@@ -25,6 +25,7 @@ use qins::codec::kv::{decode_v_row, encode_v_row};
 use qins::isa::Isa;
 
 use crate::cpu::parallel::ParallelFor;
+use crate::cpu::ActElem;
 use crate::ops::qins_attention::{registrations, Act, Dims, Node, Rotary, Run};
 use crate::ort_api::custom_op::{Kernel, OpSpec, CPU_EP};
 use crate::ort_api::{Elem, Error, KernelInfo, Result};
@@ -33,16 +34,15 @@ use crate::ort_api::{Elem, Error, KernelInfo, Result};
 /// bytes = 1 MiB) and each K and V row read serves all of them.
 pub const Q_BLOCK: usize = 32;
 
-/// The model's float type, as the kernel reads and writes it.
-pub trait Float: Elem {
+/// The model's float type, as the kernel reads and writes it: element by element here, whole
+/// slices through [`ActElem`].
+pub trait Float: Elem + ActElem {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     /// `v` as this type would hold it.
     fn round(v: f32) -> f32 {
         Self::from_f32(v).to_f32()
     }
-    /// The slice itself where it already is f32 (no copy needed).
-    fn as_f32(x: &[Self]) -> Option<&[f32]>;
 }
 
 impl Float for f32 {
@@ -52,9 +52,6 @@ impl Float for f32 {
     fn from_f32(v: f32) -> f32 {
         v
     }
-    fn as_f32(x: &[f32]) -> Option<&[f32]> {
-        Some(x)
-    }
 }
 
 impl Float for f16 {
@@ -63,9 +60,6 @@ impl Float for f16 {
     }
     fn from_f32(v: f32) -> f16 {
         f16::from_f32(v)
-    }
-    fn as_f32(_: &[f16]) -> Option<&[f32]> {
-        None
     }
 }
 
@@ -298,19 +292,12 @@ impl<E: Float> Ctx<'_, E> {
         let per_group = h / kvh;
         let keys_needed = rows.clone().map(|s| self.key_range(b, s).end).max().unwrap_or(0);
         // The group's K rows in f32 and its V rows decoded, once for all its heads.
-        let widened: Vec<f32>;
-        let k32: &[f32] = match E::as_f32(&keys[..keys_needed * hd]) {
-            Some(k) => k,
-            None => {
-                widened = keys[..keys_needed * hd].iter().map(|k| k.to_f32()).collect();
-                &widened
-            }
-        };
+        let k32 = E::widen(&keys[..keys_needed * hd]);
         let mut v32 = vec![0f32; keys_needed * hd];
         for (j, out) in v32.chunks_exact_mut(hd).enumerate() {
             decode_v_row(self.node.v_format, &values[j * rb..][..rb], out);
         }
-        let alpha = if self.node.scale > 0.0 { self.node.scale } else { 1.0 / (hd as f32).sqrt() };
+        let alpha = self.node.softmax_scale(hd);
         let mut tile = vec![0f32; per_group * rows.len() * hd];
         let mut q = vec![0f32; hd];
         let mut p = vec![0f32; keys_needed];

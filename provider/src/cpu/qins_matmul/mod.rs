@@ -26,13 +26,13 @@ use std::cell::Cell;
 use std::thread::LocalKey;
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use qins::codec::{Encoded, Format, Layout};
 
 use self::kernels::{Args, PANEL};
 pub use self::simd::Isa;
 use self::simd::{chunk_lane_k, CHUNK};
 use crate::cpu::parallel::{ParallelFor, Rayon};
+pub use crate::cpu::ActElem;
 use crate::ops::qins_matmul::{registrations, Act, Node, Run, RunShape};
 use crate::ort_api::custom_op::{Kernel, OpSpec, CPU_EP};
 use crate::ort_api::{Elem, Error, HostTensor, KernelCtx, KernelInfo, Result};
@@ -350,33 +350,6 @@ pub fn qins_matmul_mixed_with<T: ActElem>(
         T::narrow(q, &mut row[nf..]);
     }
     Ok(())
-}
-
-/// Activation element types: the kernels compute in f32, so f16 activations are widened once
-/// and outputs rounded once.
-pub trait ActElem: Copy {
-    fn widen(a: &[Self]) -> std::borrow::Cow<'_, [f32]>;
-    fn narrow(src: &[f32], dst: &mut [Self]);
-}
-
-impl ActElem for f32 {
-    fn widen(a: &[f32]) -> std::borrow::Cow<'_, [f32]> {
-        std::borrow::Cow::Borrowed(a)
-    }
-    fn narrow(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-}
-
-impl ActElem for f16 {
-    fn widen(a: &[f16]) -> std::borrow::Cow<'_, [f32]> {
-        let mut af = vec![0f32; a.len()];
-        a.convert_to_f32_slice(&mut af);
-        std::borrow::Cow::Owned(af)
-    }
-    fn narrow(src: &[f32], dst: &mut [f16]) {
-        dst.convert_from_f32_slice(src);
-    }
 }
 
 fn check_lens(a: usize, y: usize, m: usize, w: &Weights) -> Result<()> {

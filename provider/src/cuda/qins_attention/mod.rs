@@ -154,24 +154,12 @@ impl CudaAttention {
         let rot = i32_of(dims.rotary_dim, "rotary dim")?;
         let inter = i32::from(node.rotary == Some(crate::ops::qins_attention::Rotary::Interleaved));
         // 2. The new rows.
+        // Both kernels take the inputs and caches first and the run's sizes after them
+        // (attend puts its outputs in between).
+        let inputs = || Args::new().ptr(q).ptr(k_in).ptr(v_in).ptr(sk).ptr(cos_p).ptr(sin_p).ptr(pk).ptr(pv);
+        let sizes = |a: Args| a.i32(s32).i32(h32).i32(kvh32).i32(d32).i32(p32).i32(first).i32(rot).i32(inter);
         let f = mods.function(Image::Attention, store)?;
-        let args = Args::new()
-            .ptr(q)
-            .ptr(k_in)
-            .ptr(v_in)
-            .ptr(sk)
-            .ptr(cos_p)
-            .ptr(sin_p)
-            .ptr(pk)
-            .ptr(pv)
-            .i32(s32)
-            .i32(h32)
-            .i32(kvh32)
-            .i32(d32)
-            .i32(p32)
-            .i32(first)
-            .i32(rot)
-            .i32(inter);
+        let args = sizes(inputs());
         if node.rotary.is_some() && dims.present.max(dims.total) > dims.rotary_positions {
             return Err(Error::invalid(format!(
                 "the rotary caches hold {} positions, the cache {}",
@@ -194,32 +182,10 @@ impl CudaAttention {
             None
         };
         let part = scratch.as_ref().map_or(std::ptr::null_mut(), |s| s.ptr);
-        let alpha = if node.scale > 0.0 { node.scale } else { 1.0 / (hd as f32).sqrt() };
+        let alpha = node.softmax_scale(hd);
         let window = node.window.map_or(Ok(-1), |w| i32_of(w, "local_window_size"))?;
         let f = mods.function(Image::Attention, attend)?;
-        let args = Args::new()
-            .ptr(q)
-            .ptr(k_in)
-            .ptr(v_in)
-            .ptr(sk)
-            .ptr(cos_p)
-            .ptr(sin_p)
-            .ptr(pk)
-            .ptr(pv)
-            .ptr(out)
-            .ptr(part)
-            .i32(s32)
-            .i32(h32)
-            .i32(kvh32)
-            .i32(d32)
-            .i32(p32)
-            .i32(first)
-            .i32(rot)
-            .i32(inter)
-            .f32(alpha)
-            .f32(node.softcap)
-            .i32(window)
-            .i32(n_split as i32);
+        let args = sizes(inputs().ptr(out).ptr(part)).f32(alpha).f32(node.softcap).i32(window).i32(n_split as i32);
         // SAFETY: as for the store; `part` holds B S H splits (D + 2) floats when splits > 1,
         // and the output [B, S, H D] is written once per (query, head).
         unsafe { launch(f, (grid_x(bs)?, h as u32, n_split as u32), (32, 1), 0, stream, &args, After::Completion)? };
