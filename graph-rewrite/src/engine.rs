@@ -2,7 +2,8 @@
 //! Runtime with the `ort` crate, with the QINS custom-op library registered.
 //!
 //! ONNX Runtime is loaded at run time (`load-dynamic`): from `--ort-lib`, else the
-//! `ORT_DYLIB_PATH` environment variable (scripts/setup.sh fetches
+//! `ORT_DYLIB_PATH` environment variable, else the library inside a pip-installed
+//! `onnxruntime` (or `onnxruntime-gpu`) that Python can import (scripts/setup.sh fetches
 //! `libonnxruntime.so.1.31.1` from the `onnxruntime` wheel).
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,11 +21,15 @@ static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
 /// Loads ONNX Runtime once per process.
 pub fn init_ort(lib: Option<&Path>) -> Result<&'static Environment> {
     let env = ENV.get_or_init(|| {
-        let path = match lib.map(Path::to_path_buf).or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)) {
+        let path = match lib
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .or_else(pip_onnxruntime)
+        {
             Some(p) => p,
             None => {
-                return Err("ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so (scripts/setup.sh \
-                            fetches version 1.31.1) or pass --ort-lib"
+                return Err("ONNX Runtime not found: pass --ort-lib or set ORT_DYLIB_PATH to libonnxruntime.so, or \
+                            `pip install onnxruntime` (1.23 or later) where python3 can import it"
                     .into())
             }
         };
@@ -38,6 +43,46 @@ pub fn init_ort(lib: Option<&Path>) -> Result<&'static Environment> {
             .map_err(|e| format!("create the ONNX Runtime environment: {e}"))
     });
     env.as_ref().map_err(|e| anyhow!("{e}"))
+}
+
+/// The ONNX Runtime library of a pip-installed `onnxruntime` or `onnxruntime-gpu` package: the
+/// one a Python user already has. Asked of the Python beside this program first (a venv's
+/// `bin/`, where a wheel puts `qins`), then of `python3` on PATH. `find_spec` locates the
+/// package without importing it (an import loads the library, which takes a second).
+fn pip_onnxruntime() -> Option<PathBuf> {
+    const FIND: &str = "import importlib.util as u\n\
+        s = u.find_spec('onnxruntime')\n\
+        print(s.submodule_search_locations[0] if s and s.submodule_search_locations else '')";
+    let beside = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("python3")));
+    let pythons = beside.into_iter().filter(|p| p.is_file()).chain([PathBuf::from("python3")]);
+    for py in pythons {
+        let Ok(out) = std::process::Command::new(&py)
+            .args(["-c", FIND])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+        else {
+            continue;
+        };
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || dir.is_empty() {
+            continue;
+        }
+        // The wheel holds libonnxruntime.so.<version> (and providers' libraries, not wanted).
+        let Ok(entries) = std::fs::read_dir(Path::new(&dir).join("capi")) else { continue };
+        let mut libs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file() && p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("libonnxruntime.so"))
+            })
+            .collect();
+        libs.sort();
+        if let Some(lib) = libs.pop() {
+            return Some(lib);
+        }
+    }
+    None
 }
 
 /// Where the QINS custom-op library is: `QINS_PROVIDER_LIB`, else beside the running
@@ -320,12 +365,28 @@ impl CausalLm {
         stop: &[i64],
         record: bool,
     ) -> Result<Generation> {
+        self.generate_streaming(prompt, new, sampling, stop, record, &mut |_| Ok(()))
+    }
+
+    /// [`generate`](Self::generate), calling `on_token` with each token as soon as it is
+    /// picked (before the step that computes the next one), so that a caller can show it.
+    pub fn generate_streaming(
+        &mut self,
+        prompt: &[i64],
+        new: usize,
+        sampling: &Sampling,
+        stop: &[i64],
+        record: bool,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
+    ) -> Result<Generation> {
         if self.graph_len > 0 {
-            return self.generate_graph(prompt, new, sampling, stop, record);
+            return self.generate_graph(prompt, new, sampling, stop, record, on_token);
         }
         let mut cache = self.empty_cache()?;
         let (logits, vocab) = self.extend(&mut cache, prompt, false)?;
-        sample_loop(logits, vocab, new, sampling, stop, record, |tok, _| Ok(self.extend(&mut cache, &[tok], false)?.0))
+        sample_loop(logits, vocab, new, sampling, stop, record, on_token, |tok, _| {
+            Ok(self.extend(&mut cache, &[tok], false)?.0)
+        })
     }
 
     /// `generate` with every decode step replayed from a CUDA graph, as onnxruntime-genai
@@ -342,6 +403,7 @@ impl CausalLm {
         sampling: &Sampling,
         stop: &[i64],
         record: bool,
+        on_token: &mut dyn FnMut(i64) -> Result<()>,
     ) -> Result<Generation> {
         let Device::Cuda(id) = self.device else { bail!("CUDA graphs need a CUDA device") };
         let max = self.graph_len;
@@ -409,7 +471,7 @@ impl CausalLm {
         let (b, ids_dev, mask_dev, logits_dev) = st.step.as_mut().expect("made above");
 
         let session = &mut self.session;
-        sample_loop(logits, vocab, new, sampling, stop, record, |tok, step| {
+        sample_loop(logits, vocab, new, sampling, stop, record, on_token, |tok, step| {
             mask[prompt.len() + step] = 1;
             // Synchronous copies: the graph's replay must see them.
             Tensor::from_array(([1usize, 1], vec![tok]))?.copy_into(&mut *ids_dev)?;
@@ -441,6 +503,7 @@ fn sample_loop(
     sampling: &Sampling,
     stop: &[i64],
     record: bool,
+    on_token: &mut dyn FnMut(i64) -> Result<()>,
     mut step: impl FnMut(i64, usize) -> Result<Vec<f32>>,
 ) -> Result<Generation> {
     let mut rng = Rng::seeded(match sampling {
@@ -456,6 +519,7 @@ fn sample_loop(
             out.logits.push(std::mem::take(&mut logits));
         }
         out.tokens.push(tok);
+        on_token(tok)?;
         if stop.contains(&tok) || i + 1 == new {
             break;
         }

@@ -5,12 +5,13 @@
 //! use qins_graph_rewrite::{plan, rewrite, Format, Model, NoProgress, PlanOptions, RewriteOptions};
 //! let model = Model::load("phi-3.5-mini/model.onnx".as_ref())?;
 //! let plan = plan::plan(&model, &PlanOptions::default())?;
-//! let opts = RewriteOptions { format: Format::Q8, group: 128, force: false, fsync: false, kv_v: None };
+//! let opts = RewriteOptions { format: Format::Q8, group: 128, force: false, fsync: false, kv_v: None, library: None };
 //! let report = rewrite::rewrite(&model, &plan, &opts, "phi-3.5-mini-qins".as_ref(), &mut NoProgress)?;
 //! println!("{}", report.table());
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod chat;
 pub mod engine;
 pub mod kv_v;
 pub mod parity;

@@ -10,6 +10,7 @@ use qins_graph_rewrite::report::short;
 use qins_graph_rewrite::rewrite::{self, Progress, RewriteOptions};
 use qins_graph_rewrite::{roundtrip, Format, Model};
 use regex::Regex;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -27,15 +28,17 @@ enum Cmd {
         model: PathBuf,
         #[command(flatten)]
         select: Select,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        /// Write the candidates as JSON to this file ('-': to stdout, instead of the table).
+        #[arg(long, value_name = "FILE")]
+        json: Option<JsonOut>,
     },
     /// Replace the targeted MatMuls with QINS ops and write a new model folder.
     Rewrite {
+        /// Model folder (with model.onnx) or .onnx file.
         model: PathBuf,
-        /// Output folder (created; never the input's folder).
-        #[arg(short, long)]
+        /// Output folder (created; never the input's folder). The model is written into it
+        /// as model.onnx with its data, config and tokenizer files beside it.
+        #[arg(short, long, value_name = "DIR")]
         out: PathBuf,
         /// Storage format: 8, 6, 4 (integer codes) or f32 (z kept as float).
         #[arg(long, default_value = "8", value_parser = parse_format)]
@@ -53,15 +56,24 @@ enum Cmd {
         /// Show the plan and the expected sizes, write nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Replace the output folder if it exists.
+        /// Replace the output folder if it is an earlier output of qins.
         #[arg(long)]
         force: bool,
         /// Wait until the output is on disk before finishing (fsync).
         #[arg(long)]
         fsync: bool,
-        /// Also write the per-layer report JSON here (it is always in the output folder).
+        /// Also write the per-layer report as JSON to this file ('-': stdout); it is always
+        /// in the output folder as qins_report.json.
+        #[arg(long, value_name = "FILE", alias = "report")]
+        json: Option<JsonOut>,
+        /// The QINS custom-op library copied into the output folder for onnxruntime-genai
+        /// (default: $QINS_PROVIDER_LIB, or the one beside this program).
+        #[arg(long, value_name = "FILE")]
+        provider_lib: Option<PathBuf>,
+        /// Leave the custom-op library out of the output folder (for apps that register it
+        /// themselves); genai_config.json is then left as the input's.
         #[arg(long)]
-        report: Option<PathBuf>,
+        no_library: bool,
         /// No progress bar and no per-layer table.
         #[arg(short, long)]
         quiet: bool,
@@ -69,15 +81,17 @@ enum Cmd {
     /// Import a GGUF model (Llama architecture, e.g. SmolLM2) into an fp32 ONNX model in
     /// the onnxruntime-genai builder's layout, with tokenizer.json and genai_config.json.
     ImportGguf {
+        /// The .gguf file.
         gguf: PathBuf,
-        #[arg(short, long)]
+        /// Output folder (created), for model.onnx and the files beside it.
+        #[arg(short, long, value_name = "DIR")]
         out: PathBuf,
-        /// Replace the output folder if it exists.
+        /// Replace the output folder if it is an earlier import of qins.
         #[arg(long)]
         force: bool,
-        /// Also write the import report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        /// Also write the import report as JSON to this file ('-': stdout).
+        #[arg(long, value_name = "FILE")]
+        json: Option<JsonOut>,
     },
     /// Compare rewritten models with the original on real text (teacher-forced logits:
     /// argmax agreement, NLL, KL) through ONNX Runtime with the QINS library.
@@ -91,14 +105,14 @@ enum Cmd {
         #[arg(long)]
         text: PathBuf,
         /// quick: teacher-forced logits over text windows (argmax agreement, NLL, KL);
-        /// full: the validation suite A-E of the design notes; ci: the suite, reduced.
+        /// full: the validation suite A-E (docs/QUALITY.md); ci: the suite, reduced.
         #[arg(long, value_enum, default_value_t = SuiteKind::Quick)]
         suite: SuiteKind,
         /// Tests of the suite to run (letters A to E).
         #[arg(long, default_value = "ABCDE")]
         tests: String,
         /// Where the suite writes its plots (PNG).
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         plots: Option<PathBuf>,
         /// quick: tokens per window (at least 2: one token and the next it predicts).
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
@@ -106,64 +120,148 @@ enum Cmd {
         /// quick: number of windows (at least 1).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         windows: u32,
-        /// ONNX Runtime library (default: $ORT_DYLIB_PATH).
-        #[arg(long)]
-        ort_lib: Option<PathBuf>,
-        /// QINS custom-op library (default: $QINS_PROVIDER_LIB, or beside this program).
-        #[arg(long)]
-        provider_lib: Option<PathBuf>,
+        #[command(flatten)]
+        runtime: Runtime,
         /// Intra-op threads (0: ONNX Runtime's choice; at most 4 per core of this machine).
         #[arg(long, default_value_t = 0, value_parser = parse_threads)]
         threads: usize,
-        /// cpu, or cuda[:N] (ONNX Runtime with the CUDA execution provider).
-        #[arg(long, default_value = "cpu")]
-        device: Device,
-        #[arg(long)]
-        json: Option<PathBuf>,
+        /// Write the results as JSON to this file ('-': stdout).
+        #[arg(long, value_name = "FILE")]
+        json: Option<JsonOut>,
     },
-    /// Generate text with a model (original or rewritten) through ONNX Runtime.
+    /// Generate text with a model (original or rewritten) through ONNX Runtime, printing
+    /// tokens as they come and the speed at the end.
     Generate {
+        /// Model folder (with model.onnx and tokenizer.json) or .onnx file.
         model: PathBuf,
+        /// The prompt (as is, or as the user's turn with --chat).
         #[arg(long)]
         prompt: String,
-        /// Wrap the prompt in the model's chat template (ChatML, as SmolLM2 uses).
+        /// Wrap the prompt in the model's chat template (tokenizer_config.json's
+        /// chat_template), as one user turn followed by the assistant's.
         #[arg(long)]
         chat: bool,
+        /// With --chat: a system turn before the user's.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        /// Most tokens to generate (fewer if the model ends its answer).
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
-        /// 0 is greedy.
+        /// Sampling temperature; 0 is greedy (the most likely token each step).
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
+        /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches this.
         #[arg(long, default_value_t = 0.9)]
         top_p: f32,
+        /// Seed of the sampler (the same seed gives the same tokens).
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, default_value = "cpu")]
-        device: Device,
         /// With --device cuda: replay each decode step from a CUDA graph (static KV buffer,
         /// onnxruntime-genai builder models within their original context).
         #[arg(long)]
         cuda_graph: bool,
-        #[arg(long)]
-        ort_lib: Option<PathBuf>,
-        #[arg(long)]
-        provider_lib: Option<PathBuf>,
+        #[command(flatten)]
+        runtime: Runtime,
+        /// Write the prompt's and the generated tokens, the text and the timings as JSON to
+        /// this file ('-': stdout; the text then goes to stderr).
+        #[arg(long, value_name = "FILE")]
+        json: Option<JsonOut>,
     },
     /// Round-trip every targeted weight through each QINS format and int8/int4/NF4.
     Report {
+        /// Model folder or .onnx file.
         model: PathBuf,
         /// Group size along K; 0 = per output channel.
         #[arg(long, default_value_t = 128)]
         group: usize,
         #[command(flatten)]
         select: Select,
-        /// Write the full report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        /// Write the full report as JSON to this file ('-': stdout, instead of the table).
+        #[arg(long, value_name = "FILE")]
+        json: Option<JsonOut>,
         /// Print every tensor, not only the summary.
         #[arg(long)]
         per_tensor: bool,
     },
+}
+
+/// Where a model runs: the commands that run one through ONNX Runtime.
+#[derive(Args)]
+struct Runtime {
+    /// cpu, or cuda[:N] (ONNX Runtime with the CUDA execution provider).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// ONNX Runtime library (default: $ORT_DYLIB_PATH, else the one of a pip-installed
+    /// onnxruntime that python3 can import).
+    #[arg(long, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+    /// QINS custom-op library (default: $QINS_PROVIDER_LIB, or the one beside this program).
+    #[arg(long, value_name = "FILE")]
+    provider_lib: Option<PathBuf>,
+}
+
+/// `--json FILE`, the same in every command: a file, checked like every output, or `-` for
+/// stdout (a command's human-readable table then goes to stderr, so that stdout stays JSON).
+#[derive(Clone, Debug)]
+enum JsonOut {
+    File(PathBuf),
+    Stdout,
+}
+
+impl std::str::FromStr for JsonOut {
+    type Err = String;
+    fn from_str(s: &str) -> Result<JsonOut, String> {
+        match s {
+            "" => Err("--json needs a file name, or '-' for stdout".into()),
+            "-" => Ok(JsonOut::Stdout),
+            _ => Ok(JsonOut::File(s.into())),
+        }
+    }
+}
+
+impl JsonOut {
+    /// Checks a file destination against the command's inputs before any work starts.
+    fn checked(self, inputs: &Inputs) -> Result<JsonOut> {
+        match self {
+            JsonOut::File(p) => Ok(JsonOut::File(check_output_file(&p, inputs, "--json")?)),
+            JsonOut::Stdout => Ok(JsonOut::Stdout),
+        }
+    }
+    fn write<T: serde::Serialize>(&self, value: &T) -> Result<()> {
+        match self {
+            JsonOut::File(p) => write_json_output(p, value),
+            JsonOut::Stdout => {
+                use std::io::Write as _;
+                let mut o = std::io::stdout().lock();
+                serde_json::to_writer_pretty(&mut o, &qins::files::json_document(value)?)?;
+                writeln!(o)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether a command's table goes to stdout: not when stdout carries its JSON.
+fn table_to_stdout(json: &Option<JsonOut>) -> bool {
+    !matches!(json, Some(JsonOut::Stdout))
+}
+
+/// `-o` names a folder. A path ending in `.onnx` is almost surely meant as the model file;
+/// taking it as a folder name would leave a folder called `model.onnx` that ONNX Runtime
+/// then fails to parse.
+fn output_folder(out: &std::path::Path) -> Result<()> {
+    let is_onnx = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    // An existing path is left to the output checks (an input, or not an output of ours).
+    if is_onnx && std::fs::symlink_metadata(out).is_err() {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("DIR"));
+        bail!(
+            "-o {} names a model file, but -o takes the output folder: use -o {} (the model is written into it as \
+             model.onnx, with its data and config files beside it)",
+            out.display(),
+            parent.display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -317,21 +415,44 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, select, json } => {
             let m = Model::load(&model)?;
+            let json = json.map(|j| j.checked(&Inputs::new().with(&m.dir)?)).transpose()?;
             let p = plan::plan(&m, &select.options());
-            match (&p, json) {
-                (Ok(p), true) => out!("{}", serde_json::to_string_pretty(&p.candidates)?),
-                (Ok(p), false) => print_inspect(&m, p)?,
-                (Err(e), _) => {
+            match &p {
+                Ok(p) => {
+                    if let Some(j) = &json {
+                        j.write(&p.candidates)?;
+                    }
+                    if table_to_stdout(&json) {
+                        print_inspect(&m, p)?;
+                    }
+                }
+                Err(e) => {
                     note!("{e:#}");
                     std::process::exit(2);
                 }
             }
         }
-        Cmd::Rewrite { model, out, bits, group, kv_v, select, dry_run, force, fsync, report, quiet } => {
+        Cmd::Rewrite {
+            model,
+            out,
+            bits,
+            group,
+            kv_v,
+            select,
+            dry_run,
+            force,
+            fsync,
+            json,
+            provider_lib,
+            no_library,
+            quiet,
+        } => {
+            output_folder(&out)?;
             let m = Model::load(&model)?;
             // With --kv-v the V cache alone is a rewrite; without it a plan must take a weight.
             let p = plan::plan(&m, &PlanOptions { allow_empty: kv_v.0.is_some(), ..select.options() })?;
-            let opts = RewriteOptions { format: bits, group, force, fsync, kv_v: kv_v.0 };
+            let library = if no_library { None } else { Some(find_library(provider_lib)?) };
+            let opts = RewriteOptions { format: bits, group, force, fsync, kv_v: kv_v.0, library };
             if dry_run {
                 return print_dry_run(&m, &p, &opts);
             }
@@ -339,40 +460,42 @@ fn run(cli: Cli) -> Result<()> {
             // over a report path that could never have been written.
             let inputs = Inputs::new().with(&m.dir)?;
             inputs.check_output(&out, "output")?;
-            let report = report.map(|r| check_output_file(&r, &inputs, "--report")).transpose()?;
+            let json = json.map(|j| j.checked(&inputs)).transpose()?;
             let mut progress: Box<dyn Progress> = if quiet { Box::new(Quiet) } else { Box::new(Bar(None)) };
             let r = rewrite::rewrite(&m, &p, &opts, &out, progress.as_mut())?;
-            if let Some(path) = report {
-                write_json_output(&path, &r)?;
+            if let Some(j) = &json {
+                j.write(&r)?;
             }
             if !quiet {
-                out_raw!(r.table());
+                if table_to_stdout(&json) {
+                    out_raw!(r.table());
+                } else {
+                    note_raw!("{}", r.table());
+                }
             }
-            note!("wrote {}", out.display());
+            match &opts.library {
+                Some(lib) => note!(
+                    "wrote {} (with {}, named in its genai_config.json where it has one)",
+                    out.display(),
+                    lib.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+                ),
+                None => note!("wrote {}", out.display()),
+            }
         }
         Cmd::ImportGguf { gguf, out, force, json } => {
-            let json = json.map(|j| check_output_file(&j, &Inputs::new().with(&gguf)?, "--json")).transpose()?;
+            output_folder(&out)?;
+            let json = json.map(|j| j.checked(&Inputs::new().with(&gguf)?)).transpose()?;
             let r = qins_models::import_gguf(&gguf, &out, force, &mut |msg| note!("{msg}"))?;
-            if let Some(path) = json {
-                write_json_output(&path, &r)?;
+            if let Some(j) = &json {
+                j.write(&r)?;
             }
-            out!("{r}");
+            if table_to_stdout(&json) {
+                out!("{r}");
+            } else {
+                note!("{r}");
+            }
         }
-        Cmd::Parity {
-            reference,
-            models,
-            text,
-            suite,
-            tests,
-            plots,
-            window,
-            windows,
-            ort_lib,
-            provider_lib,
-            threads,
-            device,
-            json,
-        } => {
+        Cmd::Parity { reference, models, text, suite, tests, plots, window, windows, runtime, threads, json } => {
             use qins_graph_rewrite::engine::{load_tokenizer, CausalLm, EngineOptions};
             use qins_graph_rewrite::parity;
             let mut inputs = Inputs::new();
@@ -381,11 +504,12 @@ fn run(cli: Cli) -> Result<()> {
                 inputs.add(folder.root())?;
             }
             inputs.add(&text)?;
-            let json = json.map(|j| check_output_file(&j, &inputs, "--json")).transpose()?;
+            let json = json.map(|j| j.checked(&inputs)).transpose()?;
             let plots = plots.map(|d| inputs.check_output(&d, "--plots")).transpose()?;
+            let Runtime { device, ort_lib, provider_lib } = runtime;
             let opts = EngineOptions { ort_lib, provider_lib, threads, device, ..Default::default() };
             if suite != SuiteKind::Quick {
-                return run_suite(&reference, &models, &text, suite, &tests, plots.as_deref(), json.as_deref(), &opts);
+                return run_suite(&reference, &models, &text, suite, &tests, plots.as_deref(), json.as_ref(), &opts);
             }
             let (window, windows) = (window as usize, windows as usize);
             let tok = load_tokenizer(&reference)?;
@@ -402,35 +526,46 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|m| Ok((m.display().to_string(), CausalLm::open(m, &opts)?)))
                 .collect::<Result<Vec<_>>>()?;
+            let live = std::io::stderr().is_terminal();
             let res = parity::teacher_forced(&mut r, &mut tests, &ids, window, windows, &mut |i, n| {
-                note_raw!("\rwindow {}/{n}", i + 1)
+                if live {
+                    note_raw!("\rwindow {}/{n}", i + 1)
+                }
             })?;
-            note!();
+            if live {
+                note!();
+            }
             if let Some(m) = res.iter().find(|m| m.scored == 0) {
                 bail!("{}: no position was scored; nothing was measured", m.model);
             }
-            if let Some(path) = json {
-                write_json_output(&path, &res)?;
+            if let Some(j) = &json {
+                j.write(&res)?;
             }
-            out_raw!(parity::table(&res));
+            if table_to_stdout(&json) {
+                out_raw!(parity::table(&res));
+            } else {
+                note_raw!("{}", parity::table(&res));
+            }
         }
         Cmd::Generate {
             model,
             prompt,
             chat,
+            system,
             max_tokens,
             temperature,
             top_p,
             seed,
-            device,
             cuda_graph,
-            ort_lib,
-            provider_lib,
+            runtime,
+            json,
         } => {
+            use qins_graph_rewrite::chat::{stop_tokens, ChatTemplate};
             use qins_graph_rewrite::engine::{context_length, load_tokenizer, CausalLm, EngineOptions, Sampling};
+            let (folder, _) = qins::onnx::resolve_model_path(&model)?;
+            let json = json.map(|j| j.checked(&Inputs::new().with(folder.root())?)).transpose()?;
             let tok = load_tokenizer(&model)?;
-            let text =
-                if chat { format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n") } else { prompt };
+            let text = if chat { ChatTemplate::load(&model)?.render(&prompt, system.as_deref())? } else { prompt };
             let ids: Vec<i64> = tok
                 .encode(text.as_str(), false)
                 .map_err(|e| anyhow::anyhow!("tokenize: {e}"))?
@@ -460,37 +595,82 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 0
             };
+            let Runtime { device, ort_lib, provider_lib } = runtime;
             let opts = EngineOptions { ort_lib, provider_lib, device, cuda_graph_len: graph_len, ..Default::default() };
             let mut lm = CausalLm::open(&model, &opts)?;
             let sampling =
                 if temperature > 0.0 { Sampling::Sample { temperature, top_p, seed } } else { Sampling::Greedy };
-            let stop: Vec<i64> = ["<|im_end|>", "<|endoftext|>", "</s>"]
-                .iter()
-                .filter_map(|t| tok.token_to_id(t).map(|i| i as i64))
-                .collect();
+            let stop = stop_tokens(&model, &tok)?;
+            let to_stdout = table_to_stdout(&json);
             let t0 = std::time::Instant::now();
-            let g = lm.generate(&ids, max_tokens, &sampling, &stop, false)?;
+            let mut first = None;
+            let mut stream = TextStream::default();
+            let g = lm.generate_streaming(&ids, max_tokens, &sampling, &stop, false, &mut |t| {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                // The end token is not text; everything before it is shown as it comes.
+                if !stop.contains(&t) {
+                    let piece = stream.push(&tok, t)?;
+                    if to_stdout {
+                        out_raw!(piece);
+                    } else {
+                        note_raw!("{piece}");
+                    }
+                }
+                Ok(())
+            })?;
             let secs = t0.elapsed().as_secs_f64();
-            let new: Vec<u32> = g.tokens.iter().map(|&t| t as u32).collect();
-            out!("{}", tok.decode(&new, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?);
-            note!("{} prompt + {} new tokens in {secs:.2} s", ids.len(), g.tokens.len());
+            if to_stdout {
+                out!();
+            } else {
+                note!();
+            }
+            let prefill_s = first.unwrap_or(secs);
+            let n = g.tokens.len();
+            // The first token comes from the prompt's pass; each later one from one step.
+            let decode_tps = if n > 1 && g.decode_s > 0.0 { (n - 1) as f64 / g.decode_s } else { 0.0 };
+            note!(
+                "{} prompt tokens in {prefill_s:.2} s ({:.0} tokens/s), {n} new tokens, {decode_tps:.1} tokens/s after the \
+                 first ({secs:.2} s in all)",
+                ids.len(),
+                ids.len() as f64 / prefill_s.max(1e-9)
+            );
+            if let Some(j) = &json {
+                let new: Vec<u32> = g.tokens.iter().map(|&t| t as u32).collect();
+                j.write(&serde_json::json!({
+                    "model": model,
+                    "prompt_tokens": ids,
+                    "tokens": g.tokens,
+                    "text": tok.decode(&new, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?,
+                    "prefill_s": prefill_s,
+                    "decode_s": g.decode_s,
+                    "decode_tokens_per_s": decode_tps,
+                }))?;
+            }
         }
         Cmd::Report { model, group, select, json, per_tensor } => {
             let m = Model::load(&model)?;
-            let json = json.map(|j| check_output_file(&j, &Inputs::new().with(&m.dir)?, "--json")).transpose()?;
+            let json = json.map(|j| j.checked(&Inputs::new().with(&m.dir)?)).transpose()?;
             let p = plan::plan(&m, &select.options())?;
             let total = p.targets.len();
             let mut i = 0;
+            // A line rewritten in place is for a person watching; in a log it is noise.
+            let live = std::io::stderr().is_terminal();
             let r = roundtrip::roundtrip(&m, &p, group, &mut |t| {
                 i += 1;
-                note_raw!("\r[{i}/{total}] {:<60}", short(&t.label(), 60));
+                if live {
+                    note_raw!("\r[{i}/{total}] {:<60}", short(&t.label(), 60));
+                }
             })?;
-            note!();
-            qins::mapped::check_intact()?;
-            if let Some(path) = json {
-                write_json_output(&path, &r)?;
+            if live {
+                note!();
             }
-            out_raw!(r.table(per_tensor));
+            qins::mapped::check_intact()?;
+            if let Some(j) = &json {
+                j.write(&r)?;
+            }
+            if table_to_stdout(&json) {
+                out_raw!(r.table(per_tensor));
+            }
         }
     }
     Ok(())
@@ -511,7 +691,7 @@ fn run_suite(
     kind: SuiteKind,
     tests: &str,
     plots: Option<&std::path::Path>,
-    json: Option<&std::path::Path>,
+    json: Option<&JsonOut>,
     opts: &qins_graph_rewrite::engine::EngineOptions,
 ) -> Result<()> {
     use qins_graph_rewrite::engine::CausalLm;
@@ -526,11 +706,13 @@ fn run_suite(
     // One test at a time, the JSON rewritten after each: a full run takes hours on a small
     // machine, and what finished must survive a crash or a kill of a later test.
     let save = |res: &[suite::CandidateResult], complete: bool| -> Result<()> {
-        if let Some(path) = json {
-            let doc = serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": complete});
-            write_json_output(path, &doc)?;
+        // Stdout gets the document once, complete; a file is rewritten after each test.
+        match json {
+            Some(j) if complete || matches!(j, JsonOut::File(_)) => j.write(
+                &serde_json::json!({"config": cfg, "reference": reference, "results": res, "complete": complete}),
+            ),
+            _ => Ok(()),
         }
-        Ok(())
     };
     let mut res: Vec<suite::CandidateResult> = Vec::new();
     for letter in ["A", "B", "C", "D", "E"].into_iter().filter(|l| sel.has(l)) {
@@ -545,7 +727,11 @@ fn run_suite(
     if let Some(c) = res.iter().find(|c| c.measured_nothing()) {
         bail!("{}: none of the selected tests measured anything (A needs the candidate's qins_report.json)", c.model);
     }
-    out_raw!(suite::summary(&res));
+    if !matches!(json, Some(JsonOut::Stdout)) {
+        out_raw!(suite::summary(&res));
+    } else {
+        note_raw!("{}", suite::summary(&res));
+    }
     if let Some(dir) = plots {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         for (i, c) in res.iter().enumerate() {
@@ -656,4 +842,41 @@ fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) -> Result<()>
         );
     }
     Ok(())
+}
+
+/// Text of a token stream, shown piece by piece: each token's text is the growth of the
+/// whole decoded text, since a token may be part of a character (byte-level vocabularies)
+/// or change how its neighbours decode (spaces, merges).
+#[derive(Default)]
+struct TextStream {
+    tokens: Vec<u32>,
+    shown: usize,
+}
+
+impl TextStream {
+    fn push(&mut self, tok: &tokenizers::Tokenizer, t: i64) -> Result<String> {
+        self.tokens.push(t as u32);
+        let text = tok.decode(&self.tokens, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+        // An incomplete UTF-8 sequence decodes as U+FFFD until its last byte comes.
+        if text.ends_with('\u{FFFD}') || text.len() < self.shown || !text.is_char_boundary(self.shown) {
+            return Ok(String::new());
+        }
+        let piece = text[self.shown..].to_string();
+        self.shown = text.len();
+        Ok(piece)
+    }
+}
+
+/// The custom-op library `qins rewrite` places in its output for onnxruntime-genai.
+fn find_library(given: Option<PathBuf>) -> Result<PathBuf> {
+    let lib = given.or_else(qins_graph_rewrite::engine::default_provider_lib).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the QINS custom-op library (libqins_provider.so) is neither beside qins nor in $QINS_PROVIDER_LIB: \
+             pass --provider-lib FILE, or --no-library to write the model without it"
+        )
+    })?;
+    if !lib.is_file() {
+        bail!("custom-op library {} is not a file (--provider-lib, or --no-library to leave it out)", lib.display());
+    }
+    Ok(lib)
 }

@@ -65,7 +65,7 @@ const ROLE_PATTERNS: &[(&str, Role)] = &[
 /// A precision policy: which roles become QINS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Preset {
-    /// The design notes' policy for Phi-3 (also right for Llama-family models): the V part
+    /// The default policy, for Phi-3 (also right for Llama-family models): the V part
     /// of attention, o_proj, gate/up and down become QINS; Q, K, norms, embeddings and
     /// lm_head stay float.
     Phi3,

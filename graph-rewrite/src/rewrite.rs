@@ -10,7 +10,7 @@ use qins::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto}
 use qins::onnx::{dtype, external_ref, save_model, AtomicDir, Model, SaveOptions};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The op domain and name of the QINS matmul (docs/FORMAT.md).
@@ -28,6 +28,10 @@ pub struct RewriteOptions {
     pub fsync: bool,
     /// Code the V cache (`--kv-v`, [`crate::kv_v`]): q8 or q4; `None` leaves attention alone.
     pub kv_v: Option<Format>,
+    /// The QINS custom-op library to place in the output folder, named in its
+    /// `genai_config.json` (`model.decoder.session_options.custom_ops_library`) so that
+    /// onnxruntime-genai runs the folder as it is; `None` leaves it out.
+    pub library: Option<PathBuf>,
 }
 
 /// Progress callbacks: bytes of input weights handled so far, and the current tensor.
@@ -272,6 +276,9 @@ pub fn rewrite<'m>(
     )?;
     progress.finish();
     copy_sidecars(model, dir.path())?;
+    if let Some(lib) = &opts.library {
+        place_library(lib, dir.path())?;
+    }
 
     let layers: Vec<LayerReport> = layers.into_iter().map(|l| l.expect("every target encoded")).collect();
     let mut report =
@@ -363,4 +370,41 @@ fn copy_sidecars(model: &Model, out: &Path) -> Result<()> {
         copy().with_context(|| format!("copy {name} from the model folder"))?;
     }
     Ok(())
+}
+
+/// Copies the custom-op library into the output folder and names it, by its bare file name,
+/// in the decoder's session options of `genai_config.json` (when the model has one).
+/// onnxruntime-genai resolves a relative library path against the config's folder, and
+/// refuses absolute paths outside its allowed folders, `..` and symlinks leading out: a
+/// copy, not a link, is what it accepts.
+fn place_library(lib: &Path, out: &Path) -> Result<()> {
+    let name = lib.file_name().ok_or_else(|| anyhow!("custom-op library {}: not a file name", lib.display()))?;
+    let copy = || -> Result<()> {
+        let mut src = qins::files::open_regular(lib)?;
+        let mut dst = std::fs::File::create(out.join(name))?;
+        std::io::copy(&mut src, &mut dst)?;
+        Ok(())
+    };
+    copy().with_context(|| format!("copy the custom-op library {} (--no-library leaves it out)", lib.display()))?;
+    let config = out.join("genai_config.json");
+    if !config.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read(&config).context("genai_config.json")?;
+    let mut v: serde_json::Value = serde_json::from_slice(&text).context("genai_config.json")?;
+    let decoder = v
+        .get_mut("model")
+        .and_then(|m| m.get_mut("decoder"))
+        .and_then(serde_json::Value::as_object_mut)
+        .ok_or_else(|| anyhow!("genai_config.json has no model.decoder object to name the custom-op library in"))?;
+    let options = decoder.entry("session_options").or_insert_with(|| serde_json::json!({}));
+    let options = options
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("genai_config.json: model.decoder.session_options is not an object"))?;
+    options.insert("custom_ops_library".into(), name.to_string_lossy().into_owned().into());
+    // The builder writes four-space indentation; keep the file looking like its input.
+    let mut buf = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    serde::Serialize::serialize(&v, &mut serde_json::Serializer::with_formatter(&mut buf, fmt))?;
+    std::fs::write(&config, buf).context("write genai_config.json")
 }

@@ -1,7 +1,7 @@
 //! The validation suite A-E that decides whether a rewritten model may replace its
 //! original: run side by side in ONNX Runtime, every number reported, pass or fail.
 //!
-//! How each test reads the design notes (see docs/QUALITY.md):
+//! How each test is read (docs/QUALITY.md has the tests and their bars):
 //! - A. Round trip: the candidate's `qins_report.json` (written by the rewrite), every
 //!   targeted tensor.
 //! - B. Greedy stability: the original generates greedily; the candidate is teacher-forced
@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
-/// Sizes of the suite: the full one from the design notes, or a reduced one for CI.
+/// Sizes of the suite: the full one (docs/QUALITY.md), or a reduced one for CI.
 #[derive(Clone, Debug, Serialize)]
 pub struct SuiteConfig {
     pub greedy_prompts: usize,
@@ -502,7 +502,7 @@ fn bar(test: &str, bar: &str, value: String, pass: bool) -> BarResult {
     BarResult { test: test.into(), bar: bar.into(), value, pass }
 }
 
-/// The pass bars of the design notes.
+/// The pass bars (docs/QUALITY.md).
 pub fn bars(r: &CandidateResult) -> Vec<BarResult> {
     let mut v = Vec::new();
     if let Some(a) = &r.a {

@@ -431,6 +431,119 @@ fn an_interrupted_rewrite_leaves_nothing() {
     assert!(partials(&base).is_empty() && out.join("model.onnx").exists());
 }
 
+/// `-o out/model.onnx` once made a folder named `model.onnx` that ONNX Runtime then failed to
+/// parse ("Protobuf parsing failed"); `-o` takes the folder, and a model file name is refused.
+#[test]
+fn an_onnx_output_path_is_refused() {
+    let base = scratch("onnx-out");
+    let input = model_in(&base.join("in"));
+    for out in ["out/model.onnx", "m.ONNX"] {
+        let e = fails(qins().args(["rewrite", "-q", "in", "-o", out]).current_dir(&base), "takes the output folder");
+        assert!(e.contains("use -o"), "{e}");
+        fails(qins().args(["import-gguf", "x.gguf", "-o", out]).current_dir(&base), "takes the output folder");
+    }
+    assert!(!base.join("out").exists() && !base.join("m.ONNX").exists());
+    ok(qins().args(["rewrite", "-q", "-o"]).arg(base.join("out")).arg(&input));
+    assert!(base.join("out/model.onnx").is_file());
+}
+
+/// `--json` once meant a stdout flag in one command and a file in the others; now it is a
+/// file everywhere, or `-` for stdout (the table then goes to stderr, stdout stays JSON).
+#[test]
+fn json_is_a_file_or_stdout_everywhere() {
+    let base = scratch("json");
+    let input = model_in(&base.join("in"));
+    let stdout_json = |args: &[&str]| -> serde_json::Value {
+        let o = ok(qins().args(args).arg(&input));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e})"))
+    };
+    assert!(stdout_json(&["inspect", "--json", "-"])["results"].as_array().is_some_and(|a| !a.is_empty()));
+    assert!(stdout_json(&["report", "--json", "-"])["generator"].as_str().is_some_and(|g| g.starts_with("qins ")));
+    let out = base.join("out");
+    let r = stdout_json(&["rewrite", "-o", out.to_str().unwrap(), "--json", "-"]);
+    assert!(r["layers"].as_array().is_some_and(|l| !l.is_empty()), "{r}");
+    for cmd in ["inspect", "report"] {
+        let f = base.join(format!("{cmd}.json"));
+        let o = ok(qins().args([cmd, "--json"]).arg(&f).arg(&input));
+        assert!(!o.stdout.is_empty(), "{cmd}: the table is still printed");
+        let _: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    }
+    fails(qins().args(["inspect", "--json", ""]).arg(&input), "--json needs a file name");
+}
+
+/// onnxruntime-genai refuses a QINS model until the library is in its folder and named in
+/// genai_config.json; `qins rewrite` does both (scripts/test-genai.sh runs genai on it).
+#[test]
+fn rewrite_places_the_library_for_genai() {
+    let base = scratch("library");
+    let input = model_in(&base.join("in"));
+    let lib = base.join("libqins_provider.so");
+    std::fs::write(&lib, b"stand-in for the custom-op library").unwrap();
+    let out = base.join("out");
+    ok(qins().args(["rewrite", "-q", "--provider-lib"]).arg(&lib).arg("-o").arg(&out).arg(&input));
+    assert_eq!(std::fs::read(out.join("libqins_provider.so")).unwrap(), std::fs::read(&lib).unwrap());
+    let config = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("genai_config.json")).unwrap()).unwrap()
+    };
+    let (before, mut after) = (config(&input), config(&out));
+    let options = &mut after["model"]["decoder"]["session_options"];
+    assert_eq!(options["custom_ops_library"], "libqins_provider.so");
+    options.as_object_mut().unwrap().remove("custom_ops_library");
+    assert_eq!(after, before, "only the library's entry may change");
+    // An earlier output with the library in it is still ours to replace.
+    ok(qins().args(["rewrite", "-q", "--force", "--no-library", "-o"]).arg(&out).arg(&input));
+    assert!(!out.join("libqins_provider.so").exists());
+    assert_eq!(
+        std::fs::read(out.join("genai_config.json")).unwrap(),
+        std::fs::read(input.join("genai_config.json")).unwrap()
+    );
+    fails(
+        qins()
+            .args(["rewrite", "-q", "--force", "--provider-lib"])
+            .arg(base.join("none.so"))
+            .arg("-o")
+            .arg(&out)
+            .arg(&input),
+        "is not a file",
+    );
+    assert!(out.join("qins_report.json").exists(), "a refused rewrite removed the earlier output");
+}
+
+/// The chat template is the model's own (tokenizer_config.json), not a hard-coded ChatML; a
+/// `.onnx` file is accepted as well as its folder; `--json -` records what was generated.
+#[test]
+fn generate_uses_the_models_chat_template() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let base = scratch("chat");
+    ok(qins().args(["import-gguf", "-o"]).arg(base.join("smol")).arg(&gguf));
+    let gen = |model: &Path, extra: &[&str]| -> serde_json::Value {
+        let o =
+            ok(qins().args(["generate", "--max-tokens", "4", "--json", "-", "--prompt", "Hi"]).args(extra).arg(model));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let inside = base.join("smol/generated.json");
+    fails(
+        qins().args(["generate", "--prompt", "Hi", "--json"]).arg(&inside).arg(base.join("smol/model.onnx")),
+        "lies inside the input",
+    );
+    let plain = gen(&base.join("smol/model.onnx"), &[]);
+    assert_eq!(plain["prompt_tokens"].as_array().unwrap().len(), 1, "{plain}");
+    assert_eq!(plain["tokens"].as_array().unwrap().len(), 4);
+    let chat = gen(&base.join("smol"), &["--chat", "--system", "Be brief."]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("smol/tokenizer_config.json")).unwrap()).unwrap();
+    assert!(cfg["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    // SmolLM2's template: <|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+    let ids = chat["prompt_tokens"].as_array().unwrap();
+    assert_eq!(ids[0], 1, "the turn opens with <|im_start|> (id 1): {chat}");
+    assert!(ids.len() > 10, "{chat}");
+    // The model's template writes a system turn of its own when none is given.
+    let default_system = gen(&base.join("smol"), &["--chat"]);
+    assert!(default_system["prompt_tokens"].as_array().unwrap().len() > ids.len());
+    std::fs::remove_file(base.join("smol/tokenizer_config.json")).unwrap();
+    fails(qins().args(["generate", "--chat", "--prompt", "Hi"]).arg(base.join("smol")), "no tokenizer_config.json");
+}
+
 fn smollm2_gguf() -> Option<PathBuf> {
     let p = std::env::var_os("QINS_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

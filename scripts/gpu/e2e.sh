@@ -6,7 +6,7 @@
 # its IOBinding loop, then its CUDA-graph loop), all models in one run. `graph`: the Python
 # prototype of the graph loop (scripts/gpu/graph_decode.py), as a cross-check.
 #   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] [rewrite-nofuse] [rewrite-split] bench [bench-tiles1]
-#     [bench-noprefill] [bench-pdl] [graph]   (after run.sh unpacked ORT GPU)
+#     [bench-noprefill] [bench-pdl] [graph] [rewrite-kvv bench-long memory]   (after run.sh unpacked ORT GPU)
 # Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
 # the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
 # (../shared/data/phi3-tokenizer.json).
@@ -37,8 +37,8 @@ for step in "$@"; do
     hf) python3 "$E/device-phi35.py" hf "$E/fx" 2>&1 | tail -3 ;;
     build-*) python3 "$E/device-phi35.py" build "$E/fx" "${step#build-}" 2>&1 | tail -5; du -sh $W/onnx-* ;;
     rewrite)
-      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8 --bits 8 --group 128 --force -q --report "$OUT/rewrite-q8.json" 2>&1 | tail -3
-      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4 --bits 4 --group 32 --force -q --report "$OUT/rewrite-q4.json" 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8 --bits 8 --group 128 --no-library --force -q --json "$OUT/rewrite-q8.json" 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4 --bits 4 --group 32 --no-library --force -q --json "$OUT/rewrite-q4.json" 2>&1 | tail -3
       du -sh $W/qins-* ;;
     rewrite-all)
       # MatMulNBits' coverage instead of the default one: the whole qkv projection too (and
@@ -46,10 +46,10 @@ for step in "$@"; do
       extra=$(int4_extra)
       echo "MatMulNBits int4 coverage: $(python3 -c "import onnx, collections; m = onnx.load('$W/onnx-int4/model.onnx', load_external_data=False); \
         print(dict(collections.Counter(n.name.split('/')[-2] for n in m.graph.node if n.op_type == 'MatMulNBits')))")"
-      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-all --bits 4 --group 32 --include qkv_proj $extra --force -q \
-        --report "$OUT/rewrite-q4-all.json" 2>&1 | tail -3
-      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8-all --bits 8 --group 128 --include qkv_proj $extra --force -q \
-        --report "$OUT/rewrite-q8-all.json" 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-all --bits 4 --group 32 --include qkv_proj $extra --no-library --force -q \
+        --json "$OUT/rewrite-q4-all.json" 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8-all --bits 8 --group 128 --include qkv_proj $extra --no-library --force -q \
+        --json "$OUT/rewrite-q8-all.json" 2>&1 | tail -3
       du -sh $W/qins-*-all ;;
     rewrite-nofuse)
       # q4 with gate and up left as two QinsMatMuls and the graph's own SiLU (--no-fuse-mlp),
@@ -64,6 +64,36 @@ for step in "$@"; do
       "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q8-split --bits 8 --group 128 --no-fuse-qkv --force -q 2>&1 | tail -3
       "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-split --bits 4 --group 32 --no-fuse-qkv --force -q 2>&1 | tail -3
       du -sh $W/qins-*-split ;;
+    rewrite-kvv)
+      # KV-V: q4 weights with the V cache as QINS q8 rows, and the fp16 model with only its V
+      # cache coded (--preset none), beside the models without it.
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-kvq8 --bits 4 --group 32 --kv-v q8 --no-library --force -q 2>&1 | tail -3
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/onnx-fp16-kvq8 --preset none --kv-v q8 --no-library --force -q 2>&1 | tail -3
+      du -sh $W/*kvq8 ;;
+    bench-long)
+      # Decode after a 3800-token prompt (within Phi-3.5's 4096 of original context, where the
+      # CUDA-graph loop runs), every built model with and without KV-V, one run.
+      "$E/qins-bench" generate $(built_models) $(ls -d $W/*kvq8 2>/dev/null) --device cuda \
+        --prefill 1024 --decode-prompt 3800 --new-tokens 128 --reps 3 --cuda-graph --json "$OUT/e2e-long.json" 2>&1 | tail -14 ;;
+    memory)
+      # Device memory the engine needs at 4k and 8k context, with and without KV-V: the peak of
+      # nvidia-smi's memory.used (sampled every 50 ms) over one process per model and length,
+      # less the idle GPU's, for a prompt of that length and 16 tokens (IOBinding loop: the
+      # CUDA-graph loop stops at the original 4096 positions).
+      base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+      echo '{"idle_mib": '"$base"', "runs": [' > "$OUT/e2e-memory.json"; sep=""
+      for m in $W/onnx-fp16 $W/onnx-fp16-kvq8 $W/qins-q4 $W/qins-q4-kvq8; do for n in 4000 8000; do
+        [ -d $m ] || continue
+        rm -f /tmp/mem.stop /tmp/mem.peak
+        (peak=0; while [ ! -f /tmp/mem.stop ]; do u=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+          [ "$u" -gt "$peak" ] && peak=$u && echo $peak > /tmp/mem.peak; sleep 0.05; done) &
+        "$E/qins-bench" generate $m --device cuda --prefill $n --decode-prompt $n --new-tokens 16 --reps 1 > /tmp/mem.log 2>&1
+        rc=$?; touch /tmp/mem.stop; wait
+        p=$(cat /tmp/mem.peak 2>/dev/null || echo 0)
+        echo "$(basename $m) context $n: peak $p MiB, $((p - base)) MiB above idle (rc $rc)"
+        echo "$sep{\"model\": \"$(basename $m)\", \"context\": $n, \"peak_mib\": $p, \"rc\": $rc}" >> "$OUT/e2e-memory.json"; sep=","
+      done; done
+      echo "]}" >> "$OUT/e2e-memory.json" ;;
     graph)
       # The decode step replayed from a CUDA graph by a Python prototype of the engine's
       # graph loop, as a cross-check of its numbers.

@@ -77,7 +77,7 @@ pub fn rewrite(
     use qins_graph_rewrite::{plan, rewrite, Model, NoProgress, PlanOptions, RewriteOptions};
     let m = Model::load(model).unwrap();
     let p = plan::plan(&m, &PlanOptions::default()).unwrap();
-    let opts = RewriteOptions { format, group, force: true, fsync: false, kv_v: None };
+    let opts = RewriteOptions { format, group, force: true, fsync: false, kv_v: None, library: None };
     rewrite::rewrite(&m, &p, &opts, out, &mut NoProgress).unwrap()
 }
 
@@ -87,6 +87,13 @@ pub fn rewrite_kv_v(model: &Path, out: &Path, v: qins::codec::Format) -> qins_gr
     use qins_graph_rewrite::{plan, rewrite, Model, NoProgress, PlanOptions, Preset, RewriteOptions};
     let m = Model::load(model).unwrap();
     let p = plan::plan(&m, &PlanOptions { preset: Preset::None, allow_empty: true, ..Default::default() }).unwrap();
-    let opts = RewriteOptions { format: qins::codec::Format::Q8, group: 0, force: true, fsync: false, kv_v: Some(v) };
+    let opts = RewriteOptions {
+        format: qins::codec::Format::Q8,
+        group: 0,
+        force: true,
+        fsync: false,
+        kv_v: Some(v),
+        library: None,
+    };
     rewrite::rewrite(&m, &p, &opts, out, &mut NoProgress).unwrap()
 }

@@ -131,7 +131,8 @@ pub fn rewrite_plan(data: &[u8]) -> Reached {
     let Ok(m) = qins::onnx::Model::load(&dir) else { return Reached::Nothing };
     let Ok(plan) = qins_graph_rewrite::plan::plan(&m, &opts) else { return Reached::Nothing };
     let out = work_dir("plan-out").join("out");
-    let ropts = qins_graph_rewrite::RewriteOptions { format, group, force: true, fsync: false, kv_v: None };
+    let ropts =
+        qins_graph_rewrite::RewriteOptions { format, group, force: true, fsync: false, kv_v: None, library: None };
     let r = qins_graph_rewrite::rewrite::rewrite(&m, &plan, &ropts, &out, &mut qins_graph_rewrite::NoProgress);
     match r {
         Ok(report) => {
