@@ -9,8 +9,11 @@
 //   D <= 512.
 // - Sequence b holds total_b = seqlens_k[b] + 1 tokens after the run; first_prompt (S equals
 //   total_sequence_length) means it held none before, else it held total_b - S. seqlens_k
-//   lives on the device (the graph computes it), so a value the buffers cannot hold is
-//   skipped here, not trusted: rows outside [0, P) are neither read nor written.
+//   lives on the device (the graph computes it), so a value the run cannot hold is skipped
+//   here, not trusted: a sequence whose total_b exceeds L = min(total_sequence_length, P)
+//   (checked on the host, like the rotary caches against it) is not run, so no row outside
+//   [0, L) is read or written and no rotary position reaches L. A shared buffer's P can be far
+//   larger than L (genai's static cache), and its rotary caches need only cover L.
 // - One warp per row (store) or per (query, head, split of the keys) (attend); no block-wide
 //   synchronisation, no atomics. Every launch is on ORT's stream; nothing is allocated here.
 // - V rows are encoded as qins::codec::kv::encode_v_row does (same grid, ratios, Lloyd step,
@@ -34,8 +37,8 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // The sequence's cached tokens before this run and its total after it; false where seqlens_k
-// does not fit the buffers.
-__device__ __forceinline__ bool lengths(const int* seqlens_k, int b, int S, int first_prompt, int P, int& past,
+// does not fit the run (L: see the contract).
+__device__ __forceinline__ bool lengths(const int* seqlens_k, int b, int S, int first_prompt, int L, int& past,
                                         int& total) {
     long long t = (long long)seqlens_k[b] + 1;
     if (first_prompt) {
@@ -44,7 +47,7 @@ __device__ __forceinline__ bool lengths(const int* seqlens_k, int b, int S, int 
         total = (int)t;
         return true;
     }
-    if (t < S || t > P) return false;
+    if (t < S || t > L) return false;
     past = (int)t - S;
     total = (int)t;
     return true;
@@ -186,13 +189,13 @@ __device__ __forceinline__ float v_at(const uint8_t* row, int d) {
 template <typename T, int BITS>
 __device__ void store(const T* q_in, const T* k_in, const T* v_in, const int* seqlens_k, const T* cos_c,
                       const T* sin_c, T* present_key, uint8_t* present_value, int S, int H, int KVH, int D, int P,
-                      int first_prompt, int rot_dim, int interleaved) {
+                      int L, int first_prompt, int rot_dim, int interleaved) {
     __shared__ float x[MAX_D];
     int s = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, lane = threadIdx.x;
     int past, total;
-    if (!lengths(seqlens_k, b, S, first_prompt, P, past, total)) return;
+    if (!lengths(seqlens_k, b, S, first_prompt, L, past, total)) return;
     int pos = past + s;
-    if (pos >= P) return;
+    if (pos >= L) return;
     int R = D * BITS / 8 + 4;
     long long row = ((long long)b * KVH + kvh) * P + pos;
     const T* k = in_row(q_in, k_in, v_in, 1, b, s, kvh, S, H, KVH, D);
@@ -211,10 +214,10 @@ __device__ void store(const T* q_in, const T* k_in, const T* v_in, const int* se
 // copied, rows from past + S on zeroed (rows in between are the new ones, `store`'s).
 __device__ void copy_past(const uint32_t* past_key, const uint32_t* past_value, const int* seqlens_k,
                           uint32_t* present_key, uint32_t* present_value, int S, int KVH, int P_past, int P,
-                          int first_prompt, int k_words, int v_words) {
+                          int L, int first_prompt, int k_words, int v_words) {
     int pos = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     int past, total;
-    if (!lengths(seqlens_k, b, S, first_prompt, P, past, total)) past = 0;
+    if (!lengths(seqlens_k, b, S, first_prompt, L, past, total)) past = 0;
     if (past > P_past) past = P_past;
     if (pos >= past && pos < past + S) return;
     long long g = (long long)b * KVH + kvh;
@@ -232,7 +235,7 @@ __device__ void copy_past(const uint32_t* past_key, const uint32_t* past_value, 
 template <typename T, int BITS>
 __device__ void attend(const T* q_in, const T* k_in, const T* v_in, const int* seqlens_k, const T* cos_c,
                        const T* sin_c, const T* present_key, const uint8_t* present_value, T* out, float* part,
-                       int S, int H, int KVH, int D, int P, int first_prompt, int rot_dim, int interleaved,
+                       int S, int H, int KVH, int D, int P, int L, int first_prompt, int rot_dim, int interleaved,
                        float alpha, float softcap, int window, int splits) {
     __shared__ float q[MAX_D];
     int z = blockIdx.x, h = blockIdx.y, split = blockIdx.z, lane = threadIdx.x;
@@ -243,8 +246,9 @@ __device__ void attend(const T* q_in, const T* k_in, const T* v_in, const int* s
 #pragma unroll
     for (int i = 0; i < DPL; i++) acc[i] = 0.f;
     float m = -__int_as_float(0x7f800000), l = 0.f;
-    int past, total, start = 0, end = 0;
-    if (lengths(seqlens_k, b, S, first_prompt, P, past, total)) {
+    // A skipped sequence keeps past = 0: its rotary reads stay below S <= L, its output is 0.
+    int past = 0, total = 0, start = 0, end = 0;
+    if (lengths(seqlens_k, b, S, first_prompt, L, past, total)) {
         end = min(past + s + 1, total);
         if (window > 0 && end > window + 1) start = end - window - 1;
     }
@@ -340,17 +344,18 @@ __device__ void combine(const float* part, T* out, int S, int H, int D, int spli
 #define QINS_ATTN(T, TN, BITS)                                                                                       \
     extern "C" __global__ void __launch_bounds__(32) qins_attn_store_##TN##_v##BITS(                                \
         const T* q_in, const T* k_in, const T* v_in, const int* seqlens_k, const T* cos_c, const T* sin_c,          \
-        T* present_key, uint8_t* present_value, int S, int H, int KVH, int D, int P, int first_prompt, int rot_dim, \
-        int interleaved) {                                                                                          \
-        store<T, BITS>(q_in, k_in, v_in, seqlens_k, cos_c, sin_c, present_key, present_value, S, H, KVH, D, P,     \
+        T* present_key, uint8_t* present_value, int S, int H, int KVH, int D, int P, int L, int first_prompt,      \
+        int rot_dim, int interleaved) {                                                                             \
+        store<T, BITS>(q_in, k_in, v_in, seqlens_k, cos_c, sin_c, present_key, present_value, S, H, KVH, D, P, L,  \
                        first_prompt, rot_dim, interleaved);                                                         \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(32) qins_attn_attend_##TN##_v##BITS(                               \
         const T* q_in, const T* k_in, const T* v_in, const int* seqlens_k, const T* cos_c, const T* sin_c,          \
         const T* present_key, const uint8_t* present_value, T* out, float* part, int S, int H, int KVH, int D,      \
-        int P, int first_prompt, int rot_dim, int interleaved, float alpha, float softcap, int window, int splits) { \
+        int P, int L, int first_prompt, int rot_dim, int interleaved, float alpha, float softcap, int window,       \
+        int splits) {                                                                                               \
         attend<T, BITS>(q_in, k_in, v_in, seqlens_k, cos_c, sin_c, present_key, present_value, out, part, S, H,     \
-                        KVH, D, P, first_prompt, rot_dim, interleaved, alpha, softcap, window, splits);             \
+                        KVH, D, P, L, first_prompt, rot_dim, interleaved, alpha, softcap, window, splits);          \
     }
 
 QINS_ATTN(float, f32, 8)
@@ -368,8 +373,8 @@ extern "C" __global__ void __launch_bounds__(32)
 }
 extern "C" __global__ void __launch_bounds__(128)
     qins_attn_copy_past(const uint32_t* past_key, const uint32_t* past_value, const int* seqlens_k,
-                        uint32_t* present_key, uint32_t* present_value, int S, int KVH, int P_past, int P,
+                        uint32_t* present_key, uint32_t* present_value, int S, int KVH, int P_past, int P, int L,
                         int first_prompt, int k_words, int v_words) {
-    copy_past(past_key, past_value, seqlens_k, present_key, present_value, S, KVH, P_past, P, first_prompt, k_words,
-              v_words);
+    copy_past(past_key, past_value, seqlens_k, present_key, present_value, S, KVH, P_past, P, L, first_prompt,
+              k_words, v_words);
 }

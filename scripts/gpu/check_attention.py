@@ -374,8 +374,14 @@ def run_case(i, c):
     ok = r["nmse_out"] <= tol and r["nmse_key"] <= tol and r["nmse_value_rows"] <= TOL_V * args.tol_scale
     ok = ok and r.get("rows_outside_new_changed", 0) == 0
     # One head's output row or one K row: 100 times the tolerance (rounding spreads evenly
-    # over the rows; a wrong row does not).
-    ok = ok and r["worst_row_out"] <= 100 * tol and r["worst_row_key"] <= 100 * tol
+    # over the rows; a wrong row does not). An output row is also allowed the worst V row's
+    # difference: each side attends to the V rows it stored, and a code that flips on a tie
+    # (the device's row sums differ from the CPU's in the last bit) moves its row by a whole
+    # step, 1/15 of the row's range at q4; a query that attends mostly to such a row inherits
+    # it (H100, 2026-12-07: f32 Phi q4 prompt of 8192, worst output row 3.0e-4 against a
+    # worst V row of 2.5e-3). A wrong output row is far above either bound.
+    out_bar = max(100 * tol, r["worst_row_value"])
+    ok = ok and r["worst_row_out"] <= out_bar and r["worst_row_key"] <= 100 * tol
     # (numpy loops over queries and heads in Python: cases of up to ~20k of them)
     if args.numpy_check and c["batch"] * c["S"] * c["H"] <= 20000:
         out_np, keys = numpy_reference(c, info, ref["present_value"])
@@ -460,7 +466,12 @@ def cases():
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad inputs: each must raise an error (not crash, not run) on the device under test.
+# Bad inputs: each must raise an error (not crash, not run) on the device under test, except
+# a seqlens_k the buffers cannot hold on CUDA: it lives on the device, and the kernels cannot
+# report it without a host synchronisation (nor does ORT's GroupQueryAttention check it there),
+# so the contract (docs/FORMAT.md) has them skip the sequence: the run succeeds, the
+# sequence's output is zero and no buffer row changes (compute-sanitizer, run.sh
+# sanitize-attention, checks that nothing outside the buffers is touched).
 
 BAD = {
     "bad/v_bits=6": "attribute v_bits=6 (only 8 or 4)",
@@ -495,11 +506,26 @@ def bad_case(name):
         feeds["seqlens_k"] = np.array([SHARED_BUF], np.int32)
         feeds["total_sequence_length"] = np.array([SHARED_BUF], np.int32)
         feeds["cos_cache"], feeds["sin_cache"] = rope_tables(SHARED_BUF + 1, c["D"], np.float16)
+    skips = args.device == "cuda" and name.startswith("bad/seqlens_k")
     try:
-        run(session(model(c), args.device), args.device, feeds, shapes, shared)
+        got = run(session(model(c), args.device), args.device, feeds, shapes, shared)
     except Exception as e:  # noqa: BLE001 (any ORT error is what we want)
+        if skips:
+            print("raised, where the CUDA kernels should skip the sequence:", str(e).strip().splitlines()[0][:300])
+            sys.exit(3)
         print("raised:", str(e).strip().splitlines()[0][:300])
         sys.exit(0)
+    if skips:
+        out_zero = not np.any(np.asarray(got["output"], np.float32))
+        # A shared buffer must come back as it was bound (separate ones: the skipped sequence's
+        # present rows are left zero, which the contract does not define further).
+        kept = bool(shared is None or (np.array_equal(got["present_key"], shared[0])
+                                       and np.array_equal(got["present_value"], shared[1])))
+        if out_zero and kept:
+            print("skipped (output zero, buffer unchanged), as the contract has the CUDA kernels do")
+            sys.exit(0)
+        print(f"ran without an error but did not skip: output zero {out_zero}, buffer unchanged {kept}")
+        sys.exit(3)
     print("no error raised")
     sys.exit(3)
 

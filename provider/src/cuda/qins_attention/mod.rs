@@ -111,6 +111,12 @@ impl CudaAttention {
         let first = i32::from(dims.step == Step::FirstPrompt);
         let (s32, h32, kvh32, d32, p32) =
             (i32_of(s, "S")?, i32_of(h, "H")?, i32_of(kvh, "KVH")?, i32_of(hd, "D")?, i32_of(dims.present, "P")?);
+        // The most positions any sequence may hold after this run: the kernels skip a sequence
+        // whose device-side seqlens_k says more (they cannot report it without a host sync), so
+        // rows and rotary positions stay below it. A shared buffer's P is the static cache's
+        // size and can be far larger.
+        let limit = dims.total.min(dims.present);
+        let l32 = i32_of(limit, "total_sequence_length")?;
         let bs = dims.batch.checked_mul(s).ok_or_else(|| Error::invalid("B x S overflows"))?;
         let grid_x = |n: usize| u32::try_from(n).map_err(|_| Error::invalid(format!("grid of {n} blocks")));
 
@@ -130,6 +136,7 @@ impl CudaAttention {
                     .i32(kvh32)
                     .i32(i32_of(dims.past, "P")?)
                     .i32(p32)
+                    .i32(l32)
                     .i32(first)
                     .i32(i32_of(hd * elem / 4, "K row")?)
                     .i32(i32_of(dims.row_bytes / 4, "V row")?);
@@ -157,18 +164,18 @@ impl CudaAttention {
         // Both kernels take the inputs and caches first and the run's sizes after them
         // (attend puts its outputs in between).
         let inputs = || Args::new().ptr(q).ptr(k_in).ptr(v_in).ptr(sk).ptr(cos_p).ptr(sin_p).ptr(pk).ptr(pv);
-        let sizes = |a: Args| a.i32(s32).i32(h32).i32(kvh32).i32(d32).i32(p32).i32(first).i32(rot).i32(inter);
+        let sizes = |a: Args| a.i32(s32).i32(h32).i32(kvh32).i32(d32).i32(p32).i32(l32).i32(first).i32(rot).i32(inter);
         let f = mods.function(Image::Attention, store)?;
         let args = sizes(inputs());
-        if node.rotary.is_some() && dims.present.max(dims.total) > dims.rotary_positions {
+        if node.rotary.is_some() && limit > dims.rotary_positions {
             return Err(Error::invalid(format!(
-                "the rotary caches hold {} positions, the cache {}",
-                dims.rotary_positions, dims.present
+                "the rotary caches hold {} positions, total_sequence_length {}",
+                dims.rotary_positions, dims.total
             )));
         }
         // SAFETY: inputs and outputs as `begin` checked them; the kernel writes only present
-        // rows inside [0, P) of the sequence's own (batch, KV head) block, and reads the
-        // rotary caches only at positions below P, which the check above keeps within them.
+        // rows inside [0, limit) of the sequence's own (batch, KV head) block, and reads the
+        // rotary caches only at positions below limit, which the check above keeps within them.
         unsafe {
             launch(f, (s32 as u32, kvh as u32, dims.batch as u32), (32, 1), 0, stream, &args, After::Completion)?
         };
