@@ -9,6 +9,12 @@ so the peer never quantizes more than QINS does). o_proj, gate, up and down are 
 lm_head stays float.
 
     python peer_quantize.py MODEL_DIR OUT_DIR --bits 4|8 [--block 32] [--asymmetric] [--qkv]
+                            [--algo default|hqq|rtn|kquant]
+
+--algo picks the quantizer's algorithm: default (ORT's own round-to-nearest, symmetric unless
+--asymmetric), hqq (half-quadratic, asymmetric; needs torch), rtn and kquant (the ports in
+onnxruntime.quantization.neural_compressor, asymmetric). GPTQ takes calibration data and is not
+offered here.
 """
 import argparse
 import os
@@ -25,13 +31,23 @@ ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
 ap.add_argument("--block", type=int, default=32)
 ap.add_argument("--asymmetric", action="store_true")
 ap.add_argument("--qkv", action="store_true", help="also quantize the packed qkv projection (Q and K too)")
+ap.add_argument("--algo", default="default", choices=["default", "hqq", "rtn", "kquant"])
 a = ap.parse_args()
 
 model = onnx.load(os.path.join(a.model, "model.onnx"))
 take = re.compile(r"/(o_proj|gate_proj|up_proj|down_proj|gate_up_proj" + ("|qkv_proj" if a.qkv else "") + r")/MatMul$")
 exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and not take.search(n.name)]
+op_types = ("MatMul",)
+if a.algo == "hqq":
+    algo = mnq.HQQWeightOnlyQuantConfig(block_size=a.block, bits=a.bits, op_types_to_quantize=op_types)
+elif a.algo == "rtn":
+    algo = mnq.RTNWeightOnlyQuantConfig(op_types_to_quantize=op_types)
+elif a.algo == "kquant":
+    algo = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=op_types)
+else:
+    algo = None
 q = mnq.MatMulNBitsQuantizer(model, bits=a.bits, block_size=a.block, is_symmetric=not a.asymmetric,
-                             nodes_to_exclude=exclude, accuracy_level=None)
+                             nodes_to_exclude=exclude, accuracy_level=None, algo_config=algo)
 q.process()
 tmp = a.out + ".partial"
 shutil.rmtree(tmp, ignore_errors=True)
@@ -45,5 +61,5 @@ os.rename(tmp, a.out)
 ops = {}
 for n in q.model.model.graph.node:
     ops[n.op_type] = ops.get(n.op_type, 0) + 1
-print(f"{a.out}: MatMulNBits {ops.get('MatMulNBits', 0)}, MatMul {ops.get('MatMul', 0)} (bits {a.bits}, block {a.block}, "
-      f"{'asymmetric' if a.asymmetric else 'symmetric'}, qkv {'quantized' if a.qkv else 'float'})")
+print(f"{a.out}: {a.algo}, MatMulNBits {ops.get('MatMulNBits', 0)}, MatMul {ops.get('MatMul', 0)} (bits {a.bits}, block {a.block}, "
+      f"{'symmetric' if a.algo == 'default' and not a.asymmetric else 'asymmetric'}, qkv {'quantized' if a.qkv else 'float'})")

@@ -844,26 +844,31 @@ fn print_dry_run(m: &Model, p: &plan::Plan, opts: &RewriteOptions) -> Result<()>
     Ok(())
 }
 
-/// Text of a token stream, shown piece by piece: each token's text is the growth of the
-/// whole decoded text, since a token may be part of a character (byte-level vocabularies)
-/// or change how its neighbours decode (spaces, merges).
+/// Text of a token stream, shown piece by piece. A token may be part of a character
+/// (byte-level vocabularies) or change how its neighbour decodes (spaces, merges), so each
+/// piece is the growth of the text of a short window: the tokens from the one before the last
+/// piece shown (`prefix`) to the end, against the same window up to where the last piece
+/// ended (`read`). Each token is decoded a bounded number of times.
 #[derive(Default)]
 struct TextStream {
     tokens: Vec<u32>,
-    shown: usize,
+    prefix: usize,
+    read: usize,
 }
 
 impl TextStream {
     fn push(&mut self, tok: &tokenizers::Tokenizer, t: i64) -> Result<String> {
         self.tokens.push(t as u32);
-        let text = tok.decode(&self.tokens, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+        let decode = |ids: &[u32]| tok.decode(ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"));
+        let before = decode(&self.tokens[self.prefix..self.read])?;
+        let now = decode(&self.tokens[self.prefix..])?;
         // An incomplete UTF-8 sequence decodes as U+FFFD until its last byte comes.
-        if text.ends_with('\u{FFFD}') || text.len() < self.shown || !text.is_char_boundary(self.shown) {
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') || !now.starts_with(&before) {
             return Ok(String::new());
         }
-        let piece = text[self.shown..].to_string();
-        self.shown = text.len();
-        Ok(piece)
+        self.prefix = self.read;
+        self.read = self.tokens.len();
+        Ok(now[before.len()..].to_string())
     }
 }
 

@@ -114,7 +114,12 @@ pub fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
                 if let Some(serde_json::Value::String(s)) = m.get("extract") {
                     out.push(s.clone());
                 } else {
-                    m.values().for_each(|x| walk(x, out, extracts_only));
+                    // Keys in sorted order, whatever order the map keeps: the text every
+                    // recorded result was measured on (docs/QUALITY.md) must not move with a
+                    // JSON library's features.
+                    let mut keys: Vec<&String> = m.keys().collect();
+                    keys.sort();
+                    keys.into_iter().for_each(|k| walk(&m[k], out, extracts_only));
                 }
             }
             _ => {}

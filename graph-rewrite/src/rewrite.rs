@@ -402,7 +402,7 @@ fn place_library(lib: &Path, out: &Path) -> Result<()> {
         .as_object_mut()
         .ok_or_else(|| anyhow!("genai_config.json: model.decoder.session_options is not an object"))?;
     options.insert("custom_ops_library".into(), name.to_string_lossy().into_owned().into());
-    // The builder writes four-space indentation; keep the file looking like its input.
+    // The builder writes four-space indentation; keep it (the keys come out sorted).
     let mut buf = Vec::new();
     let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     serde::Serialize::serialize(&v, &mut serde_json::Serializer::with_formatter(&mut buf, fmt))?;

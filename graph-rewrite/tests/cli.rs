@@ -540,6 +540,15 @@ fn generate_uses_the_models_chat_template() {
     // The model's template writes a system turn of its own when none is given.
     let default_system = gen(&base.join("smol"), &["--chat"]);
     assert!(default_system["prompt_tokens"].as_array().unwrap().len() > ids.len());
+    // The text streamed to stdout, piece by piece, is the text of all the tokens.
+    let f = base.join("streamed.json");
+    let o = ok(qins()
+        .args(["generate", "--max-tokens", "40", "--prompt", "Once upon a time", "--json"])
+        .arg(&f)
+        .arg(base.join("smol")));
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end_matches('\n'), j["text"].as_str().unwrap());
+    assert!(j["tokens"].as_array().unwrap().len() > 5, "{j}");
     std::fs::remove_file(base.join("smol/tokenizer_config.json")).unwrap();
     fails(qins().args(["generate", "--chat", "--prompt", "Hi"]).arg(base.join("smol")), "no tokenizer_config.json");
 }

@@ -6,7 +6,7 @@
 # its IOBinding loop, then its CUDA-graph loop), all models in one run. `graph`: the Python
 # prototype of the graph loop (scripts/gpu/graph_decode.py), as a cross-check.
 #   bash scripts/gpu/e2e.sh hf build-fp16 build-int4 build-int8 rewrite [rewrite-all] [rewrite-nofuse] [rewrite-split] bench [bench-tiles1]
-#     [bench-noprefill] [bench-pdl] [graph] [rewrite-kvv bench-long memory]   (after run.sh unpacked ORT GPU)
+#     [bench-noprefill] [bench-pdl] [graph] [rewrite-kvv bench-long memory] [genai-cuda]   (after run.sh unpacked ORT GPU)
 # Carried: .e2e/ with qins, qins-bench, libqins_provider.so (scripts/gpu/stage.sh --e2e),
 # the onnxruntime-genai 0.18.0 cp312 wheel, device-phi35.py and fx/tokenizer.json
 # (../shared/data/phi3-tokenizer.json).
@@ -94,6 +94,17 @@ for step in "$@"; do
         echo "$sep{\"model\": \"$(basename $m)\", \"context\": $n, \"peak_mib\": $p, \"rc\": $rc}" >> "$OUT/e2e-memory.json"; sep=","
       done; done
       echo "]}" >> "$OUT/e2e-memory.json" ;;
+    genai-cuda)
+      # onnxruntime-genai's CUDA build (the onnxruntime-genai-cuda wheel, carried in .e2e; it
+      # runs on the unpacked ORT GPU) on QINS q4 as `qins rewrite` writes it (the library placed
+      # and named in genai_config.json), beside genai's own int4 model, then the engine's
+      # numbers come from `bench` in the same run. Not run yet (written without a GPU).
+      [ -d /tmp/genai-cuda/onnxruntime_genai ] || python3 -m pip install -q --no-deps --target /tmp/genai-cuda \
+        "$E"/onnxruntime_genai_cuda-*.whl
+      "$E/qins" rewrite $W/onnx-fp16 -o $W/qins-q4-genai --bits 4 --group 32 --provider-lib "$E/libqins_provider.so" \
+        --force -q 2>&1 | tail -2
+      PYTHONPATH=/tmp/genai-cuda:/tmp/ortgpu python3 scripts/gpu/genai_speed.py $W/qins-q4-genai $W/onnx-int4 $W/onnx-fp16 \
+        --json "$OUT/genai-cuda.json" 2>&1 | tail -5 ;;
     graph)
       # The decode step replayed from a CUDA graph by a Python prototype of the engine's
       # graph loop, as a cross-check of its numbers.

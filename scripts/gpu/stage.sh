@@ -39,6 +39,9 @@ if [ "${1:-}" = --e2e ]; then
   else
     cp "$whl" .e2e/
   fi
+  # onnxruntime-genai's CUDA build, for e2e.sh genai-cuda (16 MB).
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 -d .e2e onnxruntime-genai-cuda==0.18.0
   grep -qx "/.e2e/" .git/info/exclude || echo "/.e2e/" >> .git/info/exclude
   du -sh .e2e
 fi
