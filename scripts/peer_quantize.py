@@ -9,7 +9,7 @@ so the peer never quantizes more than QINS does). o_proj, gate, up and down are 
 lm_head stays float.
 
     python peer_quantize.py MODEL_DIR OUT_DIR --bits 4|8 [--block 32] [--asymmetric] [--qkv]
-                            [--algo default|hqq|rtn|kquant]
+                            [--algo default|hqq|rtn|kquant] [--force]
 
 --algo picks the quantizer's algorithm: default (ORT's own round-to-nearest, symmetric unless
 --asymmetric), hqq (half-quadratic, asymmetric; needs torch), rtn and kquant (the ports in
@@ -17,6 +17,7 @@ onnxruntime.quantization.neural_compressor, asymmetric). GPTQ takes calibration 
 offered here.
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -32,7 +33,13 @@ ap.add_argument("--block", type=int, default=32)
 ap.add_argument("--asymmetric", action="store_true")
 ap.add_argument("--qkv", action="store_true", help="also quantize the packed qkv projection (Q and K too)")
 ap.add_argument("--algo", default="default", choices=["default", "hqq", "rtn", "kquant"])
+ap.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier output of this script")
 a = ap.parse_args()
+
+# Only a previous output of this script (it holds the marker) is ever replaced, and only when asked.
+MARKER = "peer_quantize.json"
+if os.path.exists(a.out) and not (a.force and os.path.isfile(os.path.join(a.out, MARKER))):
+    raise SystemExit(f"{a.out} exists (only a previous output of this script is replaced, with --force)")
 
 model = onnx.load(os.path.join(a.model, "model.onnx"))
 take = re.compile(r"/(o_proj|gate_proj|up_proj|down_proj|gate_up_proj" + ("|qkv_proj" if a.qkv else "") + r")/MatMul$")
@@ -56,7 +63,10 @@ q.model.save_model_to_file(os.path.join(tmp, "model.onnx"), use_external_data_fo
 for f in os.listdir(a.model):
     if not f.startswith("model.onnx") and os.path.isfile(os.path.join(a.model, f)):
         shutil.copy(os.path.join(a.model, f), tmp)
-shutil.rmtree(a.out, ignore_errors=True)
+with open(os.path.join(tmp, MARKER), "w") as f:
+    json.dump({"source": os.path.abspath(a.model), **vars(a)}, f, indent=1)
+if os.path.exists(a.out):
+    shutil.rmtree(a.out)
 os.rename(tmp, a.out)
 ops = {}
 for n in q.model.model.graph.node:

@@ -19,7 +19,7 @@ q qins-q4-g32-ogud --bits 4 --group 32 --exclude qkv_proj
 q qins-q4-g16-ogud --bits 4 --group 16 --exclude qkv_proj
 q qins-q4-g32 --bits 4 --group 32
 q qins-q8-g128 --bits 8 --group 128
-peer() { local name=$1 py=$2; shift 2; rm -rf "$work/$name"; "$py" scripts/peer_quantize.py "$base" "$work/$name" --bits 4 --block 32 "$@" 2>&1 | grep -v INFO; }
+peer() { local name=$1 py=$2; shift 2; "$py" scripts/peer_quantize.py "$base" "$work/$name" --bits 4 --block 32 --force "$@" 2>&1 | grep -v INFO; }
 peer mnb4-sym "$QINS_PYTHON"
 peer mnb4-asym "$QINS_PYTHON" --asymmetric
 peer mnb4-rtn "$QINS_PYTHON" --algo rtn

@@ -10,6 +10,7 @@ steps, as src/codec/encode.rs), mid subtracts the group's midrange first, ls alt
 assignment with a least-squares fit of (scale, offset) to the codes (5 rounds from mid).
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -23,7 +24,11 @@ ap.add_argument("model")
 ap.add_argument("out")
 ap.add_argument("--mode", choices=["none", "mid", "ls"], default="ls")
 ap.add_argument("--group", type=int, default=32)
+ap.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an earlier output of this script")
 a = ap.parse_args()
+MARKER = "fakequant.json"
+if os.path.exists(a.out) and not (a.force and os.path.isfile(os.path.join(a.out, MARKER))):
+    raise SystemExit(f"{a.out} exists (only a previous output of this script is replaced, with --force)")
 
 M = 8
 z = 1 - np.arange(M) * (0.5 / (M - 1))
@@ -104,6 +109,9 @@ for f in os.listdir(a.model):
     p = os.path.join(a.model, f)
     if os.path.isfile(p) and not f.startswith("model.onnx") and not f.startswith("qins_") and f != "degrid.json":
         shutil.copy(p, tmp)
-shutil.rmtree(a.out, ignore_errors=True)
+with open(os.path.join(tmp, MARKER), "w") as f:
+    json.dump({"source": os.path.abspath(a.model), "mode": a.mode, "group": a.group}, f)
+if os.path.exists(a.out):
+    shutil.rmtree(a.out)
 os.rename(tmp, a.out)
 print(f"{a.out}: mode {a.mode}, group {a.group}, {len(err)} tensors, mean relative error {np.mean(err):.4f}")
