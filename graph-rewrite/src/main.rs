@@ -242,7 +242,7 @@ impl JsonOut {
 }
 
 /// Whether a command's table goes to stdout: not when stdout carries its JSON.
-fn table_to_stdout(json: &Option<JsonOut>) -> bool {
+fn table_to_stdout(json: Option<&JsonOut>) -> bool {
     !matches!(json, Some(JsonOut::Stdout))
 }
 
@@ -384,6 +384,17 @@ macro_rules! note_raw {
         let _ = write!(std::io::stderr().lock(), $($t)*);
     }};
 }
+/// A command's finished table: to stdout, or to stderr when stdout carries its JSON
+/// (`--json -`).
+macro_rules! table {
+    ($json:expr, $s:expr) => {{
+        if table_to_stdout($json) {
+            out_raw!($s);
+        } else {
+            note_raw!("{}", $s);
+        }
+    }};
+}
 
 fn main() {
     // Before any thread starts: interrupts clean up partial outputs, and a truncated input
@@ -422,7 +433,7 @@ fn run(cli: Cli) -> Result<()> {
                     if let Some(j) = &json {
                         j.write(&p.candidates)?;
                     }
-                    if table_to_stdout(&json) {
+                    if table_to_stdout(json.as_ref()) {
                         print_inspect(&m, p)?;
                     }
                 }
@@ -467,11 +478,7 @@ fn run(cli: Cli) -> Result<()> {
                 j.write(&r)?;
             }
             if !quiet {
-                if table_to_stdout(&json) {
-                    out_raw!(r.table());
-                } else {
-                    note_raw!("{}", r.table());
-                }
+                table!(json.as_ref(), r.table());
             }
             match &opts.library {
                 Some(lib) => note!(
@@ -489,11 +496,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(j) = &json {
                 j.write(&r)?;
             }
-            if table_to_stdout(&json) {
-                out!("{r}");
-            } else {
-                note!("{r}");
-            }
+            table!(json.as_ref(), format!("{r}\n"));
         }
         Cmd::Parity { reference, models, text, suite, tests, plots, window, windows, runtime, threads, json } => {
             use qins_graph_rewrite::engine::{load_tokenizer, CausalLm, EngineOptions};
@@ -541,11 +544,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(j) = &json {
                 j.write(&res)?;
             }
-            if table_to_stdout(&json) {
-                out_raw!(parity::table(&res));
-            } else {
-                note_raw!("{}", parity::table(&res));
-            }
+            table!(json.as_ref(), parity::table(&res));
         }
         Cmd::Generate {
             model,
@@ -601,7 +600,7 @@ fn run(cli: Cli) -> Result<()> {
             let sampling =
                 if temperature > 0.0 { Sampling::Sample { temperature, top_p, seed } } else { Sampling::Greedy };
             let stop = stop_tokens(&model, &tok)?;
-            let to_stdout = table_to_stdout(&json);
+            let to_stdout = table_to_stdout(json.as_ref());
             let t0 = std::time::Instant::now();
             let mut first = None;
             let mut stream = TextStream::default();
@@ -668,7 +667,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(j) = &json {
                 j.write(&r)?;
             }
-            if table_to_stdout(&json) {
+            if table_to_stdout(json.as_ref()) {
                 out_raw!(r.table(per_tensor));
             }
         }
@@ -727,11 +726,7 @@ fn run_suite(
     if let Some(c) = res.iter().find(|c| c.measured_nothing()) {
         bail!("{}: none of the selected tests measured anything (A needs the candidate's qins_report.json)", c.model);
     }
-    if !matches!(json, Some(JsonOut::Stdout)) {
-        out_raw!(suite::summary(&res));
-    } else {
-        note_raw!("{}", suite::summary(&res));
-    }
+    table!(json, suite::summary(&res));
     if let Some(dir) = plots {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         for (i, c) in res.iter().enumerate() {

@@ -362,10 +362,7 @@ fn copy_sidecars(model: &Model, out: &Path) -> Result<()> {
             if real.is_dir() {
                 return Ok(());
             }
-            let mut src = qins::files::open_regular(&real)?;
-            let mut dst = std::fs::File::create(out.join(e.file_name()))?;
-            std::io::copy(&mut src, &mut dst)?;
-            Ok(())
+            copy_regular(&real, &out.join(e.file_name()))
         };
         copy().with_context(|| format!("copy {name} from the model folder"))?;
     }
@@ -379,13 +376,8 @@ fn copy_sidecars(model: &Model, out: &Path) -> Result<()> {
 /// copy, not a link, is what it accepts.
 fn place_library(lib: &Path, out: &Path) -> Result<()> {
     let name = lib.file_name().ok_or_else(|| anyhow!("custom-op library {}: not a file name", lib.display()))?;
-    let copy = || -> Result<()> {
-        let mut src = qins::files::open_regular(lib)?;
-        let mut dst = std::fs::File::create(out.join(name))?;
-        std::io::copy(&mut src, &mut dst)?;
-        Ok(())
-    };
-    copy().with_context(|| format!("copy the custom-op library {} (--no-library leaves it out)", lib.display()))?;
+    copy_regular(lib, &out.join(name))
+        .with_context(|| format!("copy the custom-op library {} (--no-library leaves it out)", lib.display()))?;
     let config = out.join("genai_config.json");
     if !config.exists() {
         return Ok(());
@@ -407,4 +399,13 @@ fn place_library(lib: &Path, out: &Path) -> Result<()> {
     let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     serde::Serialize::serialize(&v, &mut serde_json::Serializer::with_formatter(&mut buf, fmt))?;
     std::fs::write(&config, buf).context("write genai_config.json")
+}
+
+/// Copies a regular file (a FIFO or device is refused by `open_regular`, not waited on) into
+/// the output folder being written.
+fn copy_regular(src: &Path, dst: &Path) -> Result<()> {
+    let mut src = qins::files::open_regular(src)?;
+    let mut dst = std::fs::File::create(dst)?;
+    std::io::copy(&mut src, &mut dst)?;
+    Ok(())
 }
