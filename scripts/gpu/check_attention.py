@@ -2,7 +2,7 @@
 CPU kernel, in ONNX Runtime.
 
     python check_attention.py LIB --json OUT.json [--quick] [--device cuda|cpu] [--seed N]
-                              [--tol-scale X] [--numpy-check]
+                              [--tol-scale X] [--numpy-check] [--only TEXT] [--part I/N]
 
 Every case is a single-node model run twice: with the library on CPUExecutionProvider (the
 reference) and on the device under test (--device cuda: CUDAExecutionProvider only, with CPU
@@ -63,6 +63,8 @@ ap.add_argument("--seed", type=int, default=20240)
 ap.add_argument("--tol-scale", type=float, default=1.0)
 ap.add_argument("--numpy-check", action="store_true", help="also check the CPU reference against numpy")
 ap.add_argument("--only", help="run only cases whose name contains this string")
+ap.add_argument("--part", help="I/N: run every N-th case from the I-th (0-based), so that one sweep can be spread "
+                "over several device calls; the bad inputs run in part 0")
 ap.add_argument("--bad-case", help=argparse.SUPPRESS)  # internal: run one bad-input case (child process)
 args = ap.parse_args()
 LIB = os.path.abspath(args.lib)
@@ -462,7 +464,23 @@ def cases():
         ]
     if args.only:
         out = [c for c in out if args.only in c["name"]]
+    if args.part:
+        i, n = part()
+        out = out[i::n]
     return out
+
+
+def part():
+    """--part I/N as (I, N); (0, 1) without it."""
+    if not args.part:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in args.part.split("/"))
+    except ValueError:
+        sys.exit(f"--part {args.part}: expected I/N, e.g. 0/2")
+    if not 0 <= i < n:
+        sys.exit(f"--part {args.part}: I must be in 0..N-1")
+    return i, n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,7 +598,7 @@ def main():
             extra += f" numpy out {r['nmse_cpu_vs_numpy_out']:.1e} key {r['nmse_cpu_vs_numpy_key']:.1e}"
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {c['name']:<44} out {fmt(r['nmse_out'])} key {fmt(r['nmse_key'])} "
               f"v {fmt(r['nmse_value_rows'])}{extra}", flush=True)
-    if not args.only:
+    if not args.only and part()[0] == 0:
         for name in BAD:
             r = run_bad(name)
             results.append(r)
@@ -591,6 +609,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "onnxruntime": ort.__version__, "seed": args.seed, "quick": args.quick,
+                       "part": args.part,
                        "tol_scale": args.tol_scale, "results": results}, f, indent=1)
     sys.exit(1 if failed else 0)
 

@@ -61,6 +61,9 @@ for step in "$@"; do
     # under compute-sanitizer (the quick sweep), and decode attention against ORT's
     # GroupQueryAttention with fp16 and int8 caches.
     check-attention) python3 scripts/gpu/check_attention.py "$LIB" --device cuda --json "$OUT/check_attention.json" 2>&1 | grep -v "^ok \|plugin EP" | tail -20 ;;
+    # The same sweep in two halves, for two device calls (the whole took 560 s of a 600 s call).
+    check-attention-0|check-attention-1) i=${step##*-}
+      python3 scripts/gpu/check_attention.py "$LIB" --device cuda --part "$i/2" --json "$OUT/check_attention-$i.json" 2>&1 | grep -v "^ok \|plugin EP" | tail -20 ;;
     sanitize-attention)
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --kernel-name kns=qins_attn --print-limit 20 --error-exitcode 3 \
