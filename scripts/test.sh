@@ -13,6 +13,8 @@ export RUST_BACKTRACE=1
 export QINS_REQUIRE_CUDA=${QINS_REQUIRE_CUDA:-1}
 cargo build --release --workspace --all-targets
 cargo test --release --workspace
+# A calibrated q4 rewrite of the de-gridded SmolLM2 must beat the uncalibrated one (about 2 min).
+scripts/test-calibrated.sh
 "$QINS_PYTHON" provider/tests/ort_smoke.py target/release/libqins_provider.so
 # The Python wheel (onnxruntime-qins, manylinux_2_28 via zig): fresh venvs with onnxruntime
 # 1.31.1 and 1.23.0 (the oldest supported), a q8 SmolLM2 through Python ORT and the installed CLI.

@@ -132,6 +132,10 @@ pub struct EngineOptions {
     /// CUDA only: replay each decode step from a CUDA graph (`generate`), with a shared
     /// past/present buffer of this many positions (0: off). See [`CausalLm::generate`].
     pub cuda_graph_len: usize,
+    /// CPU only: intermediate tensors (name, ONNX element type) made graph outputs, which
+    /// each [`CausalLm::extend`] then keeps for [`CausalLm::take_captured`] (calibration
+    /// reads the inputs of the MatMuls it encodes this way).
+    pub capture: Vec<(String, i32)>,
 }
 
 /// The `tokenizer.json` in a model folder (bounded, inside the folder).
@@ -170,6 +174,10 @@ pub struct CausalLm {
     /// The graph's buffers, kept for the session's life: a captured graph replays at the
     /// addresses it was captured with.
     graph: Option<GraphState>,
+    /// [`EngineOptions::capture`]'s names, and what the last run gave for each, as `[rows,
+    /// last dim]` f32.
+    capture: Vec<String>,
+    captured: Vec<(Vec<f32>, usize)>,
 }
 
 /// Device buffers of CUDA-graph decoding (see [`CausalLm::generate`]).
@@ -190,6 +198,12 @@ impl CausalLm {
             b = b.with_operator_library(lib).map_err(|e| anyhow!("register {}: {e}", lib.display()))?;
         }
         let mut folded = None;
+        if !opts.capture.is_empty() {
+            if opts.device != Device::Cpu {
+                bail!("capturing intermediate tensors runs on the CPU only");
+            }
+            folded = Some(FoldedModel::with_outputs(&onnx, &opts.capture)?);
+        }
         if let Device::Cuda(id) = opts.device {
             let graph = opts.cuda_graph_len > 0;
             if graph {
@@ -208,6 +222,17 @@ impl CausalLm {
         }
         if opts.threads > 0 {
             b = b.with_intra_threads(opts.threads).map_err(|e| anyhow!("intra-op threads: {e}"))?;
+        }
+        if !opts.capture.is_empty() {
+            // Calibration reads a model once, and an fp16 one on the CPU runs through Casts
+            // to f32 that constant folding would turn into an f32 copy of every weight (17 GB
+            // for Phi-3.5-mini); unfolded, each Cast's output lives only while its MatMul
+            // runs. Prepacking would copy the weights again.
+            b = b
+                .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
+                .map_err(|e| anyhow!("optimization level: {e}"))?
+                .with_config_entry("session.disable_prepacking", "1")
+                .map_err(|e| anyhow!("session options: {e}"))?;
         }
         if opts.cuda_graph_len > 0 && opts.device == Device::Cpu {
             bail!("CUDA graphs need --device cuda");
@@ -279,6 +304,8 @@ impl CausalLm {
             device: opts.device,
             graph_len: opts.cuda_graph_len,
             graph: None,
+            capture: opts.capture.iter().map(|(n, _)| n.clone()).collect(),
+            captured: Vec::new(),
         })
     }
 
@@ -352,7 +379,18 @@ impl CausalLm {
             cache.values.push(out.remove(&name).ok_or_else(|| anyhow!("model has no output {name}"))?);
         }
         cache.len = total;
+        self.captured.clear();
+        for name in &self.capture {
+            let v = out.get(name.as_str()).ok_or_else(|| anyhow!("model has no output {name}"))?;
+            self.captured.push(float_rows(v).with_context(|| format!("captured tensor {name}"))?);
+        }
         logits_rows(&out["logits"], n, all)
+    }
+
+    /// The tensors [`EngineOptions::capture`] named, from the last [`CausalLm::extend`], in
+    /// that order: each as f32 rows of its last dimension, and that dimension.
+    pub fn take_captured(&mut self) -> Vec<(Vec<f32>, usize)> {
+        std::mem::take(&mut self.captured)
     }
 
     /// Generates `new` tokens after `prompt`. Returns the tokens and, when `record`, the
@@ -552,6 +590,19 @@ fn logits_rows(v: &ort::value::DynValue, n: usize, all: bool) -> Result<(Vec<f32
     }
 }
 
+/// A float tensor as f32 rows of its last dimension, and that dimension.
+fn float_rows(v: &ort::value::DynValue) -> Result<(Vec<f32>, usize)> {
+    let (shape, d) = match v.try_extract_tensor::<f32>() {
+        Ok((shape, d)) => (shape.to_vec(), d.to_vec()),
+        Err(_) => {
+            let (shape, d) = v.try_extract_tensor::<f16>()?;
+            (shape.to_vec(), d.iter().map(|x| x.to_f32()).collect())
+        }
+    };
+    let last = shape.last().copied().filter(|&l| l > 0).ok_or_else(|| anyhow!("shape {shape:?} has no rows"))?;
+    Ok((d, last as usize))
+}
+
 /// Input or output name of cache value `i` of `[k0, v0, k1, v1, ...]`: `{prefix}.{layer}.key|value`.
 fn kv_name(prefix: &str, i: usize) -> String {
     format!("{prefix}.{}.{}", i / 2, if i.is_multiple_of(2) { "key" } else { "value" })
@@ -595,6 +646,33 @@ pub struct FoldedModel {
 }
 
 impl FoldedModel {
+    /// The model with intermediate tensors `(name, element type)` added to its graph outputs
+    /// (nothing folded), loaded the same way: from bytes, with the original folder for its
+    /// external data.
+    pub fn with_outputs(onnx: &Path, outputs: &[(String, i32)]) -> Result<FoldedModel> {
+        use prost::Message;
+        use qins::onnx::proto::type_proto::Value;
+        use qins::onnx::proto::ModelProto;
+        let bytes = qins::files::read_bounded(onnx, 2 << 30)?;
+        let mut model = ModelProto::decode(&bytes[..]).with_context(|| format!("decode {}", onnx.display()))?;
+        let graph = model.graph.as_mut().ok_or_else(|| anyhow!("{}: no graph", onnx.display()))?;
+        for (name, elem) in outputs {
+            if !graph.node.iter().any(|n| n.output.iter().any(|o| o == name)) {
+                bail!("{}: no node computes {name}", onnx.display());
+            }
+            if !graph.output.iter().any(|o| o.name() == name) {
+                // No shape: ORT takes it from the node (an empty shape would say scalar).
+                let mut v = qins::onnx::build::value_info(name, *elem, &[]);
+                if let Some(Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+                    t.shape = None;
+                }
+                graph.output.push(v);
+            }
+        }
+        let data_dir = onnx.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(FoldedModel { bytes: model.encode_to_vec(), data_dir })
+    }
+
     /// `None` when the model has no `If` to fold.
     pub fn create(onnx: &Path, max_len: usize) -> Result<Option<FoldedModel>> {
         use prost::Message;

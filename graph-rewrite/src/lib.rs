@@ -11,8 +11,10 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod calibrate;
 pub mod chat;
 pub mod engine;
+pub mod gptq;
 pub mod kv_v;
 pub mod parity;
 pub mod plan;

@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use qins::files::{check_output_file, write_json_output, Inputs};
 use qins_graph_rewrite::engine::Device;
+use qins_graph_rewrite::gptq::{GptqOptions, ScaleRule};
 use qins_graph_rewrite::plan::{self, parse_qkv_split, PlanOptions, Preset};
 use qins_graph_rewrite::report::short;
 use qins_graph_rewrite::rewrite::{self, Progress, RewriteOptions};
@@ -74,6 +75,8 @@ enum Cmd {
         /// themselves); genai_config.json is then left as the input's.
         #[arg(long)]
         no_library: bool,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// No progress bar and no per-layer table.
         #[arg(short, long)]
         quiet: bool,
@@ -185,7 +188,49 @@ enum Cmd {
     },
 }
 
-/// Where a model runs: the commands that run one through ONNX Runtime.
+/// `qins rewrite --calibrate` and the options that go with it.
+#[derive(Args)]
+struct CalibArgs {
+    /// Calibrate on this text (plain text, or JSON as parity --text reads it): the original
+    /// model runs on it through ONNX Runtime, and each weight is encoded to minimise the
+    /// error of its MatMul's output on those inputs (GPTQ's error feedback on the QINS grid;
+    /// docs/FORMAT.md). Integer formats only. Do not calibrate on the text you evaluate on.
+    #[arg(long, value_name = "TEXT")]
+    calibrate: Option<PathBuf>,
+    /// Tokens of the calibration text to run, from its start.
+    #[arg(long, default_value_t = 8192, requires = "calibrate", value_name = "N")]
+    calib_tokens: usize,
+    /// Tokens per forward pass of the calibration.
+    #[arg(long, default_value_t = 512, requires = "calibrate", value_name = "N")]
+    calib_window: usize,
+    /// Added to the Hessian's diagonal, as a fraction of its mean.
+    #[arg(long, default_value_t = 0.01, requires = "calibrate", value_name = "X")]
+    damp: f32,
+    /// How group scales are chosen under calibration: weight (the weights' squared error)
+    /// or activation (weighted by each input's mean square on the text).
+    #[arg(long, default_value = "weight", requires = "calibrate", value_parser = parse_scale_rule)]
+    scale_rule: ScaleRule,
+    /// Code each weight's inputs in order of decreasing importance on the text (GPTQ's
+    /// act-order; the group scales are then chosen before the feedback).
+    #[arg(long, requires = "calibrate")]
+    act_order: bool,
+    /// ONNX Runtime threads for the calibration runs (0: its default).
+    #[arg(long, default_value_t = 0, requires = "calibrate", value_name = "N")]
+    calib_threads: usize,
+    /// ONNX Runtime library for the calibration runs (default: $ORT_DYLIB_PATH, else the one
+    /// of a pip-installed onnxruntime that python3 can import).
+    #[arg(long, value_name = "FILE", requires = "calibrate")]
+    ort_lib: Option<PathBuf>,
+}
+
+fn parse_scale_rule(s: &str) -> Result<ScaleRule, String> {
+    match s {
+        "weight" => Ok(ScaleRule::Weight),
+        "activation" => Ok(ScaleRule::Activation),
+        _ => Err(format!("'{s}': expected weight or activation")),
+    }
+}
+
 #[derive(Args)]
 struct Runtime {
     /// cpu, or cuda[:N] (ONNX Runtime with the CUDA execution provider).
@@ -456,6 +501,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             provider_lib,
             no_library,
+            calib,
             quiet,
         } => {
             output_folder(&out)?;
@@ -469,11 +515,23 @@ fn run(cli: Cli) -> Result<()> {
             }
             // Every path is checked before the work: a long rewrite must not fail at its end
             // over a report path that could never have been written.
-            let inputs = Inputs::new().with(&m.dir)?;
+            let mut inputs = Inputs::new().with(&m.dir)?;
+            if let Some(text) = &calib.calibrate {
+                inputs.add(text)?;
+            }
             inputs.check_output(&out, "output")?;
             let json = json.map(|j| j.checked(&inputs)).transpose()?;
+            let calibration = match &calib.calibrate {
+                Some(text) => {
+                    if !bits.is_integer() {
+                        bail!("--calibrate applies to the integer formats (--bits 8, 6 or 4), not {bits}");
+                    }
+                    Some(run_calibration(&m, &p, &calib, text, &out, quiet)?)
+                }
+                None => None,
+            };
             let mut progress: Box<dyn Progress> = if quiet { Box::new(Quiet) } else { Box::new(Bar(None)) };
-            let r = rewrite::rewrite(&m, &p, &opts, &out, progress.as_mut())?;
+            let r = rewrite::rewrite_calibrated(&m, &p, &opts, calibration.as_ref(), &out, progress.as_mut())?;
             if let Some(j) = &json {
                 j.write(&r)?;
             }
@@ -879,4 +937,65 @@ fn find_library(given: Option<PathBuf>) -> Result<PathBuf> {
         bail!("custom-op library {} is not a file (--provider-lib, or --no-library to leave it out)", lib.display());
     }
     Ok(lib)
+}
+
+/// Runs `--calibrate`, with a progress bar on a terminal.
+fn run_calibration(
+    m: &Model,
+    p: &plan::Plan,
+    a: &CalibArgs,
+    text: &std::path::Path,
+    out: &std::path::Path,
+    quiet: bool,
+) -> Result<qins_graph_rewrite::calibrate::Calibration> {
+    use qins_graph_rewrite::calibrate::{calibrate, spill_bytes, text_ids, CalibOptions};
+    use qins_graph_rewrite::engine::EngineOptions;
+    let engine = EngineOptions { ort_lib: a.ort_lib.clone(), threads: a.calib_threads, ..Default::default() };
+    // The captured inputs go to a temporary file beside the output (deleted when done).
+    let spill_dir =
+        out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf();
+    let opts = CalibOptions {
+        window: a.calib_window,
+        spill_dir,
+        gptq: GptqOptions { damp: a.damp, scale_rule: a.scale_rule, act_order: a.act_order },
+        engine,
+    };
+    if !(a.damp.is_finite() && a.damp >= 0.0) {
+        bail!("--damp {}: expected a finite value >= 0", a.damp);
+    }
+    if a.calib_tokens < 2 {
+        bail!("--calib-tokens {}: at least 2", a.calib_tokens);
+    }
+    let ids = text_ids(m, text, a.calib_tokens)?;
+    if !quiet {
+        note!(
+            "calibrating on {} tokens of {} ({} MB of captured inputs, in a temporary file in {})",
+            ids.len(),
+            text.display(),
+            spill_bytes(m, p, ids.len())?.div_ceil(1_000_000),
+            opts.spill_dir.display()
+        );
+    }
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} window {pos}/{len}")
+                .expect("valid template"),
+        );
+        pb
+    });
+    let mut c = calibrate(m, p, &ids, &opts, &mut |done, total| {
+        if let Some(pb) = &bar {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        }
+    })?;
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    c.text = text.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    if !quiet {
+        note!("calibrated on {} tokens ({} windows) in {:.1} s", c.tokens, c.windows, c.seconds);
+    }
+    Ok(c)
 }

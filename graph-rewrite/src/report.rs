@@ -64,6 +64,9 @@ pub struct RewriteReport {
     pub targeted_bytes_after: u64,
     /// The V cache pass (`--kv-v`), if it ran.
     pub kv_v: Option<crate::kv_v::KvVReport>,
+    /// `--calibrate`, if it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calibrate::CalibSummary>,
 }
 
 impl RewriteReport {
@@ -91,6 +94,7 @@ impl RewriteReport {
             seconds,
             throughput_mb_s: input_weight_bytes as f64 / 1e6 / seconds.max(1e-9),
             kv_v: None,
+            calibration: None,
         }
     }
 

@@ -1,5 +1,7 @@
 //! Applying a plan: graph edits, lazy encoding while the output is written, the report.
 
+use crate::calibrate::Calibration;
+use crate::gptq::GptqOptions;
 use crate::plan::{Plan, Target};
 use crate::report::{LayerReport, RewriteReport};
 use anyhow::{anyhow, bail, Context, Result};
@@ -210,10 +212,23 @@ fn collect_inputs(g: &GraphProto, used: &mut HashSet<String>) {
 }
 
 /// Rewrites `model` into the folder `out` (atomically) and returns the report.
-pub fn rewrite<'m>(
+pub fn rewrite(
+    model: &Model,
+    plan: &Plan,
+    opts: &RewriteOptions,
+    out: &Path,
+    progress: &mut dyn Progress,
+) -> Result<RewriteReport> {
+    rewrite_calibrated(model, plan, opts, None, out, progress)
+}
+
+/// [`rewrite`], encoding each target against its calibration Hessian ([`crate::gptq`]) when
+/// `calib` is given.
+pub fn rewrite_calibrated<'m>(
     model: &'m Model,
     plan: &Plan,
     opts: &RewriteOptions,
+    calib: Option<&Calibration>,
     out: &Path,
     progress: &mut dyn Progress,
 ) -> Result<RewriteReport> {
@@ -235,6 +250,7 @@ pub fn rewrite<'m>(
     let mut pending_scales: HashMap<usize, Vec<u8>> = HashMap::new();
     let mut input_bytes = 0u64;
     let mut scratch = Scratch::new();
+    let mut factors = Factors::new(calib);
     let resolve = &mut |t: &TensorProto| -> Result<Cow<'m, [u8]>> {
         let r = external_ref(t)?.ok_or_else(|| anyhow!("tensor '{}' is not external", t.name()))?;
         let Some(job) = parse_job(&r.location) else {
@@ -247,7 +263,7 @@ pub fn rewrite<'m>(
             Job::Codes(i) => {
                 let target = &plan.targets[i];
                 let started = Instant::now();
-                let (enc, stats) = encode_target(model, target, opts, &mut scratch)?;
+                let (enc, stats) = encode_target(model, target, opts, factors.get(i)?.as_deref(), &mut scratch)?;
                 let src_bytes = (target.k * target.n() * target.elem.bytes()) as u64;
                 input_bytes += src_bytes;
                 progress.advance(src_bytes, &target.name);
@@ -284,6 +300,7 @@ pub fn rewrite<'m>(
     let mut report =
         RewriteReport::new(model, opts.format, opts.group, layers, save, input_bytes, t0.elapsed().as_secs_f64());
     report.kv_v = kv_v;
+    report.calibration = calib.map(Calibration::summary);
     write_json_output(&dir.path().join("qins_report.json"), &report)?;
     // Reopen what we wrote: every external reference must resolve before it goes live.
     Model::load(&onnx_path).context("the written model does not reload")?;
@@ -325,15 +342,68 @@ fn full_weight<'a>(model: &'a Model, name: &str, t: &Target) -> Result<WeightSou
     Ok(WeightSource::new(bytes, t.elem, t.k, t.n_total)?)
 }
 
+/// The calibrated encoder's inputs for one MatMul input: the inverse factor and `diag(H)`.
+struct Factor {
+    u: Vec<f32>,
+    diag: Vec<f32>,
+    /// The input order, under act-order.
+    perm: Option<Vec<usize>>,
+    opts: GptqOptions,
+}
+
+/// Inverse factors, each computed (with its Hessian, which is dropped then) at its input's
+/// first target and dropped after its last (the largest, Phi-3.5's down_proj input, is
+/// 268 MB).
+struct Factors<'c> {
+    calib: Option<&'c Calibration>,
+    live: HashMap<String, (std::rc::Rc<Factor>, usize)>,
+    uses: HashMap<String, usize>,
+}
+
+impl<'c> Factors<'c> {
+    fn new(calib: Option<&'c Calibration>) -> Factors<'c> {
+        Factors { calib, live: HashMap::new(), uses: calib.map(|c| c.uses()).unwrap_or_default() }
+    }
+
+    fn get(&mut self, target: usize) -> Result<Option<std::rc::Rc<Factor>>> {
+        let Some(c) = self.calib else { return Ok(None) };
+        let name = &c.input_of[target];
+        if !self.live.contains_key(name) {
+            let h = c.hessian(target)?;
+            let diag = h.diag();
+            let perm = c.opts.act_order.then(|| crate::gptq::act_order(&diag));
+            let h = match &perm {
+                Some(p) => h.permuted(p),
+                None => h,
+            };
+            let u = crate::gptq::inverse_factor(&h, c.opts.damp).with_context(|| format!("calibration of {name}"))?;
+            let f = Factor { u, diag, perm, opts: c.opts };
+            self.live.insert(name.clone(), (std::rc::Rc::new(f), 0));
+        }
+        let (f, used) = self.live.get_mut(name).expect("inserted above");
+        *used += 1;
+        let f = f.clone();
+        if Some(&*used) == self.uses.get(name) {
+            self.live.remove(name);
+        }
+        Ok(Some(f))
+    }
+}
+
 fn encode_target(
     model: &Model,
     t: &Target,
     opts: &RewriteOptions,
+    factor: Option<&Factor>,
     scratch: &mut Scratch,
 ) -> Result<(Encoded, TensorStats)> {
     let src = staged_source(model, t, scratch)?;
     let layout = Layout::new(opts.format, t.k, t.n(), opts.group);
-    let (enc, rows) = encode_matrix(src, layout).with_context(|| format!("encode {}", t.name))?;
+    let (enc, rows) = match factor {
+        Some(f) => crate::gptq::encode(src, layout, &f.u, &f.diag, f.perm.as_deref(), &f.opts),
+        None => encode_matrix(src, layout).map_err(Into::into),
+    }
+    .with_context(|| format!("encode {}", t.name))?;
     let stats = TensorStats::from_rows(&rows, layout.bits_per_weight());
     Ok((enc, stats))
 }

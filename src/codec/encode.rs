@@ -56,6 +56,18 @@ impl<'a> WeightSource<'a> {
         WeightSource { col0: self.col0 + range.start, n: range.len(), ..self }
     }
 
+    /// Output channels `n0..n0 + nb` as `nb` rows of K f32 (channel-major) in `out`.
+    pub fn rows(&self, n0: usize, nb: usize, out: &mut Vec<f32>) {
+        assert!(n0 + nb <= self.n, "channels {n0}..{} of {}", n0 + nb, self.n);
+        out.resize(nb * self.k, 0.0);
+        let mut bits = Vec::new();
+        // `gather` takes at most BLOCK channels at a time.
+        for b0 in (0..nb).step_by(BLOCK) {
+            let bn = BLOCK.min(nb - b0);
+            self.gather(n0 + b0, bn, &mut bits, &mut out[b0 * self.k..(b0 + bn) * self.k]);
+        }
+    }
+
     pub fn k(&self) -> usize {
         self.k
     }
@@ -417,12 +429,19 @@ impl Levels {
     /// then Lloyd steps.
     #[inline(always)]
     fn search(&self, x: &[f32], absmax: f32, isa: Isa) -> f32 {
+        self.search_with(absmax, |s| self.pass(x, s, isa))
+    }
+
+    /// [`Levels::search`] over any error: `pass(s)` gives the error at scale `s` and the
+    /// Lloyd update of `s`.
+    #[inline(always)]
+    fn search_with(&self, absmax: f32, pass: impl Fn(f32) -> (f32, f32)) -> f32 {
         let s_max = absmax / self.u[self.u.len() - 1];
         let (mut best_err, mut best_s, mut next) = (f32::INFINITY, s_max, s_max);
         let mut worse = 0;
         for &r in self.ratios {
             let s = s_max * r;
-            let (e, upd) = self.pass(x, s, isa);
+            let (e, upd) = pass(s);
             if e < best_err {
                 (best_err, best_s, next, worse) = (e, s, upd, 0);
             } else {
@@ -436,7 +455,7 @@ impl Levels {
             if next.is_nan() || next <= 0.0 || next == best_s {
                 break;
             }
-            let (e, upd) = self.pass(x, next, isa);
+            let (e, upd) = pass(next);
             if e < best_err {
                 (best_err, best_s, next) = (e, next, upd);
             } else {
@@ -444,6 +463,88 @@ impl Levels {
             }
         }
         best_s
+    }
+
+    /// [`Levels::pass`] with a weight per element: `sum w (|x| - u s)^2` and the weighted
+    /// Lloyd update `sum w |x| u / sum w u^2`. Portable only: it runs once per group and
+    /// scale candidate in the calibrated encoder, whose error feedback costs K times more.
+    fn pass_weighted(&self, x: &[f32], w: &[f32], s: f32) -> (f32, f32) {
+        let inv = 1.0 / s;
+        let (mut err, mut xu, mut uu) = (0f64, 0f64, 0f64);
+        for (&v, &wt) in x.iter().zip(w) {
+            let a = v.abs();
+            let u = self.nearest_value(a * inv);
+            let d = (a - u * s) as f64;
+            let wt = wt as f64;
+            err += wt * d * d;
+            xu += wt * (a * u) as f64;
+            uu += wt * (u * u) as f64;
+        }
+        (err as f32, if uu > 0.0 { (xu / uu) as f32 } else { s })
+    }
+}
+
+/// An integer format's group quantizer on its own, for encoders that choose codes one weight
+/// at a time (the calibrated encoder of the rewrite, which feeds each rounding error forward):
+/// the scale search and the nearest-code rule of [`encode_matrix`], so that both write the
+/// same grid.
+pub struct GroupCoder {
+    format: Format,
+    levels: Levels,
+    sign_bit: u8,
+    isa: Isa,
+}
+
+impl GroupCoder {
+    /// `None` for [`Format::F32`], which has no codebook.
+    pub fn new(format: Format) -> Option<GroupCoder> {
+        format.is_integer().then(|| GroupCoder {
+            format,
+            levels: Levels::new(format),
+            sign_bit: 1u8 << (format.bits() - 1),
+            isa: Isa::best(),
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The scale [`encode_matrix`] stores for a group (weight MSE, rounded to f16 as
+    /// stored); 0 for a group of zeros. Non-finite input gives a non-finite or NaN scale,
+    /// which the caller must refuse.
+    pub fn scale(&self, xs: &[f32]) -> f32 {
+        match absmax_finite(xs, false) {
+            (_, false) => f32::NAN,
+            (0.0, true) => 0.0,
+            (amax, true) => f16::from_f32(self.levels.search(xs, amax, self.isa)).to_f32(),
+        }
+    }
+
+    /// The scale that minimises `sum w (x - q)^2` over the group (`w >= 0`, one per weight),
+    /// rounded to f16 as stored: an activation-weighted search when `w` is the diagonal of
+    /// the inputs' second moment. The same candidates and Lloyd steps as [`GroupCoder::scale`].
+    pub fn scale_weighted(&self, xs: &[f32], w: &[f32]) -> f32 {
+        assert_eq!(xs.len(), w.len());
+        match absmax_finite(xs, false) {
+            (_, false) => f32::NAN,
+            (0.0, true) => 0.0,
+            (amax, true) => {
+                f16::from_f32(self.levels.search_with(amax, |s| self.levels.pass_weighted(xs, w, s))).to_f32()
+            }
+        }
+    }
+
+    /// The code nearest `x` at scale `s` (the stored scale); code 0 (zero) when `s == 0`.
+    #[inline]
+    pub fn code(&self, x: f32, s: f32) -> u8 {
+        if s > 0.0 {
+            let mut c = [0u8];
+            self.levels.assign(&[x], s, self.sign_bit, &mut c, false);
+            c[0]
+        } else {
+            0
+        }
     }
 }
 

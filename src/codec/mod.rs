@@ -21,7 +21,7 @@ pub mod kv;
 mod stats;
 
 pub use baseline::{baseline_bits_per_weight, baseline_roundtrip, Baseline};
-pub use encode::{encode_matrix, encode_rows, stage_swiglu, Elem, EncodeError, Scratch, WeightSource};
+pub use encode::{encode_matrix, encode_rows, stage_swiglu, Elem, EncodeError, GroupCoder, Scratch, WeightSource};
 pub use stats::{RowErr, TensorStats};
 
 use std::sync::OnceLock;

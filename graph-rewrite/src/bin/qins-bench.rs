@@ -8,7 +8,7 @@ use qins_graph_rewrite::plan::{self, PlanOptions};
 use qins_graph_rewrite::rewrite::{self, NoProgress, RewriteOptions};
 use qins_graph_rewrite::synth::{synthesize_phi3, Phi3Config};
 use qins_graph_rewrite::{Format, Model};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,6 +103,16 @@ struct Args {
     /// fsync the output (wait for the disk) inside the timed region.
     #[arg(long)]
     fsync: bool,
+    /// Calibrate on this text (`qins rewrite --calibrate`), inside the timed region.
+    #[arg(long, value_name = "TEXT")]
+    calibrate: Option<PathBuf>,
+    /// Tokens of the calibration text.
+    #[arg(long, default_value_t = 8192, requires = "calibrate")]
+    calib_tokens: usize,
+    /// The tokenizer.json to place in the synthetic model's folder for calibration (it has
+    /// none of its own).
+    #[arg(long, default_value = "../shared/data/phi3-tokenizer.json", requires = "calibrate")]
+    tokenizer: PathBuf,
 }
 
 #[derive(serde::Serialize)]
@@ -118,6 +128,11 @@ struct Row {
     cold_cache: bool,
     fsync: bool,
     min_cosine: f64,
+    /// With --calibrate: tokens run, and seconds of the capture (part of `seconds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    calib_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    calib_capture_seconds: Option<f64>,
 }
 
 /// Reads `RssAnon` and `VmRSS` (kB) of this process.
@@ -324,6 +339,10 @@ fn rewrite_bench(a: Args) -> Result<()> {
         let bytes = synthesize_phi3(&a.template, &a.model, &cfg, true).context("synthesize")?;
         eprintln!("  {:.1} GB in {:.1} s", bytes as f64 / 1e9, t.elapsed().as_secs_f64());
     }
+    if a.calibrate.is_some() && !a.model.join("tokenizer.json").exists() {
+        std::fs::copy(&a.tokenizer, a.model.join("tokenizer.json"))
+            .with_context(|| format!("copy {} into the synthetic model", a.tokenizer.display()))?;
+    }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut rows = Vec::new();
     for b in &a.bits {
@@ -368,7 +387,17 @@ fn rewrite_bench(a: Args) -> Result<()> {
             })
         };
         let t = Instant::now();
-        let report = rewrite::rewrite(&model, &plan, &opts, &a.out, &mut NoProgress)?;
+        let calib = match &a.calibrate {
+            Some(text) => {
+                use qins_graph_rewrite::calibrate::{calibrate, text_ids, CalibOptions};
+                let ids = text_ids(&model, text, a.calib_tokens)?;
+                let spill_dir = a.out.parent().unwrap_or(Path::new(".")).to_path_buf();
+                let co = CalibOptions { window: 512, spill_dir, ..Default::default() };
+                Some(calibrate(&model, &plan, &ids, &co, &mut |i, n| eprint!("\r  calibration window {i}/{n}"))?)
+            }
+            None => None,
+        };
+        let report = rewrite::rewrite_calibrated(&model, &plan, &opts, calib.as_ref(), &a.out, &mut NoProgress)?;
         let secs = t.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         sampler.join().ok();
@@ -386,6 +415,8 @@ fn rewrite_bench(a: Args) -> Result<()> {
             cold_cache: cold,
             fsync: a.fsync,
             min_cosine: report.min_cosine,
+            calib_tokens: calib.as_ref().map(|c| c.tokens),
+            calib_capture_seconds: calib.as_ref().map(|c| c.seconds),
         };
         eprintln!("{} done: {:.1} s", row.format, secs);
         rows.push(row);
@@ -396,12 +427,22 @@ fn rewrite_bench(a: Args) -> Result<()> {
         cfg.parameters() as f64 / 1e9
     );
     println!(
-        "{:<6} {:>6} {:>9} {:>9} {:>8} {:>9} {:>12} {:>11} {:>5} {:>10}",
-        "format", "group", "in GB", "out GB", "sec", "MB/s", "peak anon MB", "peak RSS MB", "cold", "min cos"
+        "{:<6} {:>6} {:>9} {:>9} {:>8} {:>9} {:>12} {:>11} {:>5} {:>10} {:>13}",
+        "format",
+        "group",
+        "in GB",
+        "out GB",
+        "sec",
+        "MB/s",
+        "peak anon MB",
+        "peak RSS MB",
+        "cold",
+        "min cos",
+        "calib tok/s"
     );
     for r in &rows {
         println!(
-            "{:<6} {:>6} {:>9.2} {:>9.2} {:>8.1} {:>9.0} {:>12.0} {:>11.0} {:>5} {:>10.6}",
+            "{:<6} {:>6} {:>9.2} {:>9.2} {:>8.1} {:>9.0} {:>12.0} {:>11.0} {:>5} {:>10.6} {:>13}",
             r.format,
             r.group,
             r.input_weight_gb,
@@ -411,7 +452,11 @@ fn rewrite_bench(a: Args) -> Result<()> {
             r.peak_anon_mb,
             r.peak_rss_mb,
             r.cold_cache,
-            r.min_cosine
+            r.min_cosine,
+            match (r.calib_tokens, r.calib_capture_seconds) {
+                (Some(t), Some(c)) => format!("{t} in {c:.0} s"),
+                _ => "-".into(),
+            }
         );
     }
     let doc = serde_json::json!({
