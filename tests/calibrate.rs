@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::{fixture, scratch};
+use common::{compare, fixture, fixture_ids, scratch};
 use qins::codec::Format;
 use qins_graph_rewrite::calibrate::{calibrate, CalibOptions, Calibration};
-use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
-use qins_graph_rewrite::parity::{self, LogitParity};
+use qins_graph_rewrite::engine::EngineOptions;
 use qins_graph_rewrite::plan::Plan;
 use qins_graph_rewrite::{plan, rewrite, Model, NoProgress, PlanOptions, RewriteOptions};
 use std::path::Path;
@@ -18,26 +17,9 @@ fn engine() -> EngineOptions {
     EngineOptions { threads: 2, ..Default::default() }
 }
 
-fn ids(n: usize, seed: u64) -> Vec<i64> {
-    let mut r = qins::rng::SplitMix64::new(seed);
-    (0..n).map(|_| r.below(512) as i64).collect()
-}
-
 fn write(m: &Model, p: &Plan, format: Format, calib: Option<&Calibration>, out: &Path) {
     let opts = RewriteOptions { format, group: 32, force: true, fsync: false, kv_v: None, library: None };
     rewrite::rewrite_calibrated(m, p, &opts, calib, out, &mut NoProgress).unwrap();
-}
-
-fn compare(reference: &Path, test: &Path, windows: &[Vec<i64>]) -> LogitParity {
-    let mut r = CausalLm::open(reference, &engine()).unwrap();
-    let mut t = CausalLm::open(test, &engine()).unwrap();
-    let mut p = LogitParity::default();
-    for w in windows {
-        let (a, vocab) = r.forward(w).unwrap();
-        let (b, _) = t.forward(w).unwrap();
-        p.add(&a, &b, vocab, &parity::next_tokens(w));
-    }
-    p
 }
 
 #[test]
@@ -50,7 +32,7 @@ fn calibrated_q4_is_closer_on_its_inputs_and_deterministic() {
         let base = scratch(&format!("calibrate-{name}"));
         let m = Model::load(&src).unwrap();
         let p = plan::plan(&m, &PlanOptions::default()).unwrap();
-        let windows: Vec<Vec<i64>> = (0..4).map(|i| ids(64, 100 + i)).collect();
+        let windows: Vec<Vec<i64>> = (0..4).map(|i| fixture_ids(64, 100 + i)).collect();
         let flat: Vec<i64> = windows.concat();
         let opts = CalibOptions { window: 64, engine: engine(), spill_dir: base.clone(), ..Default::default() };
         let mut seen = 0;
@@ -64,11 +46,10 @@ fn calibrated_q4_is_closer_on_its_inputs_and_deterministic() {
         for i in 0..p.targets.len() {
             assert_eq!(c.hessian(i).unwrap().tokens, 256);
         }
-        let spilled = std::fs::read_dir(&base)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".qins-calibration-"))
-            .count();
-        assert_eq!(spilled, 1, "one temporary file while the calibration lives");
+        // The captured inputs live in an unnamed file: nothing in the folder, even now.
+        let names: Vec<String> =
+            std::fs::read_dir(&base).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.is_empty(), "{names:?}");
 
         let plain = base.join("plain");
         write(&m, &p, Format::Q4, None, &plain);
@@ -83,8 +64,8 @@ fn calibrated_q4_is_closer_on_its_inputs_and_deterministic() {
         write(&m, &p, Format::Q4, Some(&c2), &b);
         drop((c, c2));
         assert!(
-            !std::fs::read_dir(&base).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".qins-")),
-            "the temporary file outlived the calibration"
+            !std::fs::read_dir(&base).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')),
+            "a temporary file was left in the folder"
         );
         for f in ["model.onnx", "model.onnx.data"] {
             assert!(
@@ -97,7 +78,7 @@ fn calibrated_q4_is_closer_on_its_inputs_and_deterministic() {
         );
 
         let (p0, p1) = (compare(&src, &plain, &windows), compare(&src, &a, &windows));
-        let held_out: Vec<Vec<i64>> = (0..3).map(|i| ids(64, 900 + i)).collect();
+        let held_out: Vec<Vec<i64>> = (0..3).map(|i| fixture_ids(64, 900 + i)).collect();
         let (h0, h1) = (compare(&src, &plain, &held_out), compare(&src, &a, &held_out));
         eprintln!(
             "{name} q4 g32: KL on the calibration windows {:.3e} -> {:.3e}, held out {:.3e} -> {:.3e}",
@@ -123,12 +104,12 @@ fn calibration_refuses_what_it_cannot_do() {
     let Err(err) = calibrate(&m, &p, &[1], &opts, &mut |_, _| {}) else { panic!("one token must be refused") };
     assert!(err.to_string().contains("not one window"), "{err}");
     let bad = CalibOptions { window: 1, ..opts.clone() };
-    assert!(calibrate(&m, &p, &ids(64, 1), &bad, &mut |_, _| {}).is_err());
+    assert!(calibrate(&m, &p, &fixture_ids(64, 1), &bad, &mut |_, _| {}).is_err());
     // Out-of-vocabulary ids fail in ONNX Runtime (Gather), as an error.
     assert!(calibrate(&m, &p, &[1, 2, 1 << 40], &opts, &mut |_, _| {}).is_err());
 
     // The f32 format has no grid to calibrate on.
-    let c = calibrate(&m, &p, &ids(128, 2), &opts, &mut |_, _| {}).unwrap();
+    let c = calibrate(&m, &p, &fixture_ids(128, 2), &opts, &mut |_, _| {}).unwrap();
     let out = scratch("calibrate-f32").join("out");
     let ro = RewriteOptions { format: Format::F32, group: 0, force: true, fsync: false, kv_v: None, library: None };
     let Err(err) = rewrite::rewrite_calibrated(&m, &p, &ro, Some(&c), &out, &mut NoProgress) else {

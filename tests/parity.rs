@@ -8,31 +8,14 @@
 
 mod common;
 
-use common::{fixture, rewrite, scratch};
+use common::{compare, fixture, fixture_ids, rewrite, scratch};
 use qins::codec::Format;
 use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
-use qins_graph_rewrite::parity::{self, LogitParity, ModelParity};
+use qins_graph_rewrite::parity::{self, ModelParity};
 use std::path::Path;
 
 fn open(model: &Path) -> CausalLm {
     CausalLm::open(model, &EngineOptions { threads: 2, ..Default::default() }).unwrap()
-}
-
-/// Token ids spread over the fixtures' 512-token vocabulary.
-fn fixture_ids(n: usize, seed: u64) -> Vec<i64> {
-    let mut r = qins::rng::SplitMix64::new(seed);
-    (0..n).map(|_| r.below(512) as i64).collect()
-}
-
-fn compare(reference: &Path, test: &Path, windows: &[Vec<i64>]) -> LogitParity {
-    let (mut r, mut t) = (open(reference), open(test));
-    let mut p = LogitParity::default();
-    for w in windows {
-        let (a, vocab) = r.forward(w).unwrap();
-        let (b, _) = t.forward(w).unwrap();
-        p.add(&a, &b, vocab, &parity::next_tokens(w));
-    }
-    p
 }
 
 #[test]

@@ -43,9 +43,9 @@ struct Region {
 pub struct Calibration {
     /// By MatMul input tensor.
     regions: HashMap<String, Region>,
-    /// `[tokens, K]` bf16 per region; the file is deleted when this is dropped.
+    /// `[tokens, K]` bf16 per region; the (unnamed) file is freed when this is dropped.
     spill: memmap2::Mmap,
-    _file: tempfile::NamedTempFile,
+    _file: std::fs::File,
     /// Target index to its input tensor.
     pub input_of: Vec<String>,
     pub tokens: usize,
@@ -86,7 +86,8 @@ impl Calibration {
             tokens: self.tokens,
             windows: self.windows,
             seconds: self.seconds,
-            damp: self.opts.damp,
+            // As typed (0.01), not as the f32's exact value in f64 (0.009999999776...).
+            damp: self.opts.damp.to_string().parse().unwrap_or(f64::from(self.opts.damp)),
             scale_rule: self.opts.scale_rule,
             act_order: self.opts.act_order,
             method: "gptq",
@@ -111,7 +112,7 @@ pub struct CalibSummary {
     pub tokens: usize,
     pub windows: usize,
     pub seconds: f64,
-    pub damp: f32,
+    pub damp: f64,
     pub scale_rule: crate::gptq::ScaleRule,
     pub act_order: bool,
     pub method: &'static str,
@@ -187,11 +188,11 @@ pub fn calibrate(
                 .ok_or_else(|| anyhow!("the calibration inputs would not fit an address space"))?;
     }
     std::fs::create_dir_all(&opts.spill_dir).with_context(|| format!("create {}", opts.spill_dir.display()))?;
-    let file = tempfile::Builder::new()
-        .prefix(".qins-calibration-")
-        .tempfile_in(&opts.spill_dir)
+    // Unnamed (O_TMPFILE, or unlinked at once): the system frees it when the last handle
+    // closes, so a run killed mid-way leaves no gigabytes behind.
+    let file = tempfile::tempfile_in(&opts.spill_dir)
         .with_context(|| format!("a temporary file in {}", opts.spill_dir.display()))?;
-    file.as_file().set_len(size as u64).with_context(|| format!("reserve {size} bytes for the calibration inputs"))?;
+    file.set_len(size as u64).with_context(|| format!("reserve {size} bytes for the calibration inputs"))?;
 
     let engine = EngineOptions { capture: names.clone(), ..opts.engine.clone() };
     let mut lm = CausalLm::open(&model.path, &engine).context("open the model to calibrate")?;
@@ -208,17 +209,17 @@ pub fn calibrate(
                 bail!("{name}: the model computes non-finite values on the calibration text");
             }
             bytes.clear();
-            bytes.extend(x.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()));
-            std::os::unix::fs::FileExt::write_all_at(file.as_file(), &bytes, (r.offset + row0 * r.k * 2) as u64)
+            bytes.extend(x.iter().flat_map(|v| v.to_le_bytes()));
+            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, (r.offset + row0 * r.k * 2) as u64)
                 .context("write the calibration inputs")?;
         }
         row0 += w.len();
         progress(i + 1, windows.len());
     }
     drop(lm);
-    // SAFETY: the file is ours (created above, unlinked when `_file` drops) and nothing
-    // writes it after this point; the map lives in the same struct as the file.
-    let spill = unsafe { memmap2::Mmap::map(file.as_file()) }.context("map the calibration inputs")?;
+    // SAFETY: the file is ours (created above, unnamed: no other program finds it by name)
+    // and nothing writes it after this point; the map lives in the same struct as the file.
+    let spill = unsafe { memmap2::Mmap::map(&file) }.context("map the calibration inputs")?;
     Ok(Calibration {
         regions,
         spill,

@@ -951,7 +951,8 @@ fn run_calibration(
     use qins_graph_rewrite::calibrate::{calibrate, spill_bytes, text_ids, CalibOptions};
     use qins_graph_rewrite::engine::EngineOptions;
     let engine = EngineOptions { ort_lib: a.ort_lib.clone(), threads: a.calib_threads, ..Default::default() };
-    // The captured inputs go to a temporary file beside the output (deleted when done).
+    // The captured inputs go to an unnamed temporary file beside the output (freed when done,
+    // or when the process dies).
     let spill_dir =
         out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf();
     let opts = CalibOptions {
@@ -969,7 +970,7 @@ fn run_calibration(
     let ids = text_ids(m, text, a.calib_tokens)?;
     if !quiet {
         note!(
-            "calibrating on {} tokens of {} ({} MB of captured inputs, in a temporary file in {})",
+            "calibrating on {} tokens of {} ({} MB of captured inputs, in an unnamed temporary file in {})",
             ids.len(),
             text.display(),
             spill_bytes(m, p, ids.len())?.div_ceil(1_000_000),

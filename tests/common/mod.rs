@@ -97,3 +97,24 @@ pub fn rewrite_kv_v(model: &Path, out: &Path, v: qins::codec::Format) -> qins_gr
     };
     rewrite::rewrite(&m, &p, &opts, out, &mut NoProgress).unwrap()
 }
+
+/// Token ids spread over the fixtures' 512-token vocabulary.
+pub fn fixture_ids(n: usize, seed: u64) -> Vec<i64> {
+    let mut r = qins::rng::SplitMix64::new(seed);
+    (0..n).map(|_| r.below(512) as i64).collect()
+}
+
+/// `test`'s logits against `reference`'s, teacher-forced on each window (2 threads each).
+pub fn compare(reference: &Path, test: &Path, windows: &[Vec<i64>]) -> qins_graph_rewrite::parity::LogitParity {
+    use qins_graph_rewrite::engine::{CausalLm, EngineOptions};
+    use qins_graph_rewrite::parity;
+    let open = |m: &Path| CausalLm::open(m, &EngineOptions { threads: 2, ..Default::default() }).unwrap();
+    let (mut r, mut t) = (open(reference), open(test));
+    let mut p = parity::LogitParity::default();
+    for w in windows {
+        let (a, vocab) = r.forward(w).unwrap();
+        let (b, _) = t.forward(w).unwrap();
+        p.add(&a, &b, vocab, &parity::next_tokens(w));
+    }
+    p
+}
