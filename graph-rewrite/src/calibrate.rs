@@ -13,6 +13,7 @@
 use crate::engine::{load_tokenizer, CausalLm, EngineOptions};
 use crate::gptq::{GptqOptions, Hessian};
 use crate::plan::{Plan, Target};
+use crate::report::CalibSummary;
 use anyhow::{anyhow, bail, Context, Result};
 use qins::codec::Elem;
 use qins::onnx::Model;
@@ -38,6 +39,10 @@ struct Region {
     offset: usize,
     k: usize,
 }
+
+/// The largest input width calibration takes: its `XᵀX` and inverse factor are `K x K` f32
+/// (4.3 GB each at this K; Phi-3.5-mini's largest K is 8192, Llama-3-70B's 28672).
+pub const MAX_K: usize = 32768;
 
 /// The captured inputs of a plan's targets.
 pub struct Calibration {
@@ -104,20 +109,6 @@ impl Calibration {
     }
 }
 
-/// The calibration as the rewrite report records it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct CalibSummary {
-    /// The text file's name.
-    pub text: String,
-    pub tokens: usize,
-    pub windows: usize,
-    pub seconds: f64,
-    pub damp: f64,
-    pub scale_rule: crate::gptq::ScaleRule,
-    pub act_order: bool,
-    pub method: &'static str,
-}
-
 /// The activation tensor a target multiplies (the MatMul's first input).
 pub fn input_of(model: &Model, t: &Target) -> Result<String> {
     let node = model.graph().node.get(t.node).ok_or_else(|| anyhow!("{}: node index out of range", t.name))?;
@@ -157,6 +148,16 @@ pub fn calibrate(
     let t0 = std::time::Instant::now();
     if opts.window < 2 {
         bail!("--calib-window must be at least 2");
+    }
+    // Each input's Hessian and its inverse factor are K x K f32 in memory, while the weight
+    // that names K may be as thin as one column: K is bounded before anything is allocated.
+    if let Some(t) = plan.targets.iter().find(|t| t.k > MAX_K) {
+        bail!(
+            "{}: K = {} is beyond what calibration supports ({MAX_K}: two {} MB matrices)",
+            t.name,
+            t.k,
+            MAX_K * MAX_K * 4 / 1_000_000
+        );
     }
     let input_of = plan.targets.iter().map(|t| input_of(model, t)).collect::<Result<Vec<_>>>()?;
     let windows: Vec<&[i64]> = ids.chunks(opts.window).filter(|w| w.len() >= 2).collect();

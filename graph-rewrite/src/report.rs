@@ -66,7 +66,7 @@ pub struct RewriteReport {
     pub kv_v: Option<crate::kv_v::KvVReport>,
     /// `--calibrate`, if it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<crate::calibrate::CalibSummary>,
+    pub calibration: Option<CalibSummary>,
 }
 
 impl RewriteReport {
@@ -187,4 +187,18 @@ pub fn short(name: &str, width: usize) -> String {
     }
     let tail: String = name.chars().rev().take(width - 1).collect::<Vec<_>>().into_iter().rev().collect();
     format!("…{tail}")
+}
+
+/// `--calibrate` as the rewrite report records it (`crate::calibrate` fills it in).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CalibSummary {
+    /// The text file's name.
+    pub text: String,
+    pub tokens: usize,
+    pub windows: usize,
+    pub seconds: f64,
+    pub damp: f64,
+    pub scale_rule: crate::gptq::ScaleRule,
+    pub act_order: bool,
+    pub method: &'static str,
 }
