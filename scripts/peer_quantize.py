@@ -15,7 +15,7 @@ lm_head stays float.
 --algo picks the quantizer's algorithm: default (ORT's own round-to-nearest, symmetric unless
 --asymmetric), hqq (half-quadratic, asymmetric; needs torch), rtn and kquant (the ports in
 onnxruntime.quantization.neural_compressor, asymmetric), gptq (the same port's GPTQ, symmetric
-unless --asymmetric; needs --calibrate). GPTQ reads the calibration text the way
+unless --asymmetric; needs --calibrate). GPTQ reads the calibration text (plain text) the way
 `qins rewrite --calibrate` does: the first --calib-tokens tokens of TEXT by the model's
 tokenizer.json, no special tokens, in windows of 512 fed as prompts with an empty cache; so the
 two see the same tokens.
@@ -92,6 +92,8 @@ def calibration_reader(model):
             return feeds[self.i - 1] if self.i <= len(feeds) else None
 
     return Reader()
+
+
 if a.algo == "hqq":
     algo = mnq.HQQWeightOnlyQuantConfig(block_size=a.block, bits=a.bits, op_types_to_quantize=op_types)
 elif a.algo == "rtn":

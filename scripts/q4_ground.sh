@@ -4,8 +4,9 @@
 # calibration (--calibrate on Wikipedia articles from the end of the file, which the
 # evaluation never reads: scripts/calib_text.py), against ONNX Runtime's
 # matmul_nbits_quantizer (default round-to-nearest symmetric and asymmetric, its RTN and
-# k-quant ports, HQQ, GPTQ on the same calibration text), block 32, o/gate/up/down; then one `qins parity` run over all of them
-# (teacher-forced NLL, KL and argmax agreement on Wikipedia text) and their bits per weight.
+# k-quant ports, HQQ, GPTQ on the same calibration text), block 32, o/gate/up/down; then one
+# `qins parity` run over all of them (teacher-forced NLL, KL and argmax agreement on Wikipedia
+# text) and their bits per weight.
 #   scripts/q4_ground.sh BASE_MODEL WORK_DIR OUT_PREFIX [HQQ_PYTHON]
 # BASE_MODEL is e.g. work/smollm2 or its de-gridded copy (scripts/degrid.py); models go to
 # WORK_DIR/<name>, results to OUT_PREFIX.json (parity) and OUT_PREFIX-bits.json. HQQ and GPTQ

@@ -242,16 +242,8 @@ pub fn encode(
             for j in 0..nb {
                 let row = &q[j * k..(j + 1) * k];
                 pack_row(layout.format, row, &mut codes[j * rb..(j + 1) * rb]);
-                let e = &mut errs[j];
                 for (i, (&c, &x)) in row.iter().zip(&orig[j * k..(j + 1) * k]).enumerate() {
-                    let y = lut[c as usize] * scales[j * g + i / group];
-                    let (x, y) = (x as f64, y as f64);
-                    e.sxx += x * x;
-                    e.syy += y * y;
-                    e.sxy += x * y;
-                    e.see += (x - y) * (x - y);
-                    e.max_abs = e.max_abs.max((x - y).abs());
-                    e.count += 1;
+                    errs[j].add(x, lut[c as usize] * scales[j * g + i / group]);
                 }
             }
             Ok(())

@@ -231,6 +231,7 @@ fn parse_scale_rule(s: &str) -> Result<ScaleRule, String> {
     }
 }
 
+/// Where a model runs: the commands that run one through ONNX Runtime.
 #[derive(Args)]
 struct Runtime {
     /// cpu, or cuda[:N] (ONNX Runtime with the CUDA execution provider).
